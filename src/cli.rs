@@ -1,0 +1,153 @@
+//! The command line. Parsing only: what each command does lives in [`crate::commands`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::store::JobStatus;
+use crate::units::{parse_byte_size, parse_duration};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pim-job-queue",
+    version,
+    about = "A job-queue worker for Akeneo PIM: priority queues, one job at a time, systemd-native",
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// The config file [default: /etc/pim_job_queue/worker.toml, if present].
+    #[arg(long, global = true, env = "PIM_JOB_QUEUE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The job store, e.g. sqlite:///var/lib/pim_job_queue/jobs.sqlite; overrides the config.
+    /// Prefer the variable or the config file for URLs with passwords: argv is public.
+    #[arg(
+        long,
+        global = true,
+        env = "PIM_JOB_QUEUE_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub database_url: Option<String>,
+
+    /// Where instance conf files (NAME.conf) live; overrides `instance_dir`.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub conf_dir: Option<PathBuf>,
+
+    /// More log detail (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Less log detail (warnings and errors only).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub quiet: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    pub fn verbosity(&self) -> i8 {
+        self.verbose.min(10) as i8 - self.quiet.min(10) as i8
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Store a job and print its id.
+    Push(PushArgs),
+    /// Run the worker: take one job at a time from the highest-priority non-empty queue.
+    Consume(ConsumeArgs),
+    /// Ask every running worker on this database (every host) to exit after its current job.
+    StopWorkers,
+    /// Show queue depths and the running jobs.
+    Status(OutputArgs),
+    /// List jobs, newest first.
+    Jobs(JobsArgs),
+    /// Show one job, with the last lines of its output.
+    Show(ShowArgs),
+    /// Put a failed or cancelled job back in its queue.
+    Retry(IdArgs),
+    /// Cancel a waiting job.
+    Cancel(IdArgs),
+    /// Create or upgrade the database schema.
+    Migrate,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The queue, e.g. ui_job, import_export_job or data_maintenance_job.
+    pub queue: String,
+    /// The job's code (Akeneo's job instance code).
+    pub code: String,
+    /// The job's payload, a JSON object.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    pub payload: String,
+    /// Run no earlier than this long from now (seconds, or e.g. 5m).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_duration)]
+    pub delay: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Queues to consume; default: the instance conf, or all queues.
+    #[arg(value_name = "QUEUE", conflicts_with = "instance")]
+    pub queues: Vec<String>,
+    /// Read the queues from <instance dir>/NAME.conf (NAME comes from the unit's %i).
+    #[arg(long, value_name = "NAME")]
+    pub instance: Option<String>,
+    /// Exit after this many jobs.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// Exit, between jobs, after this long (seconds, or e.g. 1h).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_duration)]
+    pub time_limit: Option<Duration>,
+    /// Exit, between jobs, once the worker's own memory passes this (bytes, or e.g. 128M).
+    #[arg(long, value_name = "BYTES", value_parser = parse_byte_size)]
+    pub memory_limit: Option<u64>,
+    /// How long to sleep when every queue is empty (seconds, or e.g. 200ms); overrides
+    /// `poll_interval`.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub sleep: Option<Duration>,
+    /// The host name recorded on claimed jobs (default: this machine's host name).
+    #[arg(long, value_name = "NAME")]
+    pub host_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    #[arg(long, value_name = "QUEUE")]
+    pub queue: Option<String>,
+    /// waiting, running, succeeded, failed or cancelled.
+    #[arg(long, value_name = "STATUS", value_parser = parse_status)]
+    pub status: Option<JobStatus>,
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub limit: u32,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    pub id: i64,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    pub id: i64,
+}
+
+fn parse_status(text: &str) -> Result<JobStatus, String> {
+    JobStatus::parse(text)
+        .ok_or_else(|| "expected waiting, running, succeeded, failed or cancelled".to_string())
+}

@@ -1,0 +1,427 @@
+//! What each subcommand does. Each returns `Ok` or a [`Failure`] that carries its exit code;
+//! `main` turns that into the process's exit.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::cli::{Cli, Command, ConsumeArgs, IdArgs, JobsArgs, OutputArgs, PushArgs, ShowArgs};
+use crate::config::Config;
+use crate::consumer::{Backoff, Consumer, ConsumerOptions};
+use crate::exit::{ExitCode, Failure};
+use crate::instance::read_instance_queues;
+use crate::shutdown::Shutdown;
+use crate::store::{
+    self, ChangeOutcome, JobFilter, JobRecord, JobStatus, JobStore, NewJob, QueueCounts,
+    StoreError, Timestamp, WorkerIdentity,
+};
+use crate::units::format_duration;
+
+/// The settings every command starts from.
+pub struct Context {
+    pub config: Config,
+    pub database_url: String,
+}
+
+impl Context {
+    /// Reads the config and settles the database URL: option or variable, then config, then
+    /// the default SQLite file.
+    pub fn load(cli: &Cli) -> Result<Context, Failure> {
+        let mut config = Config::load(cli.config.as_deref())?;
+        if let Some(dir) = &cli.conf_dir {
+            config.instance_dir = dir.clone();
+        }
+        let database_url = cli
+            .database_url
+            .clone()
+            .filter(|url| !url.trim().is_empty())
+            .or_else(|| config.database_url.clone())
+            .unwrap_or_else(store::default_database_url);
+        Ok(Context {
+            config,
+            database_url,
+        })
+    }
+
+    /// Opens the store for a one-shot command: no retries, the schema brought up to date.
+    async fn open_store(&self) -> Result<Box<dyn JobStore>, Failure> {
+        let store = store::open(&self.database_url).await?;
+        store::prepare_schema(store.as_ref(), self.config.auto_migrate).await?;
+        Ok(store)
+    }
+}
+
+pub async fn run(cli: &Cli, context: &Context) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Push(args) => push(context, args).await,
+        Command::Consume(args) => consume(context, args).await,
+        Command::StopWorkers => stop_workers(context).await,
+        Command::Status(args) => status(context, args).await,
+        Command::Jobs(args) => jobs(context, args).await,
+        Command::Show(args) => show(context, args).await,
+        Command::Retry(args) => retry(context, args).await,
+        Command::Cancel(args) => cancel(context, args).await,
+        Command::Migrate => migrate(context).await,
+    }
+}
+
+async fn push(context: &Context, args: &PushArgs) -> Result<(), Failure> {
+    if !context.config.knows_queue(&args.queue) {
+        return Err(Failure::data(format!(
+            "unknown queue {:?}; known queues: {}",
+            args.queue,
+            context.config.queues.join(", ")
+        )));
+    }
+    if args.code.trim().is_empty() {
+        return Err(Failure::data("the job code is empty"));
+    }
+    let payload = match serde_json::from_str::<Value>(&args.payload) {
+        Ok(Value::Object(map)) => Value::Object(map).to_string(),
+        Ok(_) => {
+            return Err(Failure::data(
+                "--payload must be a JSON object, e.g. '{\"a\": 1}'",
+            ));
+        }
+        Err(error) => {
+            return Err(Failure::data(format!(
+                "--payload is not valid JSON: {error}"
+            )));
+        }
+    };
+    let store = context.open_store().await?;
+    let now = Timestamp::now();
+    let id = store
+        .push(&NewJob {
+            queue: args.queue.clone(),
+            code: args.code.clone(),
+            payload,
+            created_at: now,
+            available_at: now.plus(args.delay.unwrap_or_default()),
+        })
+        .await?;
+    println!("{id}");
+    Ok(())
+}
+
+async fn consume(context: &Context, args: &ConsumeArgs) -> Result<(), Failure> {
+    let config = &context.config;
+    if !config.has_any_command() {
+        return Err(Failure::config(format!(
+            "no job command is configured: set [job] command in {}",
+            config.source_name()
+        )));
+    }
+    let queues = select_queues(config, args)?;
+    let shutdown = Shutdown::from_signals().map_err(|error| {
+        Failure::new(
+            ExitCode::Software,
+            format!("cannot handle signals: {error}"),
+        )
+    })?;
+    let Some(store) = open_store_patiently(context, &shutdown).await? else {
+        info!("stopped while waiting for the database");
+        return Ok(());
+    };
+    let worker = WorkerIdentity::for_this_process(args.instance.clone(), args.host_id.clone());
+    let options = ConsumerOptions {
+        queues,
+        poll_interval: args.sleep.unwrap_or(config.poll_interval),
+        limit: args.limit,
+        time_limit: args.time_limit,
+        memory_limit: args.memory_limit,
+    };
+    let mut consumer = Consumer::new(store.as_ref(), config, options, worker, shutdown);
+    let reason = consumer.run().await;
+    info!(
+        reason = reason.describe(),
+        "worker exits: {}",
+        reason.describe()
+    );
+    Ok(())
+}
+
+/// The queues a consumer serves: named on the command line, or from its instance conf, or
+/// all of them; always in the installation's priority order.
+fn select_queues(config: &Config, args: &ConsumeArgs) -> Result<Vec<String>, Failure> {
+    if let Some(instance) = &args.instance {
+        let selection = read_instance_queues(&config.instance_dir, instance, config)?;
+        info!("{}", selection.describe());
+        return Ok(selection.queues);
+    }
+    if args.queues.is_empty() {
+        return Ok(config.queues.clone());
+    }
+    if let Some(unknown) = args.queues.iter().find(|q| !config.knows_queue(q)) {
+        return Err(Failure::new(
+            ExitCode::Usage,
+            format!(
+                "unknown queue {unknown:?}; known queues: {}",
+                config.queues.join(", ")
+            ),
+        ));
+    }
+    Ok(config.in_priority_order(&args.queues))
+}
+
+/// Opens the store for the daemon: an unreachable database is waited for with capped
+/// backoff, so a worker started before its database does not exit in a loop. Returns `None`
+/// when a stop signal arrives while waiting.
+async fn open_store_patiently(
+    context: &Context,
+    shutdown: &Shutdown,
+) -> Result<Option<Box<dyn JobStore>>, Failure> {
+    let location = store::redact_url(&context.database_url);
+    let mut backoff = Backoff::default();
+    loop {
+        match try_open(context).await {
+            Ok(store) => {
+                info!("job store ready: {}", store.location());
+                return Ok(Some(store));
+            }
+            Err(error) if error.is_transient() => {
+                let delay = backoff.next_delay();
+                warn!(
+                    attempt = backoff.attempts,
+                    "waiting for the database {location} (attempt {}, next in {}): {error}",
+                    backoff.attempts,
+                    format_duration(delay)
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.reached(crate::shutdown::StopLevel::Drain) => return Ok(None),
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+async fn try_open(context: &Context) -> Result<Box<dyn JobStore>, StoreError> {
+    let store = store::open(&context.database_url).await?;
+    store::prepare_schema(store.as_ref(), context.config.auto_migrate).await?;
+    Ok(store)
+}
+
+async fn stop_workers(context: &Context) -> Result<(), Failure> {
+    let store = context.open_store().await?;
+    let generation = store.request_stop().await?;
+    println!(
+        "Stop requested (generation {generation}): every running worker on {} exits after its current job.",
+        store.location()
+    );
+    Ok(())
+}
+
+async fn migrate(context: &Context) -> Result<(), Failure> {
+    let store = store::open(&context.database_url).await?;
+    let applied = store.migrate().await?;
+    let version = store.schema_version().await?;
+    println!(
+        "{}: schema at version {} ({applied} migration(s) applied)",
+        store.location(),
+        version.found
+    );
+    Ok(())
+}
+
+async fn status(context: &Context, args: &OutputArgs) -> Result<(), Failure> {
+    let store = context.open_store().await?;
+    let now = Timestamp::now();
+    let counts = ordered_counts(&context.config, store.queue_counts(now).await?);
+    let running = store
+        .list_jobs(&JobFilter {
+            queue: None,
+            status: Some(JobStatus::Running),
+            limit: 1000,
+        })
+        .await?;
+    if args.json {
+        let running: Vec<Value> = running.iter().map(|job| running_json(job, now)).collect();
+        let report = json!({ "database": store.location(), "queues": counts, "running": running });
+        println!("{report:#}");
+        return Ok(());
+    }
+    println!("Database: {}\n", store.location());
+    println!(
+        "{:<24} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
+        "QUEUE", "WAITING", "DELAYED", "RUNNING", "FAILED", "SUCCEEDED", "CANCELLED"
+    );
+    for c in &counts {
+        println!(
+            "{:<24} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
+            c.queue, c.waiting, c.delayed, c.running, c.failed, c.succeeded, c.cancelled
+        );
+    }
+    println!("\nRunning jobs: {}", running.len());
+    for job in &running {
+        println!(
+            "  #{:<8} {:<22} {:<30} {:<28} {}",
+            job.id,
+            job.queue,
+            job.code,
+            worker_of(job),
+            format_duration(running_for(job, now))
+        );
+    }
+    Ok(())
+}
+
+/// Every configured queue in priority order (zeros included), then any other queue found.
+fn ordered_counts(config: &Config, found: Vec<QueueCounts>) -> Vec<QueueCounts> {
+    let mut ordered: Vec<QueueCounts> = config
+        .queues
+        .iter()
+        .map(|queue| {
+            found
+                .iter()
+                .find(|c| &c.queue == queue)
+                .cloned()
+                .unwrap_or(QueueCounts {
+                    queue: queue.clone(),
+                    ..QueueCounts::default()
+                })
+        })
+        .collect();
+    ordered.extend(found.into_iter().filter(|c| !config.knows_queue(&c.queue)));
+    ordered
+}
+
+fn running_for(job: &JobRecord, now: Timestamp) -> Duration {
+    now.since(job.started_at.or(job.claimed_at).unwrap_or(now))
+}
+
+fn worker_of(job: &JobRecord) -> String {
+    format!(
+        "{}/{}/{}",
+        job.worker_host.as_deref().unwrap_or("?"),
+        job.worker_instance.as_deref().unwrap_or("-"),
+        job.worker_pid.map_or("?".into(), |p| p.to_string())
+    )
+}
+
+fn running_json(job: &JobRecord, now: Timestamp) -> Value {
+    json!({
+        "id": job.id,
+        "queue": job.queue,
+        "code": job.code,
+        "worker_host": job.worker_host,
+        "worker_instance": job.worker_instance,
+        "worker_pid": job.worker_pid,
+        "running_seconds": running_for(job, now).as_secs_f64(),
+    })
+}
+
+async fn jobs(context: &Context, args: &JobsArgs) -> Result<(), Failure> {
+    let store = context.open_store().await?;
+    let jobs = store
+        .list_jobs(&JobFilter {
+            queue: args.queue.clone(),
+            status: args.status,
+            limit: args.limit,
+        })
+        .await?;
+    if args.output.json {
+        println!("{:#}", json!(jobs));
+        return Ok(());
+    }
+    println!(
+        "{:>8}  {:<22} {:<30} {:<10} {:>8}  {:<20}  RESULT",
+        "ID", "QUEUE", "CODE", "STATUS", "ATTEMPTS", "CREATED"
+    );
+    for job in &jobs {
+        println!(
+            "{:>8}  {:<22} {:<30} {:<10} {:>8}  {:<20}  {}",
+            job.id,
+            job.queue,
+            job.code,
+            job.status,
+            job.attempts,
+            job.created_at.to_string(),
+            job.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+async fn show(context: &Context, args: &ShowArgs) -> Result<(), Failure> {
+    let store = context.open_store().await?;
+    let job = store
+        .get_job(args.id)
+        .await?
+        .ok_or_else(|| Failure::new(ExitCode::NoInput, format!("no job with id {}", args.id)))?;
+    if args.output.json {
+        println!("{:#}", json!(job));
+        return Ok(());
+    }
+    let optional = |t: Option<Timestamp>| t.map_or("-".into(), |t| t.to_string());
+    println!("Job #{}", job.id);
+    println!("  queue:     {}", job.queue);
+    println!("  code:      {}", job.code);
+    println!("  status:    {}", job.status);
+    println!("  attempts:  {}", job.attempts);
+    println!("  payload:   {}", job.payload);
+    println!("  created:   {}", job.created_at);
+    println!("  available: {}", job.available_at);
+    println!("  claimed:   {}", optional(job.claimed_at));
+    println!("  started:   {}", optional(job.started_at));
+    println!("  finished:  {}", optional(job.finished_at));
+    if job.worker_host.is_some() {
+        println!("  worker:    {}", worker_of(&job));
+    }
+    if let Some(code) = job.exit_code {
+        println!("  exit code: {code}");
+    }
+    if let Some(signal) = job.exit_signal {
+        println!("  signal:    {signal}");
+    }
+    if let Some(reason) = &job.reason {
+        println!("  reason:    {reason}");
+    }
+    if !job.output.is_empty() {
+        println!("  output (last {} lines):", job.output.len());
+        for line in &job.output {
+            println!("    {line}");
+        }
+    }
+    Ok(())
+}
+
+async fn retry(context: &Context, args: &IdArgs) -> Result<(), Failure> {
+    let store = context.open_store().await?;
+    let outcome = store.retry(args.id, Timestamp::now()).await?;
+    report_change(
+        args.id,
+        outcome,
+        "queued again",
+        "only failed or cancelled jobs can be retried",
+    )
+}
+
+async fn cancel(context: &Context, args: &IdArgs) -> Result<(), Failure> {
+    let store = context.open_store().await?;
+    let outcome = store.cancel(args.id, Timestamp::now()).await?;
+    report_change(
+        args.id,
+        outcome,
+        "cancelled",
+        "only waiting jobs can be cancelled",
+    )
+}
+
+fn report_change(id: i64, outcome: ChangeOutcome, done: &str, rule: &str) -> Result<(), Failure> {
+    match outcome {
+        ChangeOutcome::Changed => {
+            println!("Job #{id} {done}.");
+            Ok(())
+        }
+        ChangeOutcome::NotFound => Err(Failure::new(
+            ExitCode::NoInput,
+            format!("no job with id {id}"),
+        )),
+        ChangeOutcome::WrongState(status) => {
+            Err(Failure::data(format!("job #{id} is {status}: {rule}")))
+        }
+    }
+}

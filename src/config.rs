@@ -1,0 +1,363 @@
+//! The worker configuration, `worker.toml`.
+//!
+//! Every key is checked when the file is read: an unknown key, a wrong type, a bad duration or
+//! a placeholder typo is a configuration error (exit 78) naming the file and the key, so a
+//! mistake is found by `systemctl start`, not by the first job that needs the setting.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::exit::Failure;
+use crate::template::ArgvTemplate;
+use crate::units::{parse_duration, seconds_to_duration};
+
+/// Where the packaged config lives; reading it is optional, naming another file is not.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pim_job_queue/worker.toml";
+/// Where `N.conf` instance files live unless the config or `--conf-dir` says otherwise.
+pub const DEFAULT_INSTANCE_DIR: &str = "/etc/pim_job_queue";
+/// Akeneo's three queues, highest priority first.
+pub const DEFAULT_QUEUES: [&str; 3] = ["ui_job", "import_export_job", "data_maintenance_job"];
+/// How long an idle worker sleeps between looks at the queues.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a job's process group gets between SIGTERM and SIGKILL when it must end.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from; `None` when no file exists and the defaults apply.
+    pub source: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub instance_dir: PathBuf,
+    pub poll_interval: Duration,
+    /// Every queue this installation knows, highest priority first.
+    pub queues: Vec<String>,
+    pub auto_migrate: bool,
+    default_job: Option<JobSpec>,
+    per_code: BTreeMap<String, JobSpec>,
+}
+
+/// How to run the jobs of one code: the `[job]` table merged with its `[jobs.CODE]` table.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub command: ArgvTemplate,
+    pub working_directory: Option<PathBuf>,
+    pub timeout: Option<Duration>,
+    pub kill_grace: Duration,
+    pub max_attempts: u32,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database_url: Option<String>,
+    instance_dir: Option<PathBuf>,
+    poll_interval: Option<DurationValue>,
+    queues: Option<Vec<String>>,
+    auto_migrate: Option<bool>,
+    job: Option<RawJob>,
+    #[serde(default)]
+    jobs: BTreeMap<String, RawJob>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    command: Option<Vec<String>>,
+    working_directory: Option<PathBuf>,
+    timeout: Option<DurationValue>,
+    kill_grace: Option<DurationValue>,
+    max_attempts: Option<u32>,
+    env: Option<BTreeMap<String, String>>,
+}
+
+/// A duration written as a string (`"200ms"`, `"2h"`) or a number of seconds.
+#[derive(Debug, Clone, Copy)]
+struct DurationValue(Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Text(String),
+            Integer(u64),
+            Float(f64),
+        }
+        let parsed = match Written::deserialize(deserializer)? {
+            Written::Text(text) => parse_duration(&text),
+            Written::Integer(seconds) => Ok(Duration::from_secs(seconds)),
+            Written::Float(seconds) => seconds_to_duration(seconds),
+        };
+        parsed.map(DurationValue).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// Reads the config: the named file (which must exist), or else the default path if it
+    /// exists, or else the built-in defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, Failure> {
+        match explicit {
+            Some(path) => Self::from_file(path),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))
+            }
+            None => Self::from_raw(RawConfig::default(), None),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, Failure> {
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            Failure::config(format!("cannot read config {}: {error}", path.display()))
+        })?;
+        Self::from_toml(&text, Some(path))
+    }
+
+    /// Parses TOML text; `path` only names the source in messages.
+    pub fn from_toml(text: &str, path: Option<&Path>) -> Result<Config, Failure> {
+        let name = path.map_or("config".into(), |p| p.display().to_string());
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|error| Failure::config(format!("{name}: {}", error.to_string().trim())))?;
+        Self::from_raw(raw, path.map(Path::to_path_buf))
+            .map_err(|failure| Failure::config(format!("{name}: {}", failure.message)))
+    }
+
+    fn from_raw(raw: RawConfig, source: Option<PathBuf>) -> Result<Config, Failure> {
+        let queues = match raw.queues {
+            Some(queues) => validate_queue_list(queues)?,
+            None => DEFAULT_QUEUES.iter().map(|q| q.to_string()).collect(),
+        };
+        let default_raw = raw.job.unwrap_or_default();
+        let default_job = match &default_raw.command {
+            Some(_) => Some(build_job_spec(&default_raw, "job")?),
+            None => None,
+        };
+        let per_code = raw
+            .jobs
+            .iter()
+            .map(|(code, over)| {
+                let merged = merge_job(&default_raw, over);
+                let spec = build_job_spec(&merged, &format!("jobs.{code}"))?;
+                Ok((code.clone(), spec))
+            })
+            .collect::<Result<_, Failure>>()?;
+        if let Some(url) = &raw.database_url
+            && url.trim().is_empty()
+        {
+            return Err(Failure::config("`database_url` is empty"));
+        }
+        Ok(Config {
+            source,
+            database_url: raw.database_url,
+            instance_dir: raw
+                .instance_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_INSTANCE_DIR)),
+            poll_interval: raw.poll_interval.map_or(DEFAULT_POLL_INTERVAL, |d| d.0),
+            queues,
+            auto_migrate: raw.auto_migrate.unwrap_or(true),
+            default_job,
+            per_code,
+        })
+    }
+
+    /// How to run jobs of `code`, or why they cannot run.
+    pub fn job_spec(&self, code: &str) -> Result<&JobSpec, String> {
+        self.per_code
+            .get(code)
+            .or(self.default_job.as_ref())
+            .ok_or_else(|| {
+                format!(
+                    "no command is configured for job code `{code}` (set [job] command in {})",
+                    self.source_name()
+                )
+            })
+    }
+
+    /// Whether any job at all could run; a consumer without a command is a config error.
+    pub fn has_any_command(&self) -> bool {
+        self.default_job.is_some() || !self.per_code.is_empty()
+    }
+
+    pub fn source_name(&self) -> String {
+        self.source.as_ref().map_or_else(
+            || format!("{DEFAULT_CONFIG_PATH} (not present: built-in defaults)"),
+            |p| p.display().to_string(),
+        )
+    }
+
+    pub fn knows_queue(&self, name: &str) -> bool {
+        self.queues.iter().any(|q| q == name)
+    }
+
+    /// Puts `selected` into this installation's priority order, dropping duplicates.
+    pub fn in_priority_order(&self, selected: &[String]) -> Vec<String> {
+        self.queues
+            .iter()
+            .filter(|q| selected.contains(q))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A queue name: what may stand in a queue list, a conf file line or the database.
+pub fn is_valid_queue_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+fn validate_queue_list(queues: Vec<String>) -> Result<Vec<String>, Failure> {
+    if queues.is_empty() {
+        return Err(Failure::config("`queues` must name at least one queue"));
+    }
+    for (index, name) in queues.iter().enumerate() {
+        if !is_valid_queue_name(name) {
+            return Err(Failure::config(format!(
+                "`queues[{index}]` = {name:?} is not a queue name (1 to 64 of A-Z a-z 0-9 _ - .)"
+            )));
+        }
+        if queues[..index].contains(name) {
+            return Err(Failure::config(format!("`queues` names {name:?} twice")));
+        }
+    }
+    Ok(queues)
+}
+
+/// `[jobs.CODE]` keys replace `[job]` keys; `env` tables are merged, the per-code value winning.
+fn merge_job(base: &RawJob, over: &RawJob) -> RawJob {
+    let mut env = base.env.clone().unwrap_or_default();
+    env.extend(over.env.clone().unwrap_or_default());
+    RawJob {
+        command: over.command.clone().or_else(|| base.command.clone()),
+        working_directory: over
+            .working_directory
+            .clone()
+            .or_else(|| base.working_directory.clone()),
+        timeout: over.timeout.or(base.timeout),
+        kill_grace: over.kill_grace.or(base.kill_grace),
+        max_attempts: over.max_attempts.or(base.max_attempts),
+        env: Some(env),
+    }
+}
+
+fn build_job_spec(raw: &RawJob, table: &str) -> Result<JobSpec, Failure> {
+    let command = raw.command.as_deref().ok_or_else(|| {
+        Failure::config(format!("`{table}.command` is missing (and [job] has none)"))
+    })?;
+    let command =
+        ArgvTemplate::parse(command, &format!("{table}.command")).map_err(Failure::config)?;
+    let max_attempts = raw.max_attempts.unwrap_or(1);
+    if max_attempts == 0 {
+        return Err(Failure::config(format!(
+            "`{table}.max_attempts` must be 1 or more"
+        )));
+    }
+    let env = raw.env.clone().unwrap_or_default();
+    if let Some(bad) = env
+        .keys()
+        .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        return Err(Failure::config(format!(
+            "`{table}.env` has an invalid variable name {bad:?}"
+        )));
+    }
+    Ok(JobSpec {
+        command,
+        working_directory: raw.working_directory.clone(),
+        timeout: raw.timeout.map(|d| d.0).filter(|d| !d.is_zero()),
+        kill_grace: raw.kill_grace.map_or(DEFAULT_KILL_GRACE, |d| d.0),
+        max_attempts,
+        env,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Failure> {
+        Config::from_toml(text, Some(Path::new("/etc/x/worker.toml")))
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let config = parse(
+            r#"
+            database_url = "sqlite:///var/lib/pim_job_queue/jobs.sqlite"
+            instance_dir = "/etc/pim_job_queue"
+            poll_interval = "200ms"
+            [job]
+            command = ["/usr/bin/php", "/srv/pim/bin/console", "akeneo:batch:job", "--quiet", "{code}", "{id}"]
+            working_directory = "/srv/pim"
+            timeout = "2h"
+            max_attempts = 1
+            [job.env]
+            APP_ENV = "prod"
+            [jobs.csv_product_import]
+            timeout = "6h"
+            [jobs.csv_product_import.env]
+            EXTRA = "1"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.poll_interval, Duration::from_millis(200));
+        let import = config.job_spec("csv_product_import").unwrap();
+        assert_eq!(import.timeout, Some(Duration::from_secs(6 * 3600)));
+        assert_eq!(import.env.get("APP_ENV").unwrap(), "prod");
+        assert_eq!(import.env.get("EXTRA").unwrap(), "1");
+        let other = config.job_spec("anything").unwrap();
+        assert_eq!(other.timeout, Some(Duration::from_secs(7200)));
+        assert_eq!(config.queues, DEFAULT_QUEUES);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let error = parse("pol_interval = \"1s\"").unwrap_err();
+        assert_eq!(error.exit, crate::exit::ExitCode::Config);
+        assert!(
+            error.message.contains("/etc/x/worker.toml") && error.message.contains("pol_interval"),
+            "{}",
+            error.message
+        );
+        let error = parse("poll_interval = true").unwrap_err();
+        assert!(error.message.contains("poll_interval"), "{}", error.message);
+        let error = parse("[job]\ncommand = []").unwrap_err();
+        assert!(error.message.contains("job.command"), "{}", error.message);
+        let error = parse("[job]\ncommand = [\"x\"]\ntimeout = \"soon\"").unwrap_err();
+        assert!(error.message.contains("timeout"), "{}", error.message);
+        let error = parse("[jobs.a]\ntimeout = 5").unwrap_err();
+        assert!(
+            error.message.contains("jobs.a.command"),
+            "{}",
+            error.message
+        );
+        let error = parse("[job]\ncommand = [\"x\", \"{nope}\"]").unwrap_err();
+        assert!(
+            error.message.contains("job.command[1]"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn queue_lists_are_validated_and_ordered() {
+        let config = parse("queues = [\"b\", \"a\", \"c\"]").unwrap();
+        let order = config.in_priority_order(&["c".into(), "b".into()]);
+        assert_eq!(order, ["b", "c"]);
+        assert!(parse("queues = []").is_err());
+        assert!(parse("queues = [\"a\", \"a\"]").is_err());
+        assert!(parse("queues = [\"a b\"]").is_err());
+    }
+
+    #[test]
+    fn no_command_is_reported_per_code() {
+        let config = parse("").unwrap();
+        assert!(!config.has_any_command());
+        assert!(config.job_spec("x").unwrap_err().contains("no command"));
+    }
+}

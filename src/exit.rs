@@ -1,0 +1,64 @@
+//! Exit codes and the error type every command returns.
+//!
+//! Operators and systemd act on exit codes (`RestartPreventExitStatus=78` keeps a bad
+//! configuration from looping), so each failure path picks one of the sysexits(3) codes below
+//! instead of a generic 1.
+
+use std::fmt;
+
+/// The sysexits(3) codes this program uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    /// The command line was wrong.
+    Usage = 64,
+    /// The input data (a payload, a job id, a job's state) was wrong.
+    DataErr = 65,
+    /// The thing asked for (a job id) does not exist.
+    NoInput = 66,
+    /// The database could not be reached.
+    Unavailable = 69,
+    /// A bug or an unexpected database answer.
+    Software = 70,
+    /// A temporary failure; trying again later may work.
+    TempFail = 75,
+    /// A configuration file, an instance conf or the schema version is wrong.
+    Config = 78,
+}
+
+impl ExitCode {
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+/// A command failed; `message` says why, for the operator, and `exit` says how the process ends.
+#[derive(Debug)]
+pub struct Failure {
+    pub exit: ExitCode,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(exit: ExitCode, message: impl Into<String>) -> Self {
+        Failure {
+            exit,
+            message: message.into(),
+        }
+    }
+
+    pub fn config(message: impl Into<String>) -> Self {
+        Self::new(ExitCode::Config, message)
+    }
+
+    pub fn data(message: impl Into<String>) -> Self {
+        Self::new(ExitCode::DataErr, message)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}

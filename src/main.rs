@@ -1,0 +1,67 @@
+//! The `pim-job-queue` binary: parse the command line, set up logging, run one command on a
+//! single-threaded runtime, and turn its result into a sysexits-style exit code.
+//!
+//! The runtime is single-threaded on purpose: one job at a time needs no more, it keeps the
+//! idle worker small, and `PR_SET_PDEATHSIG` fires when the *thread* that forked the child
+//! ends, so every child must be forked by the thread that lives as long as the process.
+
+use clap::Parser;
+use clap::error::ErrorKind;
+
+use pim_job_queue::cli::{Cli, Command};
+use pim_job_queue::commands::{self, Context};
+use pim_job_queue::exit::ExitCode;
+use pim_job_queue::logging::{self, LogTarget};
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            let code = match error.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                _ => ExitCode::Usage.code(),
+            };
+            std::process::exit(code);
+        }
+    };
+    let is_daemon = matches!(cli.command, Command::Consume(_));
+    if !is_daemon {
+        restore_default_sigpipe();
+    }
+    let target = if is_daemon {
+        LogTarget::Stdout
+    } else {
+        LogTarget::Stderr
+    };
+    logging::init(cli.verbosity(), target);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("cannot build the async runtime");
+    let result = runtime.block_on(async {
+        let context = Context::load(&cli)?;
+        commands::run(&cli, &context).await
+    });
+    if let Err(failure) = result {
+        // The daemon's log is its voice (the journal, later); a one-shot command speaks to
+        // the terminal. Saying it in both would print it twice under systemd.
+        if is_daemon {
+            tracing::error!("{}", failure.message);
+        } else {
+            eprintln!("pim-job-queue: {}", failure.message);
+        }
+        std::process::exit(failure.exit.code());
+    }
+}
+
+/// One-shot commands end quietly when their reader goes away (`pim-job-queue jobs | head`),
+/// as Unix tools do; Rust's runtime ignores SIGPIPE, which would turn that into a panic.
+/// The daemon keeps ignoring it: a closed log pipe must not kill a worker mid-job.
+fn restore_default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: called before any thread exists; SIG_DFL installs no handler code.
+    unsafe {
+        let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
+    }
+}

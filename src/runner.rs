@@ -1,0 +1,288 @@
+//! Runs one job as a child process and watches it.
+//!
+//! The child gets its own process group, so a timeout or an abort can end the job and
+//! everything it started with one `killpg`; it gets `PR_SET_PDEATHSIG`, so it dies with the
+//! worker even when the worker is killed with SIGKILL. No shell is involved: the argv is
+//! executed as given. Both output streams are read line by line, logged as the job's output,
+//! and the last lines are kept for the job's record.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::shutdown::{Shutdown, StopLevel};
+
+/// How many output lines are kept with the job's record.
+pub const OUTPUT_TAIL_LINES: usize = 50;
+/// Longer output lines are cut, in the record and in the log.
+const MAX_LINE_BYTES: usize = 4096;
+/// How long to wait for the output pipes to close once the job's processes are gone; a
+/// process that left the group (setsid) may still hold them.
+const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// Variables the worker must not pass on: systemd's notify and watchdog protocol belongs to
+/// the worker alone, and the database URL may hold a password.
+const WITHHELD_ENV: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "PIM_JOB_QUEUE_DATABASE_URL",
+];
+
+/// Everything needed to start one job.
+#[derive(Debug, Clone)]
+pub struct JobLaunch {
+    pub argv: Vec<String>,
+    pub working_directory: Option<PathBuf>,
+    /// Configured variables, then the job's own `PIM_JOB_*` variables.
+    pub env: BTreeMap<String, String>,
+    pub timeout: Option<Duration>,
+    pub kill_grace: Duration,
+}
+
+/// Why the job's process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Exited(i32),
+    Signalled(i32),
+    /// The configured timeout ran out and the process group was ended.
+    TimedOut,
+    /// The worker was told to abort (second SIGTERM) and ended the process group.
+    Interrupted,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub ending: Ending,
+    /// The exit status, when the process was reaped normally or after being signalled.
+    pub status: Option<ExitStatus>,
+    pub output_tail: Vec<String>,
+    pub duration: Duration,
+}
+
+/// A started job.
+pub struct RunningJob {
+    child: Child,
+    group: Pid,
+    started: Instant,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    readers: Vec<JoinHandle<()>>,
+    timeout: Option<Duration>,
+    kill_grace: Duration,
+}
+
+/// Starts the job. Its output is logged inside the caller's current tracing span.
+pub fn start(launch: &JobLaunch) -> io::Result<RunningJob> {
+    let mut command = Command::new(&launch.argv[0]);
+    command
+        .args(&launch.argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for name in WITHHELD_ENV {
+        command.env_remove(name);
+    }
+    command.envs(&launch.env);
+    if let Some(dir) = &launch.working_directory {
+        command.current_dir(dir);
+    }
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs between fork and exec; prctl and getppid are async-signal-safe
+    // system calls and nothing here allocates or takes a lock.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            // The worker may have died before the prctl: then nobody would signal us.
+            if nix::unistd::getppid() != parent {
+                return Err(io::Error::other("the worker exited while the job started"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    let pid = child.id().expect("a just-spawned child has a pid");
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_TAIL_LINES)));
+    let span = tracing::Span::current();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let readers = vec![
+        tokio::spawn(read_lines(stdout, Stream::Stdout, tail.clone()).instrument(span.clone())),
+        tokio::spawn(read_lines(stderr, Stream::Stderr, tail.clone()).instrument(span)),
+    ];
+    Ok(RunningJob {
+        child,
+        group: Pid::from_raw(pid as i32),
+        started: Instant::now(),
+        tail,
+        readers,
+        timeout: launch.timeout,
+        kill_grace: launch.kill_grace,
+    })
+}
+
+impl RunningJob {
+    pub fn pid(&self) -> Pid {
+        self.group
+    }
+
+    /// How long the job has run.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits for the job to end, ending it early on timeout or abort.
+    pub async fn wait(mut self, shutdown: &Shutdown) -> RunReport {
+        let timeout = async {
+            match self.timeout {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        let (ending, status) = tokio::select! {
+            status = self.child.wait() => {
+                let status = status.ok();
+                (ending_of(status), status)
+            }
+            _ = timeout => {
+                tracing::warn!(timeout = ?self.timeout, "job timed out: ending its process group");
+                (Ending::TimedOut, self.end_group().await)
+            }
+            _ = shutdown.reached(StopLevel::Abort) => {
+                tracing::warn!("ending the job's process group on request");
+                (Ending::Interrupted, self.end_group().await)
+            }
+        };
+        self.kill_leftovers();
+        self.drain_output().await;
+        let output_tail = self
+            .tail
+            .lock()
+            .expect("tail lock")
+            .iter()
+            .cloned()
+            .collect();
+        RunReport {
+            ending,
+            status,
+            output_tail,
+            duration: self.started.elapsed(),
+        }
+    }
+
+    /// SIGTERM to the whole group, then SIGKILL after the grace period.
+    async fn end_group(&mut self) -> Option<ExitStatus> {
+        let _ = killpg(self.group, Signal::SIGTERM);
+        match tokio::time::timeout(self.kill_grace, self.child.wait()).await {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                tracing::warn!(grace = ?self.kill_grace, "job ignored SIGTERM: sending SIGKILL");
+                let _ = killpg(self.group, Signal::SIGKILL);
+                self.child.wait().await.ok()
+            }
+        }
+    }
+
+    /// A job's processes must not outlive it: whatever it left running in its group goes.
+    fn kill_leftovers(&self) {
+        if killpg(self.group, Signal::SIGKILL).is_ok() {
+            tracing::warn!("the job left processes behind; they were killed");
+        }
+    }
+
+    async fn drain_output(&mut self) {
+        for reader in &mut self.readers {
+            if tokio::time::timeout(OUTPUT_DRAIN_LIMIT, &mut *reader)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a process outside the job's group holds its output open");
+                reader.abort();
+            }
+        }
+    }
+}
+
+fn ending_of(status: Option<ExitStatus>) -> Ending {
+    match status {
+        Some(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => Ending::Exited(code),
+            (None, Some(signal)) => Ending::Signalled(signal),
+            (None, None) => Ending::Exited(-1),
+        },
+        None => Ending::Exited(-1),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+async fn read_lines(
+    pipe: impl AsyncRead + Unpin,
+    stream: Stream,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
+    let mut reader = BufReader::new(pipe);
+    let mut buffer = Vec::new();
+    loop {
+        buffer.clear();
+        match reader.read_until(b'\n', &mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let line = clean_line(&buffer);
+        match stream {
+            Stream::Stdout => tracing::info!(stream = "stdout", "{line}"),
+            Stream::Stderr => tracing::warn!(stream = "stderr", "{line}"),
+        }
+        let mut tail = tail.lock().expect("tail lock");
+        if tail.len() == OUTPUT_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+}
+
+/// One output line as text: the newline dropped, invalid UTF-8 replaced, length capped.
+fn clean_line(bytes: &[u8]) -> String {
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    let mut line = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_LINE_BYTES)]).into_owned();
+    if bytes.len() > MAX_LINE_BYTES {
+        line.push_str(" […]");
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_cleaned() {
+        assert_eq!(clean_line(b"hello\r\n"), "hello");
+        assert_eq!(clean_line(b"caf\xc3\xa9\n"), "café");
+        assert_eq!(clean_line(b"bad \xff byte"), "bad \u{fffd} byte");
+        let long = vec![b'x'; MAX_LINE_BYTES + 10];
+        assert!(clean_line(&long).ends_with(" […]"));
+    }
+}

@@ -1,0 +1,267 @@
+//! One-shot commands: push, status, jobs, show, retry, cancel, migrate, and their errors.
+
+use crate::backend_tests;
+use crate::support::*;
+
+backend_tests!(
+    push_prints_only_the_id,
+    push_refuses_bad_input_and_stores_nothing,
+    status_counts_per_queue_in_priority_order,
+    jobs_filters_and_show_reports,
+    retry_and_cancel_follow_the_rules,
+    migrate_is_idempotent,
+);
+
+fn push_prints_only_the_id(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let first = scratch.ok(&["push", "ui_job", "mass_edit"]);
+    assert_eq!(first, "1\n");
+    let second = scratch.ok(&[
+        "push",
+        "import_export_job",
+        "csv_export",
+        "--payload",
+        "{\"a\":1}",
+    ]);
+    assert_eq!(second, "2\n");
+    let job = scratch.show(2);
+    assert_eq!(job["queue"], "import_export_job");
+    assert_eq!(job["code"], "csv_export");
+    assert_eq!(job["payload"], "{\"a\":1}");
+    assert_eq!(job["status"], "waiting");
+}
+
+fn push_refuses_bad_input_and_stores_nothing(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let cases: &[&[&str]] = &[
+        &["push", "no_such_queue", "x"],
+        &["push", "ui_job", "x", "--payload", "[1, 2]"],
+        &["push", "ui_job", "x", "--payload", "\"text\""],
+        &["push", "ui_job", "x", "--payload", "{broken"],
+        &["push", "ui_job", ""],
+    ];
+    for args in cases {
+        let output = scratch.run(args);
+        assert_eq!(exit_code(&output), 65, "{args:?}: {}", stderr(&output));
+        assert!(output.stdout.is_empty(), "{args:?} printed to stdout");
+        assert!(stderr(&output).contains("pim-job-queue: "), "{args:?}");
+    }
+    let unknown = stderr(&scratch.run(&["push", "nope", "x"]));
+    assert!(
+        unknown.contains("ui_job, import_export_job, data_maintenance_job"),
+        "{unknown}"
+    );
+    let status = scratch.status_json();
+    let total: i64 = status["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["waiting"].as_i64().unwrap())
+        .sum();
+    assert_eq!(total, 0, "a refused push stored a job");
+}
+
+fn status_counts_per_queue_in_priority_order(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    scratch.push("data_maintenance_job", "a");
+    scratch.push("ui_job", "b");
+    scratch.push("ui_job", "c");
+    scratch.push_with(&["import_export_job", "d", "--delay", "1h"]);
+    let status = scratch.status_json();
+    assert!(!status["database"].as_str().unwrap().is_empty());
+    let queues = status["queues"].as_array().unwrap();
+    let names: Vec<&str> = queues
+        .iter()
+        .map(|q| q["queue"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["ui_job", "import_export_job", "data_maintenance_job"]
+    );
+    assert_eq!(queues[0]["waiting"], 2);
+    assert_eq!(queues[1]["waiting"], 0);
+    assert_eq!(queues[1]["delayed"], 1);
+    assert_eq!(queues[2]["waiting"], 1);
+    let text = scratch.ok(&["status"]);
+    assert!(text.contains("Database: "), "{text}");
+    assert!(text.contains("Running jobs: 0"), "{text}");
+}
+
+fn jobs_filters_and_show_reports(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    for _ in 0..3 {
+        scratch.push("ui_job", "u");
+    }
+    scratch.push("import_export_job", "i");
+    let listed: serde_json::Value =
+        serde_json::from_str(&scratch.ok(&["jobs", "--queue", "ui_job", "--json"])).unwrap();
+    let ids: Vec<i64> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [3, 2, 1], "newest first, one queue");
+    let limited: serde_json::Value =
+        serde_json::from_str(&scratch.ok(&["jobs", "--limit", "1", "--json"])).unwrap();
+    assert_eq!(limited.as_array().unwrap().len(), 1);
+    let none: serde_json::Value =
+        serde_json::from_str(&scratch.ok(&["jobs", "--status", "failed", "--json"])).unwrap();
+    assert!(none.as_array().unwrap().is_empty());
+    assert_eq!(exit_code(&scratch.run(&["jobs", "--status", "lost"])), 64);
+    let text = scratch.ok(&["show", "4"]);
+    assert!(text.contains("queue:     import_export_job"), "{text}");
+    let missing = scratch.run(&["show", "999"]);
+    assert_eq!(exit_code(&missing), 66);
+    assert!(stderr(&missing).contains("no job with id 999"));
+}
+
+fn retry_and_cancel_follow_the_rules(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let id = scratch.push("ui_job", "u").to_string();
+    scratch.ok(&["cancel", &id]);
+    assert_eq!(scratch.show(1)["status"], "cancelled");
+    let again = scratch.run(&["cancel", &id]);
+    assert_eq!(exit_code(&again), 65, "cancelling a cancelled job");
+    assert!(stderr(&again).contains("is cancelled"));
+    scratch.ok(&["retry", &id]);
+    assert_eq!(scratch.show(1)["status"], "waiting");
+    assert_eq!(
+        exit_code(&scratch.run(&["retry", &id])),
+        65,
+        "retrying a waiting job"
+    );
+    assert_eq!(exit_code(&scratch.run(&["retry", "42"])), 66);
+    assert_eq!(exit_code(&scratch.run(&["cancel", "42"])), 66);
+    // The retried job runs normally.
+    scratch.ok(&["consume", "--limit", "1"]);
+    assert_eq!(scratch.show(1)["status"], "succeeded");
+}
+
+fn migrate_is_idempotent(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let first = scratch.ok(&["migrate"]);
+    assert!(
+        first.contains("schema at version 1 (1 migration(s) applied)"),
+        "{first}"
+    );
+    let second = scratch.ok(&["migrate"]);
+    assert!(second.contains("(0 migration(s) applied)"), "{second}");
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    let scratch = Scratch::new(Backend::Sqlite);
+    assert_eq!(exit_code(&scratch.run(&["frobnicate"])), 64);
+    assert_eq!(exit_code(&scratch.run(&["push", "ui_job"])), 64);
+    assert_eq!(exit_code(&scratch.run(&["consume", "--sleep", "soon"])), 64);
+    assert_eq!(
+        exit_code(&scratch.run(&["consume", "--memory-limit", "12X"])),
+        64
+    );
+    assert_eq!(
+        exit_code(&scratch.run(&["consume", "ui_job", "--instance", "1"])),
+        64
+    );
+    assert_eq!(
+        exit_code(&scratch.run(&["consume", "nope", "--limit", "1"])),
+        64
+    );
+    assert_eq!(exit_code(&scratch.run(&["--help"])), 0);
+}
+
+#[test]
+fn unreachable_sqlite_file_exits_69_for_one_shot_commands() {
+    let scratch = Scratch::new(Backend::Sqlite);
+    let output = scratch
+        .command(&["push", "ui_job", "x"])
+        .env(
+            "PIM_JOB_QUEUE_DATABASE_URL",
+            "sqlite:///proc/no-such-dir/jobs.sqlite",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(exit_code(&output), 69, "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("database unavailable"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn schema_newer_than_the_binary_is_refused() {
+    let scratch = Scratch::new(Backend::Sqlite);
+    scratch.ok(&["migrate"]);
+    block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&scratch.url).await.unwrap();
+        sqlx::query("INSERT INTO pjq_schema_migrations (version, applied_at) VALUES (99, 0)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    });
+    for args in [&["status"][..], &["consume", "--limit", "1"]] {
+        let output = scratch.run(args);
+        assert_eq!(exit_code(&output), 78, "{args:?}");
+        let all = format!(
+            "{}{}",
+            stderr(&output),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        assert!(all.contains("upgrade pim-job-queue"), "{all}");
+    }
+}
+
+#[test]
+fn auto_migrate_off_requires_migrate_first() {
+    let scratch = Scratch::new(Backend::Sqlite);
+    scratch.write_config("auto_migrate = false");
+    let output = scratch.run(&["push", "ui_job", "x"]);
+    assert_eq!(exit_code(&output), 78);
+    assert!(
+        stderr(&output).contains("run `pim-job-queue migrate`"),
+        "{}",
+        stderr(&output)
+    );
+    scratch.ok(&["migrate"]);
+    scratch.push("ui_job", "x");
+}
+
+#[test]
+fn default_database_lives_in_the_users_data_directory() {
+    let scratch = Scratch::new(Backend::Sqlite);
+    scratch.write_raw_config("[job]\ncommand = [\"/bin/true\"]\n");
+    let home = scratch.path("home");
+    let run = |args: &[&str]| {
+        scratch
+            .command(args)
+            .env("XDG_DATA_HOME", &home)
+            .env_remove("STATE_DIRECTORY")
+            .output()
+            .unwrap()
+    };
+    if nix::unistd::geteuid().is_root() {
+        // As root the default is /var/lib/pim_job_queue; point STATE_DIRECTORY there instead,
+        // as systemd's StateDirectory= would.
+        let output = scratch
+            .command(&["status"])
+            .env("STATE_DIRECTORY", &home)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            text.contains(&format!("{}/jobs.sqlite", home.display())),
+            "{text}"
+        );
+        return;
+    }
+    let output = run(&["status"]);
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains(&format!("{}/pim_job_queue/jobs.sqlite", home.display())),
+        "{text}"
+    );
+}

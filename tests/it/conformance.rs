@@ -1,0 +1,301 @@
+//! The store conformance suite: the [`JobStore`] contract, checked against every backend
+//! through the library, so each database behaves exactly alike.
+
+use pim_job_queue::store::{
+    ChangeOutcome, Completion, JobFilter, JobResult, JobStatus, JobStore, NewJob, Timestamp,
+    WorkerIdentity,
+};
+
+use crate::backend_tests;
+use crate::support::*;
+
+backend_tests!(
+    claim_takes_the_first_non_empty_queue_oldest_first,
+    claim_skips_jobs_not_yet_due,
+    completion_is_guarded_by_token_and_lease,
+    a_job_is_claimed_once_among_concurrent_claimers,
+    stop_generation_counts_requests,
+    migrate_twice_is_harmless,
+    retry_resets_a_failed_job,
+);
+
+fn job(queue: &str, code: &str, at: Timestamp) -> NewJob {
+    NewJob {
+        queue: queue.into(),
+        code: code.into(),
+        payload: "{}".into(),
+        created_at: at,
+        available_at: at,
+    }
+}
+
+fn worker(name: &str) -> WorkerIdentity {
+    WorkerIdentity::for_this_process(Some(name.into()), Some("test-host".into()))
+}
+
+fn queues() -> Vec<String> {
+    ["ui_job", "import_export_job", "data_maintenance_job"]
+        .map(String::from)
+        .to_vec()
+}
+
+async fn open(scratch: &Scratch) -> Box<dyn JobStore> {
+    scratch.store().await
+}
+
+fn done(result: JobResult) -> Completion {
+    Completion {
+        result,
+        output: vec!["line one".into(), "line two".into()],
+        finished_at: Timestamp::now(),
+    }
+}
+
+fn claim_takes_the_first_non_empty_queue_oldest_first(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let now = Timestamp::now();
+        let low = store
+            .push(&job("data_maintenance_job", "a", now))
+            .await
+            .unwrap();
+        let mid = store
+            .push(&job("import_export_job", "b", now))
+            .await
+            .unwrap();
+        let first_ui = store.push(&job("ui_job", "c", now)).await.unwrap();
+        let second_ui = store.push(&job("ui_job", "d", now)).await.unwrap();
+        let me = worker("1");
+        let mut order = Vec::new();
+        while let Some(claimed) = store.claim(&queues(), &me, Timestamp::now()).await.unwrap() {
+            assert_eq!(claimed.attempts, 1);
+            order.push(claimed.id);
+        }
+        assert_eq!(order, [first_ui, second_ui, mid, low]);
+        let running = store
+            .list_jobs(&JobFilter {
+                queue: None,
+                status: Some(JobStatus::Running),
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(running.len(), 4);
+        assert_eq!(running[0].worker_host.as_deref(), Some("test-host"));
+        assert_eq!(running[0].worker_instance.as_deref(), Some("1"));
+    });
+}
+
+fn claim_skips_jobs_not_yet_due(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let now = Timestamp::now();
+        let mut later = job("ui_job", "later", now);
+        later.available_at = now.plus(std::time::Duration::from_secs(3600));
+        store.push(&later).await.unwrap();
+        let due = store
+            .push(&job("data_maintenance_job", "due", now))
+            .await
+            .unwrap();
+        let claimed = store
+            .claim(&queues(), &worker("1"), Timestamp::now())
+            .await
+            .unwrap();
+        assert_eq!(claimed.map(|c| c.id), Some(due));
+        assert!(
+            store
+                .claim(&queues(), &worker("1"), Timestamp::now())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let counts = store.queue_counts(Timestamp::now()).await.unwrap();
+        let ui = counts.iter().find(|c| c.queue == "ui_job").unwrap();
+        assert_eq!((ui.waiting, ui.delayed), (0, 1));
+    });
+}
+
+fn completion_is_guarded_by_token_and_lease(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let id = store
+            .push(&job("ui_job", "x", Timestamp::now()))
+            .await
+            .unwrap();
+        let claimed = store
+            .claim(&queues(), &worker("1"), Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            store
+                .mark_started(&claimed.lease, Timestamp::now())
+                .await
+                .unwrap()
+        );
+        let mut stranger = claimed.lease.clone();
+        stranger.token = "someone-else".into();
+        assert!(
+            !store
+                .complete(&stranger, &done(JobResult::Succeeded))
+                .await
+                .unwrap()
+        );
+        let mut stale = claimed.lease.clone();
+        stale.lease -= 1;
+        assert!(
+            !store
+                .complete(&stale, &done(JobResult::Succeeded))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.get_job(id).await.unwrap().unwrap().status,
+            JobStatus::Running
+        );
+        let failed = JobResult::Failed {
+            exit_code: Some(2),
+            signal: None,
+            reason: "exit code 2".into(),
+        };
+        assert!(store.complete(&claimed.lease, &done(failed)).await.unwrap());
+        // A repeated or late completion changes nothing.
+        assert!(
+            !store
+                .complete(&claimed.lease, &done(JobResult::Succeeded))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .mark_started(&claimed.lease, Timestamp::now())
+                .await
+                .unwrap()
+        );
+        let record = store.get_job(id).await.unwrap().unwrap();
+        assert_eq!(record.status, JobStatus::Failed);
+        assert_eq!(record.exit_code, Some(2));
+        assert_eq!(record.output, ["line one", "line two"]);
+        assert!(record.started_at.is_some() && record.finished_at.is_some());
+    });
+}
+
+fn a_job_is_claimed_once_among_concurrent_claimers(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    const JOBS: usize = 200;
+    let ids = block_on(async {
+        let store = open(&scratch).await;
+        for _ in 0..JOBS {
+            store
+                .push(&job("ui_job", "x", Timestamp::now()))
+                .await
+                .unwrap();
+        }
+        // Separate processes' worth of separate stores, each claiming as fast as it can.
+        let claimers = (0..4).map(|n| {
+            let url = scratch.url.clone();
+            tokio::spawn(async move {
+                let store = pim_job_queue::store::open(&url).await.unwrap();
+                let me = worker(&n.to_string());
+                let mut mine = Vec::new();
+                while let Some(claimed) =
+                    store.claim(&queues(), &me, Timestamp::now()).await.unwrap()
+                {
+                    mine.push(claimed.id);
+                }
+                mine
+            })
+        });
+        let mut all = Vec::new();
+        for claimer in claimers.collect::<Vec<_>>() {
+            all.extend(claimer.await.unwrap());
+        }
+        all
+    });
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), JOBS, "every job claimed exactly once");
+    assert_eq!(ids.len(), JOBS);
+}
+
+fn stop_generation_counts_requests(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let start = store.stop_generation().await.unwrap();
+        assert_eq!(store.request_stop().await.unwrap(), start + 1);
+        assert_eq!(store.request_stop().await.unwrap(), start + 2);
+        assert_eq!(store.stop_generation().await.unwrap(), start + 2);
+    });
+}
+
+fn migrate_twice_is_harmless(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = pim_job_queue::store::open(&scratch.url).await.unwrap();
+        let (a, b) = tokio::join!(store.migrate(), store.migrate());
+        assert_eq!(a.unwrap() + b.unwrap(), 1, "one migration applied once");
+        let version = store.schema_version().await.unwrap();
+        assert_eq!(version.found, version.latest);
+    });
+}
+
+fn retry_resets_a_failed_job(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let id = store
+            .push(&job("ui_job", "x", Timestamp::now()))
+            .await
+            .unwrap();
+        let now = Timestamp::now();
+        assert_eq!(
+            store.retry(id, now).await.unwrap(),
+            ChangeOutcome::WrongState(JobStatus::Waiting)
+        );
+        let claimed = store
+            .claim(&queues(), &worker("1"), now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.cancel(id, now).await.unwrap(),
+            ChangeOutcome::WrongState(JobStatus::Running)
+        );
+        let failed = JobResult::Failed {
+            exit_code: Some(1),
+            signal: None,
+            reason: "exit code 1".into(),
+        };
+        store.complete(&claimed.lease, &done(failed)).await.unwrap();
+        assert_eq!(
+            store.retry(id, Timestamp::now()).await.unwrap(),
+            ChangeOutcome::Changed
+        );
+        let again = store
+            .claim(&queues(), &worker("2"), Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.id, id);
+        assert_eq!(again.attempts, 1, "retry resets the attempts");
+        assert!(
+            again.lease.lease > claimed.lease.lease,
+            "a new claim gets a new lease"
+        );
+        assert!(
+            !store
+                .complete(&claimed.lease, &done(JobResult::Succeeded))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.retry(999, Timestamp::now()).await.unwrap(),
+            ChangeOutcome::NotFound
+        );
+    });
+}

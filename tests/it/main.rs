@@ -1,0 +1,9 @@
+//! Integration tests: the real `pim-job-queue` binary against real database files and
+//! servers. One test binary, so the suite builds and links once.
+
+mod support;
+
+mod cli;
+mod conformance;
+mod consume;
+mod instance;
