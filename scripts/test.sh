@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests and the integration tests that drive the real binary
-# against real databases. Installs and starts what the tests need.
+# against real SQLite files, a real PostgreSQL and a real MariaDB. Installs and starts what
+# the tests need (run it as root, or as a user with passwordless sudo, the first time).
+# Under CI=true a backend that cannot be reached fails the run instead of being skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/services.sh
 
+start_database_servers
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"

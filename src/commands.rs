@@ -17,6 +17,7 @@ use crate::store::{
     StoreError, Timestamp, WorkerIdentity,
 };
 use crate::units::format_duration;
+use crate::wake::WakeDir;
 
 /// The settings every command starts from.
 pub struct Context {
@@ -99,9 +100,13 @@ async fn push(context: &Context, args: &PushArgs) -> Result<(), Failure> {
             payload,
             created_at: now,
             available_at: now.plus(args.delay.unwrap_or_default()),
+            max_attempts: context.config.max_attempts(&args.code),
         })
         .await?;
     println!("{id}");
+    if args.delay.is_none() {
+        WakeDir::for_store(context.config.wake_dir.as_deref(), &store.location()).wake_all();
+    }
     Ok(())
 }
 
@@ -132,7 +137,7 @@ async fn consume(context: &Context, args: &ConsumeArgs) -> Result<(), Failure> {
         time_limit: args.time_limit,
         memory_limit: args.memory_limit,
     };
-    let mut consumer = Consumer::new(store.as_ref(), config, options, worker, shutdown);
+    let mut consumer = Consumer::new(store.into(), config.clone(), options, worker, shutdown);
     let reason = consumer.run().await;
     info!(
         reason = reason.describe(),
@@ -237,9 +242,15 @@ async fn status(context: &Context, args: &OutputArgs) -> Result<(), Failure> {
             limit: 1000,
         })
         .await?;
+    let workers = store.list_workers().await?;
     if args.json {
         let running: Vec<Value> = running.iter().map(|job| running_json(job, now)).collect();
-        let report = json!({ "database": store.location(), "queues": counts, "running": running });
+        let report = json!({
+            "database": store.location(),
+            "queues": counts,
+            "running": running,
+            "workers": workers,
+        });
         println!("{report:#}");
         return Ok(());
     }
@@ -263,6 +274,23 @@ async fn status(context: &Context, args: &OutputArgs) -> Result<(), Failure> {
             job.code,
             worker_of(job),
             format_duration(running_for(job, now))
+        );
+    }
+    println!("\nWorkers: {}", workers.len());
+    for worker in &workers {
+        let job = worker
+            .current_job
+            .map_or("idle".into(), |id| format!("job #{id}"));
+        println!(
+            "  {:<28} queues {:<50} heartbeat {:>5.1}s ago, {job}",
+            format!(
+                "{}/{}/{}",
+                worker.host,
+                worker.instance.as_deref().unwrap_or("-"),
+                worker.pid
+            ),
+            worker.queues,
+            worker.heartbeat_age_seconds
         );
     }
     Ok(())

@@ -24,6 +24,12 @@ pub const DEFAULT_QUEUES: [&str; 3] = ["ui_job", "import_export_job", "data_main
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a job's process group gets between SIGTERM and SIGKILL when it must end.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
+/// How often a worker refreshes its heartbeat (and looks for orphaned jobs).
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// How old a worker's heartbeat may get before its running job is taken back.
+pub const DEFAULT_RESCUE_AFTER: Duration = Duration::from_secs(30);
+/// How long finished jobs are kept.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86400);
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -36,6 +42,12 @@ pub struct Config {
     /// Every queue this installation knows, highest priority first.
     pub queues: Vec<String>,
     pub auto_migrate: bool,
+    pub heartbeat_interval: Duration,
+    pub rescue_after: Duration,
+    /// How long finished jobs are kept; `None` keeps them forever.
+    pub retention: Option<Duration>,
+    /// Where same-host wake-up sockets live; `None` picks the default (see [`crate::wake`]).
+    pub wake_dir: Option<PathBuf>,
     default_job: Option<JobSpec>,
     per_code: BTreeMap<String, JobSpec>,
 }
@@ -59,6 +71,10 @@ struct RawConfig {
     poll_interval: Option<DurationValue>,
     queues: Option<Vec<String>>,
     auto_migrate: Option<bool>,
+    heartbeat_interval: Option<DurationValue>,
+    rescue_after: Option<DurationValue>,
+    retention: Option<DurationValue>,
+    wake_dir: Option<PathBuf>,
     job: Option<RawJob>,
     #[serde(default)]
     jobs: BTreeMap<String, RawJob>,
@@ -150,6 +166,11 @@ impl Config {
         {
             return Err(Failure::config("`database_url` is empty"));
         }
+        let heartbeat_interval = raw
+            .heartbeat_interval
+            .map_or(DEFAULT_HEARTBEAT_INTERVAL, |d| d.0);
+        let rescue_after = raw.rescue_after.map_or(DEFAULT_RESCUE_AFTER, |d| d.0);
+        check_fleet_timing(heartbeat_interval, rescue_after)?;
         Ok(Config {
             source,
             database_url: raw.database_url,
@@ -159,6 +180,14 @@ impl Config {
             poll_interval: raw.poll_interval.map_or(DEFAULT_POLL_INTERVAL, |d| d.0),
             queues,
             auto_migrate: raw.auto_migrate.unwrap_or(true),
+            heartbeat_interval,
+            rescue_after,
+            retention: match raw.retention {
+                Some(DurationValue(d)) if d.is_zero() => None,
+                Some(DurationValue(d)) => Some(d),
+                None => Some(DEFAULT_RETENTION),
+            },
+            wake_dir: raw.wake_dir,
             default_job,
             per_code,
         })
@@ -175,6 +204,11 @@ impl Config {
                     self.source_name()
                 )
             })
+    }
+
+    /// The attempts a job of `code` gets, fixed when it is pushed.
+    pub fn max_attempts(&self, code: &str) -> u32 {
+        self.job_spec(code).map_or(1, |spec| spec.max_attempts)
     }
 
     /// Whether any job at all could run; a consumer without a command is a config error.
@@ -201,6 +235,24 @@ impl Config {
             .cloned()
             .collect()
     }
+}
+
+/// The rescue protocol needs room: a worker cut off from the database stops its job after
+/// two thirds of `rescue_after`, and several heartbeats must fit before that.
+fn check_fleet_timing(heartbeat_interval: Duration, rescue_after: Duration) -> Result<(), Failure> {
+    if heartbeat_interval.is_zero() {
+        return Err(Failure::config(
+            "`heartbeat_interval` must be more than zero",
+        ));
+    }
+    if rescue_after < heartbeat_interval * 3 {
+        return Err(Failure::config(format!(
+            "`rescue_after` ({}) must be at least three times `heartbeat_interval` ({})",
+            humantime::format_duration(rescue_after),
+            humantime::format_duration(heartbeat_interval)
+        )));
+    }
+    Ok(())
 }
 
 /// A queue name: what may stand in a queue list, a conf file line or the database.
@@ -352,6 +404,17 @@ mod tests {
         assert!(parse("queues = []").is_err());
         assert!(parse("queues = [\"a\", \"a\"]").is_err());
         assert!(parse("queues = [\"a b\"]").is_err());
+    }
+
+    #[test]
+    fn fleet_timing_is_checked() {
+        let config =
+            parse("heartbeat_interval = \"1s\"\nrescue_after = 10\nretention = 0").unwrap();
+        assert_eq!(config.rescue_after, Duration::from_secs(10));
+        assert_eq!(config.retention, None);
+        let error = parse("heartbeat_interval = \"5s\"\nrescue_after = \"10s\"").unwrap_err();
+        assert!(error.message.contains("rescue_after"), "{}", error.message);
+        assert_eq!(parse("").unwrap().retention, Some(DEFAULT_RETENTION));
     }
 
     #[test]

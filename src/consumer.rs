@@ -4,22 +4,27 @@
 //! The loop only talks to the [`JobStore`] trait. It never dies on one bad job (a malformed
 //! payload, a missing placeholder field, a command that cannot start all fail that job) nor
 //! on a database outage (it backs off and retries, keeping a finished job's result until it
-//! can be written).
+//! can be written). While idle it wakes at once on a same-host push or a database
+//! notification, and otherwise polls.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
-use crate::runner::{self, Ending, JobLaunch, RunReport};
-use crate::shutdown::Shutdown;
+use crate::fleet::{Contact, FleetTimings, Membership};
+use crate::runner::{self, Ending, Interruption, JobLaunch, RunReport};
+use crate::shutdown::{Shutdown, StopLevel};
 use crate::store::{
-    ClaimedJob, Completion, JobResult, JobStore, StoreError, Timestamp, WorkerIdentity,
+    ClaimedJob, Completion, JobResult, JobStore, PushListener, Release, StoreError, Timestamp,
+    WorkerIdentity,
 };
 use crate::template::JobFacts;
 use crate::units::format_duration;
+use crate::wake::{WakeDir, WakeSocket};
 use crate::worker::resident_memory_bytes;
 
 /// The first wait after a database error; it doubles up to [`MAX_BACKOFF`].
@@ -62,63 +67,135 @@ impl StopReason {
     }
 }
 
-pub struct Consumer<'a> {
-    store: &'a dyn JobStore,
-    config: &'a Config,
+/// Where wake-ups come from while idle, besides the poll timer.
+#[derive(Default)]
+struct WakeSources {
+    socket: Option<WakeSocket>,
+    listener: Option<Box<dyn PushListener>>,
+}
+
+pub struct Consumer {
+    store: Arc<dyn JobStore>,
+    config: Config,
     options: ConsumerOptions,
     worker: WorkerIdentity,
     shutdown: Shutdown,
+    timings: FleetTimings,
     started: Instant,
     jobs_done: u64,
     /// The stop-workers generation seen at start; a higher one means "exit".
     stop_generation: Option<i64>,
     backoff: Backoff,
+    wake: WakeSources,
 }
 
-impl<'a> Consumer<'a> {
+impl Consumer {
     pub fn new(
-        store: &'a dyn JobStore,
-        config: &'a Config,
+        store: Arc<dyn JobStore>,
+        config: Config,
         options: ConsumerOptions,
         worker: WorkerIdentity,
         shutdown: Shutdown,
     ) -> Self {
+        let timings = FleetTimings {
+            heartbeat_interval: config.heartbeat_interval,
+            rescue_after: config.rescue_after,
+            retention: config.retention,
+        };
         Consumer {
             store,
             config,
             options,
             worker,
             shutdown,
+            timings,
             started: Instant::now(),
             jobs_done: 0,
             stop_generation: None,
             backoff: Backoff::default(),
+            wake: WakeSources::default(),
         }
     }
 
     /// Runs until a stop condition; returns which.
     pub async fn run(&mut self) -> StopReason {
+        let Some(membership) = self.join_fleet().await else {
+            return StopReason::Signal;
+        };
+        self.wake = self.open_wake_sources().await;
         info!(
             worker = %self.worker.describe(),
             "consuming queues {} (highest priority first)",
             self.options.queues.join(", ")
         );
-        loop {
+        let contact = membership.contact();
+        let reason = loop {
             if let Some(reason) = self.limit_reached() {
-                return reason;
+                break reason;
             }
-            match self.next_step().await {
-                Ok(Some(reason)) => return reason,
+            match self.next_step(&contact).await {
+                Ok(Some(reason)) => break reason,
                 Ok(None) => self.backoff.reset(),
                 Err(error) => self.wait_after_error(&error).await,
+            }
+        };
+        membership.leave().await;
+        reason
+    }
+
+    /// Registers in the fleet, retrying through outages; `None` if stopped meanwhile.
+    async fn join_fleet(&mut self) -> Option<Membership> {
+        loop {
+            let joined = Membership::join(
+                self.store.clone(),
+                self.worker.clone(),
+                self.options.queues.clone(),
+                self.timings,
+            )
+            .await;
+            match joined {
+                Ok(membership) => return Some(membership),
+                Err(error) => self.wait_after_error(&error).await,
+            }
+            if self.shutdown.is_stopping() {
+                return None;
             }
         }
     }
 
+    async fn open_wake_sources(&self) -> WakeSources {
+        let dir = WakeDir::for_store(self.config.wake_dir.as_deref(), &self.store.location());
+        let name = format!("w-{}-{}", self.worker.pid, &self.worker.token[..8]);
+        let socket = dir
+            .bind(&name)
+            .inspect_err(|error| {
+                warn!(
+                    "no same-host wake-ups ({}: {error}); polling every {}",
+                    dir.path().display(),
+                    format_duration(self.options.poll_interval)
+                )
+            })
+            .ok();
+        let listener = self
+            .store
+            .listen()
+            .await
+            .inspect_err(|error| warn!("no database notifications ({error}); polling"))
+            .ok()
+            .flatten();
+        WakeSources { socket, listener }
+    }
+
     /// One pass: check for a stop request, then claim and run a job or sleep.
-    async fn next_step(&mut self) -> Result<Option<StopReason>, StoreError> {
+    async fn next_step(&mut self, contact: &Contact) -> Result<Option<StopReason>, StoreError> {
         if self.stop_requested_by_operator().await? {
             return Ok(Some(StopReason::StopWorkersRequested));
+        }
+        // A job claimed now would be fenced at once: wait for the heartbeat to get through.
+        if contact.last_ok().elapsed() >= self.timings.fence_after() {
+            return Err(StoreError::Unavailable(
+                "no heartbeat has reached the database recently; not taking jobs".into(),
+            ));
         }
         let claimed = self
             .store
@@ -126,7 +203,9 @@ impl<'a> Consumer<'a> {
             .await?;
         match claimed {
             Some(job) => {
-                self.process(job).await;
+                contact.set_current_job(Some(job.id));
+                self.process(job, contact).await;
+                contact.set_current_job(None);
                 self.jobs_done += 1;
             }
             None => self.idle().await,
@@ -166,15 +245,26 @@ impl<'a> Consumer<'a> {
         over_memory.then_some(StopReason::MemoryLimit)
     }
 
-    /// Sleeps one poll interval, or less when a stop or the time limit comes first.
-    async fn idle(&self) {
+    /// Sleeps one poll interval, or less when a push, a stop or the time limit comes first.
+    async fn idle(&mut self) {
         let mut nap = self.options.poll_interval;
         if let Some(limit) = self.options.time_limit {
             nap = nap.min(limit.saturating_sub(self.started.elapsed()));
         }
+        let mut listener_failed = None;
         tokio::select! {
             _ = tokio::time::sleep(nap) => {}
-            _ = self.shutdown.reached(crate::shutdown::StopLevel::Drain) => {}
+            _ = self.shutdown.reached(StopLevel::Drain) => {}
+            _ = woken(self.wake.socket.as_ref()) => {}
+            pushed = pushed(self.wake.listener.as_mut()) => listener_failed = pushed.err(),
+        }
+        if let Some(error) = listener_failed {
+            // The listener reconnects on its next use; until then polling carries on.
+            warn!("database notifications interrupted: {error}");
+            tokio::select! {
+                _ = tokio::time::sleep(nap) => {}
+                _ = self.shutdown.reached(StopLevel::Drain) => {}
+            }
         }
     }
 
@@ -187,19 +277,19 @@ impl<'a> Consumer<'a> {
         );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = self.shutdown.reached(crate::shutdown::StopLevel::Drain) => {}
+            _ = self.shutdown.reached(StopLevel::Drain) => {}
         }
     }
 
     /// Runs one claimed job to its recorded end.
-    async fn process(&mut self, job: ClaimedJob) {
+    async fn process(&mut self, job: ClaimedJob, contact: &Contact) {
         let span = info_span!("job", job_id = job.id, queue = %job.queue, code = %job.code);
         async {
             let completion = match self.prepare_launch(&job) {
-                Ok(launch) => self.execute(&job, &launch).await,
+                Ok(launch) => self.execute(&job, &launch, contact).await,
                 Err(reason) => {
                     warn!("job failed before it started: {reason}");
-                    failure_without_run(reason)
+                    Outcome::Finished(failure_without_run(reason))
                 }
             };
             self.record(&job, &completion).await;
@@ -233,13 +323,13 @@ impl<'a> Consumer<'a> {
         })
     }
 
-    async fn execute(&self, job: &ClaimedJob, launch: &JobLaunch) -> Completion {
+    async fn execute(&self, job: &ClaimedJob, launch: &JobLaunch, contact: &Contact) -> Outcome {
         let running = match runner::start(launch) {
             Ok(running) => running,
             Err(error) => {
                 let reason = format!("cannot start {}: {error}", launch.argv[0]);
                 warn!("job failed: {reason}");
-                return failure_without_run(reason);
+                return Outcome::Finished(failure_without_run(reason));
             }
         };
         info!(
@@ -252,20 +342,53 @@ impl<'a> Consumer<'a> {
             Ok(false) => warn!("job is no longer held by this worker"),
             Err(error) => warn!("could not record the job's start: {error}"),
         }
-        let report = running.wait(&self.shutdown).await;
-        let completion = completion_of(&report);
-        log_end(&report, &completion.result);
-        completion
+        let report = running
+            .wait(self.interruption(contact, launch.kill_grace))
+            .await;
+        let outcome = outcome_of(&report);
+        log_end(&report, &outcome);
+        outcome
     }
 
-    /// Stores the result, retrying through database outages: a finished job's result is
+    /// Resolves when the running job must be ended early: an abort (second stop signal), or
+    /// the fence (no heartbeat for two thirds of `rescue_after`, so others may soon rescue it).
+    async fn interruption(&self, contact: &Contact, kill_grace: Duration) -> Interruption {
+        tokio::select! {
+            _ = self.shutdown.reached(StopLevel::Abort) => Interruption {
+                reason: "interrupted by a stop request".into(),
+                grace: kill_grace,
+            },
+            _ = contact.lost_for(self.timings.fence_after()) => Interruption {
+                reason: "lost contact with the database".into(),
+                grace: self.timings.fence_grace(),
+            },
+        }
+    }
+
+    /// Stores the outcome, retrying through database outages: a finished job's result is
     /// kept in memory until it is written, or until an abort is requested.
-    async fn record(&self, job: &ClaimedJob, completion: &Completion) {
+    async fn record(&self, job: &ClaimedJob, outcome: &Outcome) {
         let mut backoff = Backoff::default();
         loop {
-            match self.store.complete(&job.lease, completion).await {
-                Ok(true) => return,
-                Ok(false) => {
+            let stored = match outcome {
+                Outcome::Finished(completion) => self
+                    .store
+                    .complete(&job.lease, completion)
+                    .await
+                    .map(|held| held.then_some(Release::Failed)),
+                Outcome::GivenUp(reason) => self
+                    .store
+                    .release(&job.lease, reason, Timestamp::now())
+                    .await
+                    .map(|release| (release != Release::NotHeld).then_some(release)),
+            };
+            match stored {
+                Ok(Some(Release::Requeued)) => {
+                    info!("job put back in its queue (attempts left)");
+                    return;
+                }
+                Ok(Some(_)) => return,
+                Ok(None) => {
                     warn!("result not recorded: the job is no longer held by this worker");
                     return;
                 }
@@ -279,7 +402,7 @@ impl<'a> Consumer<'a> {
                     tokio::time::sleep(delay).await;
                 }
                 Err(error) => {
-                    tracing::error!(result = ?completion.result, "giving up on recording the job's result: {error}");
+                    tracing::error!(?outcome, "giving up on recording the job's result: {error}");
                     return;
                 }
             }
@@ -287,8 +410,33 @@ impl<'a> Consumer<'a> {
     }
 
     fn aborting(&self) -> bool {
-        self.shutdown.level() >= crate::shutdown::StopLevel::Abort
+        self.shutdown.level() >= StopLevel::Abort
     }
+}
+
+/// Resolves on a same-host wake-up; never without a socket.
+async fn woken(socket: Option<&WakeSocket>) {
+    match socket {
+        Some(socket) => socket.woken().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves on a database notification; never without a listener.
+async fn pushed(listener: Option<&mut Box<dyn PushListener>>) -> Result<(), StoreError> {
+    match listener {
+        Some(listener) => listener.pushed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How a claimed job ended, from the worker's side.
+#[derive(Debug)]
+enum Outcome {
+    /// It ran (or could not start); the result is final.
+    Finished(Completion),
+    /// The worker ended it early; it goes back to its queue if it has attempts left.
+    GivenUp(String),
 }
 
 /// A job's payload must be a JSON object; anything else (a row inserted by hand) fails it.
@@ -312,7 +460,7 @@ fn failure_without_run(reason: String) -> Completion {
     }
 }
 
-fn completion_of(report: &RunReport) -> Completion {
+fn outcome_of(report: &RunReport) -> Outcome {
     let signal = report
         .status
         .and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s));
@@ -334,17 +482,13 @@ fn completion_of(report: &RunReport) -> Completion {
             signal,
             reason: "timeout".into(),
         },
-        Ending::Interrupted => JobResult::Failed {
-            exit_code,
-            signal,
-            reason: "interrupted".into(),
-        },
+        Ending::Interrupted(reason) => return Outcome::GivenUp(reason.clone()),
     };
-    Completion {
+    Outcome::Finished(Completion {
         result,
         output: report.output_tail.clone(),
         finished_at: Timestamp::now(),
-    }
+    })
 }
 
 fn signal_name(number: i32) -> String {
@@ -353,12 +497,19 @@ fn signal_name(number: i32) -> String {
         .unwrap_or_else(|_| number.to_string())
 }
 
-fn log_end(report: &RunReport, result: &JobResult) {
+fn log_end(report: &RunReport, outcome: &Outcome) {
     let duration = format_duration(report.duration);
-    match result {
-        JobResult::Succeeded => info!(duration = %duration, result = "succeeded", "job finished"),
-        JobResult::Failed { reason, .. } => {
-            warn!(duration = %duration, result = "failed", "job finished: {reason}")
+    match outcome {
+        Outcome::Finished(Completion {
+            result: JobResult::Succeeded,
+            ..
+        }) => info!(duration = %duration, result = "succeeded", "job finished"),
+        Outcome::Finished(Completion {
+            result: JobResult::Failed { reason, .. },
+            ..
+        }) => warn!(duration = %duration, result = "failed", "job finished: {reason}"),
+        Outcome::GivenUp(reason) => {
+            warn!(duration = %duration, result = "interrupted", "job interrupted: {reason}")
         }
     }
 }

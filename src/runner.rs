@@ -21,8 +21,6 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::shutdown::{Shutdown, StopLevel};
-
 /// How many output lines are kept with the job's record.
 pub const OUTPUT_TAIL_LINES: usize = 50;
 /// Longer output lines are cut, in the record and in the log.
@@ -62,8 +60,15 @@ pub enum Ending {
     Signalled(i32),
     /// The configured timeout ran out and the process group was ended.
     TimedOut,
-    /// The worker was told to abort (second SIGTERM) and ended the process group.
-    Interrupted,
+    /// The worker ended the process group before the job finished, for this reason.
+    Interrupted(String),
+}
+
+/// A request to end a running job early: why, and how long SIGTERM gets before SIGKILL.
+#[derive(Debug, Clone)]
+pub struct Interruption {
+    pub reason: String,
+    pub grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -147,8 +152,8 @@ impl RunningJob {
         self.started.elapsed()
     }
 
-    /// Waits for the job to end, ending it early on timeout or abort.
-    pub async fn wait(mut self, shutdown: &Shutdown) -> RunReport {
+    /// Waits for the job to end, ending it early on timeout or when `interrupt` resolves.
+    pub async fn wait(mut self, interrupt: impl Future<Output = Interruption>) -> RunReport {
         let timeout = async {
             match self.timeout {
                 Some(limit) => tokio::time::sleep(limit).await,
@@ -162,11 +167,12 @@ impl RunningJob {
             }
             _ = timeout => {
                 tracing::warn!(timeout = ?self.timeout, "job timed out: ending its process group");
-                (Ending::TimedOut, self.end_group().await)
+                (Ending::TimedOut, self.end_group(self.kill_grace).await)
             }
-            _ = shutdown.reached(StopLevel::Abort) => {
-                tracing::warn!("ending the job's process group on request");
-                (Ending::Interrupted, self.end_group().await)
+            interruption = interrupt => {
+                tracing::warn!("ending the job's process group: {}", interruption.reason);
+                let status = self.end_group(interruption.grace).await;
+                (Ending::Interrupted(interruption.reason), status)
             }
         };
         self.kill_leftovers();
@@ -186,13 +192,13 @@ impl RunningJob {
         }
     }
 
-    /// SIGTERM to the whole group, then SIGKILL after the grace period.
-    async fn end_group(&mut self) -> Option<ExitStatus> {
+    /// SIGTERM to the whole group, then SIGKILL after `grace`.
+    async fn end_group(&mut self, grace: Duration) -> Option<ExitStatus> {
         let _ = killpg(self.group, Signal::SIGTERM);
-        match tokio::time::timeout(self.kill_grace, self.child.wait()).await {
+        match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(status) => status.ok(),
             Err(_) => {
-                tracing::warn!(grace = ?self.kill_grace, "job ignored SIGTERM: sending SIGKILL");
+                tracing::warn!(?grace, "job ignored SIGTERM: sending SIGKILL");
                 let _ = killpg(self.group, Signal::SIGKILL);
                 self.child.wait().await.ok()
             }

@@ -5,6 +5,9 @@
 //! is guarded by the claiming worker's token and the lease counter set at claim time, so a
 //! late or repeated completion (after a rescue, say) changes nothing.
 
+pub mod mysql;
+pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::fmt;
@@ -98,6 +101,9 @@ pub struct NewJob {
     pub payload: String,
     pub created_at: Timestamp,
     pub available_at: Timestamp,
+    /// How many claims the job may have; a rescue or an interrupted stop requeues it while
+    /// it has attempts left. Fixed at push time from the pusher's config.
+    pub max_attempts: u32,
 }
 
 /// Who claims and runs jobs: written into every job a worker claims.
@@ -159,6 +165,7 @@ pub struct JobRecord {
     pub payload: String,
     pub status: JobStatus,
     pub attempts: i64,
+    pub max_attempts: i64,
     pub created_at: Timestamp,
     pub available_at: Timestamp,
     pub claimed_at: Option<Timestamp>,
@@ -203,6 +210,41 @@ pub enum ChangeOutcome {
     /// The job exists but is in a state the change does not apply to.
     WrongState(JobStatus),
 }
+
+/// A registered worker, for `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerRecord {
+    pub host: String,
+    pub instance: Option<String>,
+    pub pid: i64,
+    pub queues: String,
+    pub started_at: Timestamp,
+    /// How long ago, by the database's clock, its last heartbeat was.
+    pub heartbeat_age_seconds: f64,
+    pub current_job: Option<JobId>,
+}
+
+/// A running job taken back from a worker whose heartbeat stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RescuedJob {
+    pub id: JobId,
+    /// True when it went back to its queue, false when it was marked failed (no attempts left).
+    pub requeued: bool,
+    /// `host/instance/pid` of the lost worker.
+    pub lost_worker: String,
+}
+
+/// What became of a job this worker gave up (interrupted by a stop, or fenced off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    Requeued,
+    Failed,
+    /// The lease was no longer held: someone else already took the job back.
+    NotHeld,
+}
+
+/// The reason recorded on a job whose worker stopped heartbeating.
+pub const WORKER_LOST: &str = "worker lost";
 
 /// The schema version found in the database and the one this binary brings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,6 +342,113 @@ pub trait JobStore: Send + Sync {
 
     /// Cancels a waiting job.
     async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome>;
+
+    /// Gives up a running job this worker holds: back to its queue if it has attempts left,
+    /// failed with `reason` otherwise. Guarded like [`JobStore::complete`].
+    async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release>;
+
+    /// Adds (or replaces) this worker's row, with a fresh heartbeat.
+    async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()>;
+
+    /// Refreshes this worker's heartbeat, by the database's clock, so that workers on hosts
+    /// with skewed clocks still agree on its age. False when the row is gone (it was
+    /// declared lost): the caller registers again.
+    async fn heartbeat(
+        &self,
+        worker: &WorkerIdentity,
+        current_job: Option<JobId>,
+    ) -> StoreResult<bool>;
+
+    /// Removes this worker's row on a clean exit.
+    async fn unregister_worker(&self, worker: &WorkerIdentity) -> StoreResult<()>;
+
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>>;
+
+    /// Takes back, exactly once, every running job whose worker's heartbeat is older than
+    /// `rescue_after` (or whose worker row is gone), and deletes such workers' rows. A worker
+    /// whose heartbeat is fresh keeps its job, however slow the job is.
+    async fn rescue_orphans(
+        &self,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Vec<RescuedJob>>;
+
+    /// Deletes succeeded, failed and cancelled jobs that finished before `before`.
+    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64>;
+
+    /// A stream of "a job was pushed" signals from the database itself, where it has one
+    /// (PostgreSQL's LISTEN/NOTIFY). Polling remains the safety net.
+    async fn listen(&self) -> StoreResult<Option<Box<dyn PushListener>>> {
+        Ok(None)
+    }
+}
+
+/// Database-side push notifications.
+#[async_trait]
+pub trait PushListener: Send {
+    /// Resolves when a job may have been pushed.
+    async fn pushed(&mut self) -> StoreResult<()>;
+}
+
+/// Adds one `GROUP BY queue, status` row to per-queue counts (rows arrive ordered by queue).
+fn add_count(counts: &mut Vec<QueueCounts>, queue: String, status: &str, n: i64, later: i64) {
+    if counts.last().is_none_or(|c| c.queue != queue) {
+        counts.push(QueueCounts {
+            queue,
+            ..QueueCounts::default()
+        });
+    }
+    let entry = counts.last_mut().expect("pushed above");
+    match JobStatus::parse(status) {
+        Some(JobStatus::Waiting) => {
+            entry.waiting += n - later;
+            entry.delayed += later;
+        }
+        Some(JobStatus::Running) => entry.running += n,
+        Some(JobStatus::Succeeded) => entry.succeeded += n,
+        Some(JobStatus::Failed) => entry.failed += n,
+        Some(JobStatus::Cancelled) => entry.cancelled += n,
+        None => {}
+    }
+}
+
+/// What a guarded take-back did: `Some(true)` requeued, `Some(false)` failed, `None` nothing.
+fn release_of(outcome: Option<bool>) -> Release {
+    match outcome {
+        Some(true) => Release::Requeued,
+        Some(false) => Release::Failed,
+        None => Release::NotHeld,
+    }
+}
+
+/// The status and result columns a completion writes.
+fn completion_columns(result: &JobResult) -> (JobStatus, Option<i64>, Option<i64>, Option<&str>) {
+    match result {
+        JobResult::Succeeded => (JobStatus::Succeeded, Some(0), None, None),
+        JobResult::Failed {
+            exit_code,
+            signal,
+            reason,
+        } => (
+            JobStatus::Failed,
+            exit_code.map(i64::from),
+            signal.map(i64::from),
+            Some(reason.as_str()),
+        ),
+    }
+}
+
+/// sqlx errors that mean "the connection is gone or cannot be made", whatever the database.
+fn is_connection_error(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_)
+    )
 }
 
 /// Opens the store a database URL names, without touching the schema.
@@ -307,11 +456,10 @@ pub async fn open(url: &str) -> StoreResult<Box<dyn JobStore>> {
     let scheme = url.split(':').next().unwrap_or("");
     match scheme {
         "sqlite" => Ok(Box::new(sqlite::SqliteStore::open(url).await?)),
-        "postgres" | "postgresql" | "mysql" | "mariadb" => Err(StoreError::InvalidUrl(format!(
-            "{scheme} URLs are not supported by this build yet; use an sqlite: URL"
-        ))),
+        "postgres" | "postgresql" => Ok(Box::new(postgres::PostgresStore::open(url).await?)),
+        "mysql" | "mariadb" => Ok(Box::new(mysql::MysqlStore::open(url).await?)),
         _ => Err(StoreError::InvalidUrl(format!(
-            "`{}` does not start with sqlite:",
+            "`{}` must start with sqlite:, postgres://, postgresql://, mysql:// or mariadb://",
             redact_url(url)
         ))),
     }

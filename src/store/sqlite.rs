@@ -12,19 +12,23 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Row, Sqlite, Transaction};
+use sqlx::{ConnectOptions, Row};
 
+use super::rows::{self, JOB_RECORD_COLUMNS};
 use super::{
-    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobResult, JobStatus,
-    JobStore, Lease, NewJob, QueueCounts, SchemaVersion, StoreError, StoreResult, Timestamp,
-    WorkerIdentity,
+    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus, JobStore, Lease,
+    NewJob, QueueCounts, Release, RescuedJob, SchemaVersion, StoreError, StoreResult, Timestamp,
+    WORKER_LOST, WorkerIdentity, WorkerRecord,
 };
 
 /// How long a statement waits for another process's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rows deleted per statement when pruning, so the write lock is never held for long.
+const PRUNE_BATCH: i64 = 5000;
+/// The database's clock in microseconds since the epoch (for SQLite: this host's clock).
+const DB_NOW: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
 
 /// Schema migrations, applied in order, each a list of statements; a released version is
 /// never edited.
@@ -38,6 +42,7 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             payload TEXT NOT NULL,
             status TEXT NOT NULL,
             attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL DEFAULT 1,
             lease INTEGER NOT NULL DEFAULT 0,
             created_at INTEGER NOT NULL,
             available_at INTEGER NOT NULL,
@@ -56,16 +61,24 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
         "CREATE INDEX pjq_jobs_claim ON pjq_jobs (queue, available_at, id)
             WHERE status = 'waiting'",
         "CREATE INDEX pjq_jobs_status ON pjq_jobs (status, queue)",
+        "CREATE INDEX pjq_jobs_finished ON pjq_jobs (finished_at)
+            WHERE finished_at IS NOT NULL",
         "CREATE TABLE pjq_control (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
         "INSERT INTO pjq_control (name, value) VALUES ('stop_generation', 0)",
+        "CREATE TABLE pjq_workers (
+            token TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            instance TEXT,
+            pid INTEGER NOT NULL,
+            queues TEXT NOT NULL,
+            started_at INTEGER NOT NULL,
+            heartbeat_at INTEGER NOT NULL,
+            current_job INTEGER
+        )",
     ],
 )];
 
 const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
-
-const RECORD_COLUMNS: &str = "id, queue, code, payload, status, attempts, created_at, \
-    available_at, claimed_at, started_at, finished_at, worker_host, worker_instance, \
-    worker_pid, exit_code, exit_signal, reason, output";
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -81,7 +94,6 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true)
             .disable_statement_logging();
         let path = options.get_filename().display().to_string();
         create_parent_dir(options.get_filename())?;
@@ -95,22 +107,6 @@ impl SqliteStore {
 
     fn error(&self, error: sqlx::Error) -> StoreError {
         classify(error, &self.path)
-    }
-
-    async fn found_version(&self, tx: &mut Transaction<'_, Sqlite>) -> StoreResult<i64> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS pjq_schema_migrations (
-                version INTEGER PRIMARY KEY,
-                applied_at INTEGER NOT NULL
-            )",
-        )
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| self.error(e))?;
-        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM pjq_schema_migrations")
-            .fetch_one(&mut **tx)
-            .await
-            .map_err(|e| self.error(e))
     }
 
     async fn claim_from(
@@ -138,7 +134,7 @@ impl SqliteStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| self.error(e))?;
-        row.map(|row| claimed_from_row(&row, &worker.token))
+        row.map(|row| rows::claimed_job(&row, &worker.token))
             .transpose()
             .map_err(|e| self.error(e))
     }
@@ -162,6 +158,63 @@ impl SqliteStore {
             None => ChangeOutcome::NotFound,
         })
     }
+
+    /// Requeues (attempts left) or fails a running job whose lease is still `lease` and
+    /// whose holder is as `holder` says; returns which, or `None` when the guard did not hold.
+    async fn take_back(
+        &self,
+        id: JobId,
+        lease: i64,
+        holder: Holder<'_>,
+        reason: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<bool>> {
+        let (holder_check, token) = match holder {
+            Holder::Token(token) => ("worker_token = ?5".to_string(), Some(token)),
+            Holder::Lost { rescue_after } => (orphaned(rescue_after), None),
+        };
+        let statement = format!(
+            "UPDATE pjq_jobs SET
+                status = CASE WHEN attempts < max_attempts THEN 'waiting' ELSE 'failed' END,
+                available_at = CASE WHEN attempts < max_attempts THEN ?1 ELSE available_at END,
+                finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE ?1 END,
+                reason = CASE WHEN attempts < max_attempts THEN ?2 || ' (requeued)' ELSE ?2 END,
+                lease = lease + 1, worker_token = NULL
+             WHERE id = ?3 AND lease = ?4 AND status = 'running' AND {holder_check}
+             RETURNING status"
+        );
+        let mut query = sqlx::query_scalar::<_, String>(&statement)
+            .bind(now.0)
+            .bind(reason)
+            .bind(id)
+            .bind(lease);
+        if let Some(token) = token {
+            query = query.bind(token);
+        }
+        let status = query
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(status.map(|s| s == "waiting"))
+    }
+}
+
+/// Who must hold a job for a take-back to apply.
+#[derive(Clone, Copy)]
+enum Holder<'a> {
+    /// This worker, giving the job up.
+    Token(&'a str),
+    /// Nobody alive: the holder's heartbeat is older than this, or its row is gone.
+    Lost { rescue_after: Duration },
+}
+
+/// SQL that is true for a job row whose worker is lost.
+fn orphaned(rescue_after: Duration) -> String {
+    let limit = rescue_after.as_micros() as i64;
+    format!(
+        "NOT EXISTS (SELECT 1 FROM pjq_workers w WHERE w.token = pjq_jobs.worker_token
+                     AND w.heartbeat_at > {DB_NOW} - {limit})"
+    )
 }
 
 #[async_trait]
@@ -177,7 +230,20 @@ impl JobStore for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|e| self.error(e))?;
-        let found = self.found_version(&mut tx).await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS pjq_schema_migrations (
+                version INTEGER PRIMARY KEY,
+                applied_at INTEGER NOT NULL
+            )",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.error(e))?;
+        let found: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM pjq_schema_migrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| self.error(e))?;
         if found > LATEST_VERSION {
             return Err(StoreError::SchemaTooNew {
                 found,
@@ -230,14 +296,16 @@ impl JobStore for SqliteStore {
 
     async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
         sqlx::query_scalar(
-            "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at)
-             VALUES (?, ?, ?, 'waiting', ?, ?) RETURNING id",
+            "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
+                max_attempts)
+             VALUES (?, ?, ?, 'waiting', ?, ?, ?) RETURNING id",
         )
         .bind(&job.queue)
         .bind(&job.code)
         .bind(&job.payload)
         .bind(job.created_at.0)
         .bind(job.available_at.0)
+        .bind(job.max_attempts as i64)
         .fetch_one(&self.pool)
         .await
         .map_err(|e| self.error(e))
@@ -273,19 +341,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool> {
-        let (status, exit_code, signal, reason) = match &completion.result {
-            JobResult::Succeeded => (JobStatus::Succeeded, Some(0), None, None),
-            JobResult::Failed {
-                exit_code,
-                signal,
-                reason,
-            } => (
-                JobStatus::Failed,
-                *exit_code,
-                *signal,
-                Some(reason.as_str()),
-            ),
-        };
+        let (status, exit_code, signal, reason) = super::completion_columns(&completion.result);
         let result = sqlx::query(
             "UPDATE pjq_jobs SET status = ?, finished_at = ?, exit_code = ?, exit_signal = ?,
                 reason = ?, output = ?
@@ -333,37 +389,22 @@ impl JobStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.error(e))?;
-        let mut counts: Vec<QueueCounts> = Vec::new();
+        let mut counts = Vec::new();
         for row in rows {
-            let queue: String = row.get("queue");
-            let status: String = row.get("status");
-            let n: i64 = row.get("n");
-            let later: i64 = row.get("later");
-            if counts.last().is_none_or(|c| c.queue != queue) {
-                counts.push(QueueCounts {
-                    queue,
-                    ..QueueCounts::default()
-                });
-            }
-            let entry = counts.last_mut().expect("pushed above");
-            match JobStatus::parse(&status) {
-                Some(JobStatus::Waiting) => {
-                    entry.waiting += n - later;
-                    entry.delayed += later;
-                }
-                Some(JobStatus::Running) => entry.running += n,
-                Some(JobStatus::Succeeded) => entry.succeeded += n,
-                Some(JobStatus::Failed) => entry.failed += n,
-                Some(JobStatus::Cancelled) => entry.cancelled += n,
-                None => {}
-            }
+            super::add_count(
+                &mut counts,
+                row.get("queue"),
+                row.get::<String, _>("status").as_str(),
+                row.get("n"),
+                row.get("later"),
+            );
         }
         Ok(counts)
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
         let rows = sqlx::query(&format!(
-            "SELECT {RECORD_COLUMNS} FROM pjq_jobs
+            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs
              WHERE (?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR status = ?2)
              ORDER BY id DESC LIMIT ?3"
         ))
@@ -374,21 +415,21 @@ impl JobStore for SqliteStore {
         .await
         .map_err(|e| self.error(e))?;
         rows.iter()
-            .map(record_from_row)
+            .map(rows::job_record)
             .collect::<Result<_, _>>()
             .map_err(|e| self.error(e))
     }
 
     async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
         let row = sqlx::query(&format!(
-            "SELECT {RECORD_COLUMNS} FROM pjq_jobs WHERE id = ?"
+            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs WHERE id = ?"
         ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| self.error(e))?;
         row.as_ref()
-            .map(record_from_row)
+            .map(rows::job_record)
             .transpose()
             .map_err(|e| self.error(e))
     }
@@ -420,6 +461,139 @@ impl JobStore for SqliteStore {
         .map_err(|e| self.error(e))?;
         self.change_outcome(id, result.rows_affected()).await
     }
+
+    async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release> {
+        let outcome = self
+            .take_back(
+                lease.job_id,
+                lease.lease,
+                Holder::Token(&lease.token),
+                reason,
+                now,
+            )
+            .await?;
+        Ok(super::release_of(outcome))
+    }
+
+    async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "INSERT OR REPLACE INTO pjq_workers
+                (token, host, instance, pid, queues, started_at, heartbeat_at, current_job)
+             VALUES (?, ?, ?, ?, ?, ?, {DB_NOW}, NULL)"
+        ))
+        .bind(&worker.token)
+        .bind(&worker.host)
+        .bind(&worker.instance)
+        .bind(worker.pid as i64)
+        .bind(queues.join(","))
+        .bind(Timestamp::now().0)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    async fn heartbeat(
+        &self,
+        worker: &WorkerIdentity,
+        current_job: Option<JobId>,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(&format!(
+            "UPDATE pjq_workers SET heartbeat_at = {DB_NOW}, current_job = ? WHERE token = ?"
+        ))
+        .bind(current_job)
+        .bind(&worker.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn unregister_worker(&self, worker: &WorkerIdentity) -> StoreResult<()> {
+        sqlx::query("DELETE FROM pjq_workers WHERE token = ?")
+            .bind(&worker.token)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT host, instance, pid, queues, started_at, current_job,
+                    {DB_NOW} - heartbeat_at AS age
+             FROM pjq_workers ORDER BY host, instance, pid"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        rows.iter()
+            .map(rows::worker_record)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.error(e))
+    }
+
+    async fn rescue_orphans(
+        &self,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Vec<RescuedJob>> {
+        let limit = rescue_after.as_micros() as i64;
+        let candidates = sqlx::query(&format!(
+            "SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
+             WHERE status = 'running' AND {}",
+            orphaned(rescue_after)
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        let mut rescued = Vec::new();
+        for row in candidates {
+            let id: i64 = row.get("id");
+            let lost_worker = rows::worker_of_job(&row).map_err(|e| self.error(e))?;
+            let lost = Holder::Lost { rescue_after };
+            if let Some(requeued) = self
+                .take_back(id, row.get("lease"), lost, WORKER_LOST, now)
+                .await?
+            {
+                rescued.push(RescuedJob {
+                    id,
+                    requeued,
+                    lost_worker,
+                });
+            }
+        }
+        sqlx::query(&format!(
+            "DELETE FROM pjq_workers WHERE heartbeat_at <= {DB_NOW} - {limit}
+               AND NOT EXISTS (SELECT 1 FROM pjq_jobs j
+                               WHERE j.status = 'running' AND j.worker_token = pjq_workers.token)"
+        ))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(rescued)
+    }
+
+    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64> {
+        let mut total = 0;
+        loop {
+            let result = sqlx::query(
+                "DELETE FROM pjq_jobs WHERE id IN (
+                    SELECT id FROM pjq_jobs
+                    WHERE finished_at < ? AND status IN ('succeeded', 'failed', 'cancelled')
+                    LIMIT ?)",
+            )
+            .bind(before.0)
+            .bind(PRUNE_BATCH)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+            total += result.rows_affected();
+            if result.rows_affected() < PRUNE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
 }
 
 fn create_parent_dir(file: &Path) -> StoreResult<()> {
@@ -434,87 +608,18 @@ fn create_parent_dir(file: &Path) -> StoreResult<()> {
 
 /// Sorts SQLite failures into "try again later" and "something is wrong".
 fn classify(error: sqlx::Error, path: &str) -> StoreError {
-    const SQLITE_BUSY: &str = "5";
-    const SQLITE_LOCKED: &str = "6";
-    const SQLITE_IOERR: &str = "10";
-    const SQLITE_FULL: &str = "13";
-    const SQLITE_CANTOPEN: &str = "14";
-    const SQLITE_READONLY: &str = "8";
+    // Primary result codes: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
+    const TRANSIENT: [i64; 6] = [5, 6, 8, 10, 13, 14];
     let transient = match &error {
-        sqlx::Error::Database(db) => {
-            let primary = db.code().map(|c| {
-                let code: i64 = c.parse().unwrap_or(-1);
-                (code & 0xff).to_string()
-            });
-            matches!(
-                primary.as_deref(),
-                Some(
-                    SQLITE_BUSY
-                        | SQLITE_LOCKED
-                        | SQLITE_IOERR
-                        | SQLITE_FULL
-                        | SQLITE_CANTOPEN
-                        | SQLITE_READONLY
-                )
-            )
-        }
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        _ => false,
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|code| code.parse::<i64>().ok())
+            .is_some_and(|code| TRANSIENT.contains(&(code & 0xff))),
+        other => super::is_connection_error(other),
     };
     if transient {
         StoreError::Unavailable(format!("{path}: {error}"))
     } else {
         StoreError::Database(format!("{path}: {error}"))
     }
-}
-
-fn claimed_from_row(row: &SqliteRow, token: &str) -> Result<ClaimedJob, sqlx::Error> {
-    let id: JobId = row.try_get("id")?;
-    Ok(ClaimedJob {
-        id,
-        queue: row.try_get("queue")?,
-        code: row.try_get("code")?,
-        payload: row.try_get("payload")?,
-        attempts: row.try_get("attempts")?,
-        lease: Lease {
-            job_id: id,
-            token: token.to_string(),
-            lease: row.try_get("lease")?,
-        },
-    })
-}
-
-fn record_from_row(row: &SqliteRow) -> Result<JobRecord, sqlx::Error> {
-    let status: String = row.try_get("status")?;
-    let output: Option<String> = row.try_get("output")?;
-    let timestamp = |name: &str| -> Result<Option<Timestamp>, sqlx::Error> {
-        Ok(row.try_get::<Option<i64>, _>(name)?.map(Timestamp))
-    };
-    Ok(JobRecord {
-        id: row.try_get("id")?,
-        queue: row.try_get("queue")?,
-        code: row.try_get("code")?,
-        payload: row.try_get("payload")?,
-        status: JobStatus::parse(&status)
-            .ok_or_else(|| sqlx::Error::Decode(format!("unknown job status {status:?}").into()))?,
-        attempts: row.try_get("attempts")?,
-        created_at: Timestamp(row.try_get("created_at")?),
-        available_at: Timestamp(row.try_get("available_at")?),
-        claimed_at: timestamp("claimed_at")?,
-        started_at: timestamp("started_at")?,
-        finished_at: timestamp("finished_at")?,
-        worker_host: row.try_get("worker_host")?,
-        worker_instance: row.try_get("worker_instance")?,
-        worker_pid: row.try_get("worker_pid")?,
-        exit_code: row.try_get("exit_code")?,
-        exit_signal: row.try_get("exit_signal")?,
-        reason: row.try_get("reason")?,
-        output: output
-            .filter(|text| !text.is_empty())
-            .map(|text| text.lines().map(str::to_owned).collect())
-            .unwrap_or_default(),
-    })
 }

@@ -17,15 +17,16 @@ backend_tests!(
     stop_generation_counts_requests,
     migrate_twice_is_harmless,
     retry_resets_a_failed_job,
+    rescue_takes_back_only_lost_workers_jobs_once,
+    prune_removes_only_old_finished_jobs,
+    release_requeues_while_attempts_remain,
 );
 
 fn job(queue: &str, code: &str, at: Timestamp) -> NewJob {
     NewJob {
-        queue: queue.into(),
-        code: code.into(),
-        payload: "{}".into(),
         created_at: at,
         available_at: at,
+        ..new_job(queue, code, "{}")
     }
 }
 
@@ -297,5 +298,177 @@ fn retry_resets_a_failed_job(backend: Backend) {
             store.retry(999, Timestamp::now()).await.unwrap(),
             ChangeOutcome::NotFound
         );
+    });
+}
+
+fn rescue_takes_back_only_lost_workers_jobs_once(backend: Backend) {
+    use std::time::Duration;
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let (lost, alive) = (worker("lost"), worker("alive"));
+        store.register_worker(&lost, &queues()).await.unwrap();
+        store.register_worker(&alive, &queues()).await.unwrap();
+        let once = store.push(&new_job("ui_job", "a", "{}")).await.unwrap();
+        let twice = store
+            .push(&NewJob {
+                max_attempts: 2,
+                ..new_job("ui_job", "b", "{}")
+            })
+            .await
+            .unwrap();
+        let kept = store.push(&new_job("ui_job", "c", "{}")).await.unwrap();
+        let first = store
+            .claim(&queues(), &lost, Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        let second = store
+            .claim(&queues(), &lost, Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        let third = store
+            .claim(&queues(), &alive, Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((first.id, second.id, third.id), (once, twice, kept));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(store.heartbeat(&alive, Some(kept)).await.unwrap());
+        let mut rescued = store
+            .rescue_orphans(Duration::from_millis(400), Timestamp::now())
+            .await
+            .unwrap();
+        rescued.sort_by_key(|r| r.id);
+        let summary: Vec<(i64, bool)> = rescued.iter().map(|r| (r.id, r.requeued)).collect();
+        assert_eq!(summary, [(once, false), (twice, true)]);
+        assert!(rescued[0].lost_worker.starts_with("test-host/lost/"));
+        let again = store
+            .rescue_orphans(Duration::from_millis(400), Timestamp::now())
+            .await
+            .unwrap();
+        assert!(again.is_empty(), "a rescue happens once");
+        let failed = store.get_job(once).await.unwrap().unwrap();
+        assert_eq!(
+            (failed.status, failed.reason.as_deref()),
+            (JobStatus::Failed, Some("worker lost"))
+        );
+        assert_eq!(
+            store.get_job(twice).await.unwrap().unwrap().status,
+            JobStatus::Waiting
+        );
+        assert_eq!(
+            store.get_job(kept).await.unwrap().unwrap().status,
+            JobStatus::Running
+        );
+        assert!(
+            !store
+                .complete(&first.lease, &done(JobResult::Succeeded))
+                .await
+                .unwrap()
+        );
+        let hosts: Vec<Option<String>> = store
+            .list_workers()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| w.instance)
+            .collect();
+        assert_eq!(
+            hosts,
+            [Some("alive".to_string())],
+            "the lost worker's row is gone"
+        );
+        assert!(
+            !store.heartbeat(&lost, None).await.unwrap(),
+            "a lost worker learns it"
+        );
+        let rerun = store
+            .claim(&queues(), &alive, Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((rerun.id, rerun.attempts), (twice, 2));
+    });
+}
+
+fn prune_removes_only_old_finished_jobs(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let finished = store.push(&new_job("ui_job", "a", "{}")).await.unwrap();
+        let waiting = store
+            .push(&new_job("import_export_job", "b", "{}"))
+            .await
+            .unwrap();
+        let claimed = store
+            .claim(&queues(), &worker("1"), Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .complete(&claimed.lease, &done(JobResult::Succeeded))
+            .await
+            .unwrap();
+        let long_ago = Timestamp(Timestamp::now().0 - 3_600_000_000);
+        assert_eq!(store.prune_finished(long_ago).await.unwrap(), 0);
+        let soon = Timestamp::now().plus(std::time::Duration::from_secs(1));
+        assert_eq!(store.prune_finished(soon).await.unwrap(), 1);
+        assert!(store.get_job(finished).await.unwrap().is_none());
+        assert!(store.get_job(waiting).await.unwrap().is_some());
+    });
+}
+
+fn release_requeues_while_attempts_remain(backend: Backend) {
+    use pim_job_queue::store::Release;
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let me = worker("1");
+        let id = store
+            .push(&NewJob {
+                max_attempts: 2,
+                ..new_job("ui_job", "a", "{}")
+            })
+            .await
+            .unwrap();
+        let first = store
+            .claim(&queues(), &me, Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        let now = Timestamp::now();
+        assert_eq!(
+            store
+                .release(&first.lease, "interrupted", now)
+                .await
+                .unwrap(),
+            Release::Requeued
+        );
+        assert_eq!(
+            store
+                .release(&first.lease, "interrupted", now)
+                .await
+                .unwrap(),
+            Release::NotHeld
+        );
+        let waiting = store.get_job(id).await.unwrap().unwrap();
+        assert_eq!(waiting.status, JobStatus::Waiting);
+        assert_eq!(waiting.reason.as_deref(), Some("interrupted (requeued)"));
+        let second = store
+            .claim(&queues(), &me, Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store
+                .release(&second.lease, "interrupted", now)
+                .await
+                .unwrap(),
+            Release::Failed
+        );
+        let failed = store.get_job(id).await.unwrap().unwrap();
+        assert_eq!((failed.status, failed.attempts), (JobStatus::Failed, 2));
     });
 }

@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use pim_job_queue::store::{NewJob, Timestamp};
 
 use crate::backend_tests;
 use crate::support::*;
@@ -317,15 +316,8 @@ fn malformed_rows_fail_alone(backend: Backend) {
     block_on(async {
         let store = scratch.store().await;
         for payload in ["not json", "[1,2]", "{\"file\": null}"] {
-            let now = Timestamp::now();
             store
-                .push(&NewJob {
-                    queue: "ui_job".into(),
-                    code: "needs_file".into(),
-                    payload: payload.into(),
-                    created_at: now,
-                    available_at: now,
-                })
+                .push(&new_job("ui_job", "needs_file", payload))
                 .await
                 .unwrap();
         }
@@ -391,15 +383,8 @@ fn four_workers_run_2000_jobs_exactly_once(backend: Backend) {
     block_on(async {
         let store = scratch.store().await;
         for n in 0..JOBS {
-            let now = Timestamp::now();
             store
-                .push(&NewJob {
-                    queue: queues[n % 3].into(),
-                    code: "mark".into(),
-                    payload: "{}".into(),
-                    created_at: now,
-                    available_at: now,
-                })
+                .push(&new_job(queues[n % 3], "mark", "{}"))
                 .await
                 .unwrap();
         }

@@ -3,8 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -16,29 +19,146 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_pim-job-queue");
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
+    Postgres,
+    Mariadb,
 }
 
+static DATABASE_COUNTER: AtomicU32 = AtomicU32::new(0);
+
 impl Backend {
-    /// A fresh, empty database for one test.
-    pub fn fresh_url(self, dir: &Path) -> String {
+    /// The server URL (without a database) that tests create their databases on.
+    fn server_url(self) -> Option<String> {
         match self {
-            Backend::Sqlite => format!("sqlite://{}/jobs.sqlite", dir.display()),
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(
+                std::env::var("PJQ_TEST_POSTGRES_URL")
+                    .unwrap_or_else(|_| "postgres://pjq_test:pjq_test@127.0.0.1:5432".into()),
+            ),
+            Backend::Mariadb => Some(
+                std::env::var("PJQ_TEST_MARIADB_URL")
+                    .unwrap_or_else(|_| "mysql://pjq_test:pjq_test@127.0.0.1:3306".into()),
+            ),
+        }
+    }
+
+    /// A fresh, empty database for one test; returns its URL and, for servers, its name.
+    fn fresh_database(self, dir: &Path) -> (String, Option<String>) {
+        let Some(server) = self.server_url() else {
+            return (format!("sqlite://{}/jobs.sqlite", dir.display()), None);
+        };
+        let name = format!(
+            "pjq_t{}_{}",
+            std::process::id(),
+            DATABASE_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = self.admin_url(&server);
+        block_on(async {
+            let mut conn = connect_any(&admin)
+                .await
+                .unwrap_or_else(|error| panic!("cannot reach {self:?} at {admin}: {error}"));
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        });
+        (format!("{server}/{name}"), Some(name))
+    }
+
+    /// The URL of a database that always exists, for creating and dropping test databases.
+    fn admin_url(self, server: &str) -> String {
+        match self {
+            Backend::Postgres => format!("{server}/postgres"),
+            _ => server.to_string(),
+        }
+    }
+
+    fn drop_database(self, name: &str) {
+        let Some(server) = self.server_url() else {
+            return;
+        };
+        let admin = self.admin_url(&server);
+        let statement = match self {
+            Backend::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            _ => format!("DROP DATABASE IF EXISTS {name}"),
+        };
+        block_on(async {
+            if let Ok(mut conn) = connect_any(&admin).await {
+                let _ = sqlx::query(&statement).execute(&mut conn).await;
+            }
+        });
+    }
+
+    /// Whether the server answers. Without it a test fails under CI (`CI=true`) and is
+    /// skipped, loudly, elsewhere.
+    pub fn available(self) -> bool {
+        static POSTGRES: OnceLock<Result<(), String>> = OnceLock::new();
+        static MARIADB: OnceLock<Result<(), String>> = OnceLock::new();
+        let cell = match self {
+            Backend::Sqlite => return true,
+            Backend::Postgres => &POSTGRES,
+            Backend::Mariadb => &MARIADB,
+        };
+        let probe = cell.get_or_init(|| {
+            let server = self.server_url().expect("a server backend");
+            let admin = self.admin_url(&server);
+            block_on(async { connect_any(&admin).await.map(drop) })
+                .map_err(|error| format!("{self:?} at {admin}: {error}"))
+        });
+        match probe {
+            Ok(()) => true,
+            Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("CI requires every backend, but cannot reach {why}")
+            }
+            Err(why) => {
+                eprintln!(
+                    "\n!!! SKIPPED: cannot reach {why}; run scripts/test.sh to set it up !!!\n"
+                );
+                false
+            }
         }
     }
 }
 
-/// A scratch installation: config file, instance dir, database.
+/// A single connection to any of the server backends, by URL scheme.
+async fn connect_any(url: &str) -> Result<sqlx::AnyConnection, sqlx::Error> {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    sqlx::AnyConnection::connect(url).await
+}
+
+/// Runs `test` on `backend` if the backend is available (see [`Backend::available`]).
+pub fn run_on(backend: Backend, test: fn(Backend)) {
+    if backend.available() {
+        test(backend);
+    }
+}
+
+/// A scratch installation: config file, instance dir, database (dropped at the end).
 pub struct Scratch {
     pub dir: TempDir,
     pub url: String,
     pub backend: Backend,
+    database: Option<String>,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(name) = &self.database {
+            self.backend.drop_database(name);
+        }
+    }
 }
 
 impl Scratch {
     pub fn new(backend: Backend) -> Scratch {
         let dir = tempfile::Builder::new().prefix("pjq-it").tempdir().unwrap();
-        let url = backend.fresh_url(dir.path());
-        let scratch = Scratch { dir, url, backend };
+        let (url, database) = backend.fresh_database(dir.path());
+        let scratch = Scratch {
+            dir,
+            url,
+            backend,
+            database,
+        };
         scratch.write_config("");
         scratch
     }
@@ -58,6 +178,7 @@ impl Scratch {
         let text = format!(
             r#"database_url = "{url}"
 instance_dir = "{dir}"
+wake_dir = "{dir}/wake"
 poll_interval = "50ms"
 {extra}
 [job]
@@ -222,13 +343,109 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
 #[macro_export]
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
-        mod sqlite {
+        $crate::backend_tests!(@backend sqlite, Sqlite, $($name),*);
+        $crate::backend_tests!(@backend postgres, Postgres, $($name),*);
+        $crate::backend_tests!(@backend mariadb, Mariadb, $($name),*);
+    };
+    (@backend $module:ident, $variant:ident, $($name:ident),*) => {
+        mod $module {
             $(
                 #[test]
                 fn $name() {
-                    super::$name($crate::support::Backend::Sqlite);
+                    $crate::support::run_on($crate::support::Backend::$variant, super::$name);
                 }
             )*
         }
     };
+}
+
+/// Like [`backend_tests!`], for the server backends only.
+#[macro_export]
+macro_rules! shared_backend_tests {
+    ($($name:ident),* $(,)?) => {
+        $crate::backend_tests!(@backend postgres, Postgres, $($name),*);
+        $crate::backend_tests!(@backend mariadb, Mariadb, $($name),*);
+    };
+}
+
+/// A job for the library-level tests and for seeding.
+pub fn new_job(queue: &str, code: &str, payload: &str) -> pim_job_queue::store::NewJob {
+    let now = pim_job_queue::store::Timestamp::now();
+    pim_job_queue::store::NewJob {
+        queue: queue.into(),
+        code: code.into(),
+        payload: payload.into(),
+        created_at: now,
+        available_at: now,
+        max_attempts: 1,
+    }
+}
+
+/// A TCP proxy in front of a database server, so a test can cut a worker off from its
+/// database (and restore it) without touching the server other tests share.
+pub struct CuttableProxy {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl CuttableProxy {
+    pub fn new(target_port: u16) -> CuttableProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (accept_cut, accept_live) = (cut.clone(), live.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if accept_cut.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
+                    continue;
+                };
+                let mut live = accept_live.lock().unwrap();
+                live.push(client.try_clone().unwrap());
+                live.push(server.try_clone().unwrap());
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        CuttableProxy { port, cut, live }
+    }
+
+    /// Drops every connection and refuses new ones until [`CuttableProxy::restore`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for stream in self.live.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// `url` with its port replaced by the proxy's.
+    pub fn url_for(&self, url: &str, server_port: u16) -> String {
+        url.replace(&format!(":{server_port}/"), &format!(":{}/", self.port))
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Both);
+    });
+}
+
+impl Backend {
+    pub fn server_port(self) -> u16 {
+        match self {
+            Backend::Sqlite => 0,
+            Backend::Postgres => 5432,
+            Backend::Mariadb => 3306,
+        }
+    }
 }

@@ -1,0 +1,287 @@
+//! Fleet membership: this worker's row in the database, its heartbeat, the rescue of other
+//! workers' orphaned jobs, the pruning of old finished jobs, and the fence.
+//!
+//! The rescue protocol, in one place:
+//! * every worker refreshes its heartbeat every `heartbeat_interval`, by the database's clock;
+//! * a running job whose worker's heartbeat is older than `rescue_after` is taken back by
+//!   whichever live worker notices first, in one guarded statement (so exactly once);
+//! * a worker only rescues after it has itself been in contact with the database for
+//!   `rescue_after`, so that after an outage every live worker has had time to refresh its
+//!   heartbeat before anyone judges it lost;
+//! * a worker that has not reached the database for two thirds of `rescue_after` stops its
+//!   running job itself (the fence), so a rescued job is never still running somewhere.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::store::{JobId, JobStore, StoreResult, Timestamp, WorkerIdentity};
+
+/// How often old finished jobs are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Copy)]
+pub struct FleetTimings {
+    pub heartbeat_interval: Duration,
+    pub rescue_after: Duration,
+    pub retention: Option<Duration>,
+}
+
+impl FleetTimings {
+    /// How long without contact before this worker stops its own running job.
+    pub fn fence_after(&self) -> Duration {
+        self.rescue_after * 2 / 3
+    }
+
+    /// How long the fenced job's process group gets between SIGTERM and SIGKILL: half the
+    /// time left before others may rescue it.
+    pub fn fence_grace(&self) -> Duration {
+        (self.rescue_after - self.fence_after()) / 2
+    }
+}
+
+/// What the heartbeat task knows about the database, shared with the consumer.
+#[derive(Debug)]
+pub struct Contact {
+    state: Mutex<ContactState>,
+}
+
+#[derive(Debug)]
+struct ContactState {
+    /// When the last successful heartbeat was *sent* (so never later than the database's
+    /// own record of it).
+    last_ok: Instant,
+    /// Since when heartbeats have been failing, if they are.
+    outage_since: Option<SystemTime>,
+    current_job: Option<JobId>,
+}
+
+impl Contact {
+    fn new() -> Contact {
+        Contact {
+            state: Mutex::new(ContactState {
+                last_ok: Instant::now(),
+                outage_since: None,
+                current_job: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ContactState> {
+        self.state.lock().expect("contact lock")
+    }
+
+    pub fn last_ok(&self) -> Instant {
+        self.lock().last_ok
+    }
+
+    pub fn outage_since(&self) -> Option<SystemTime> {
+        self.lock().outage_since
+    }
+
+    pub fn set_current_job(&self, job: Option<JobId>) {
+        self.lock().current_job = job;
+    }
+
+    fn current_job(&self) -> Option<JobId> {
+        self.lock().current_job
+    }
+
+    /// Records a successful heartbeat; returns how long the outage it ends lasted.
+    fn record_ok(&self, sent: Instant) -> Option<SystemTime> {
+        let mut state = self.lock();
+        state.last_ok = sent;
+        state.outage_since.take()
+    }
+
+    /// Records a failed heartbeat; returns since when the database has been unavailable.
+    fn record_failure(&self) -> SystemTime {
+        *self.lock().outage_since.get_or_insert_with(SystemTime::now)
+    }
+
+    /// Resolves once no heartbeat has succeeded for `limit`.
+    pub async fn lost_for(&self, limit: Duration) {
+        loop {
+            let last = self.last_ok();
+            tokio::time::sleep_until((last + limit).into()).await;
+            if self.last_ok() == last {
+                return;
+            }
+        }
+    }
+}
+
+/// This worker's membership in the fleet; the heartbeat task runs until [`Membership::leave`].
+pub struct Membership {
+    store: Arc<dyn JobStore>,
+    worker: WorkerIdentity,
+    contact: Arc<Contact>,
+    task: JoinHandle<()>,
+}
+
+impl Membership {
+    /// Registers the worker and starts its heartbeat.
+    pub async fn join(
+        store: Arc<dyn JobStore>,
+        worker: WorkerIdentity,
+        queues: Vec<String>,
+        timings: FleetTimings,
+    ) -> StoreResult<Membership> {
+        store.register_worker(&worker, &queues).await?;
+        let contact = Arc::new(Contact::new());
+        let heartbeat = Heartbeat {
+            store: store.clone(),
+            worker: worker.clone(),
+            queues,
+            timings,
+            contact: contact.clone(),
+        };
+        let task = tokio::spawn(heartbeat.run());
+        Ok(Membership {
+            store,
+            worker,
+            contact,
+            task,
+        })
+    }
+
+    pub fn contact(&self) -> Arc<Contact> {
+        self.contact.clone()
+    }
+
+    /// Stops the heartbeat and removes the worker's row (best effort: a row left behind is
+    /// cleaned up by the next rescue).
+    pub async fn leave(self) {
+        self.task.abort();
+        if let Err(error) = self.store.unregister_worker(&self.worker).await {
+            warn!("could not remove this worker's registration: {error}");
+        }
+    }
+}
+
+struct Heartbeat {
+    store: Arc<dyn JobStore>,
+    worker: WorkerIdentity,
+    queues: Vec<String>,
+    timings: FleetTimings,
+    contact: Arc<Contact>,
+}
+
+impl Heartbeat {
+    async fn run(self) {
+        let mut ticks = tokio::time::interval(self.timings.heartbeat_interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut connected_since = Instant::now();
+        let mut last_prune: Option<Instant> = None;
+        let mut failures = 0u32;
+        loop {
+            ticks.tick().await;
+            let sent = Instant::now();
+            match self.beat().await {
+                Ok(()) => {
+                    if let Some(since) = self.contact.record_ok(sent) {
+                        info!(
+                            "database reachable again (unavailable since {})",
+                            clock(since)
+                        );
+                        connected_since = sent;
+                    }
+                    failures = 0;
+                    if connected_since.elapsed() >= self.timings.rescue_after {
+                        self.rescue().await;
+                    }
+                    if last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                        last_prune = Some(Instant::now());
+                        self.prune().await;
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    let since = self.contact.record_failure();
+                    warn!(
+                        attempt = failures,
+                        "database unavailable since {}, retrying (attempt {failures}): {error}",
+                        clock(since)
+                    );
+                }
+            }
+        }
+    }
+
+    async fn beat(&self) -> StoreResult<()> {
+        let current = self.contact.current_job();
+        if !self.store.heartbeat(&self.worker, current).await? {
+            warn!("this worker's registration was gone (declared lost?): registering again");
+            self.store
+                .register_worker(&self.worker, &self.queues)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn rescue(&self) {
+        match self
+            .store
+            .rescue_orphans(self.timings.rescue_after, Timestamp::now())
+            .await
+        {
+            Ok(rescued) => {
+                for job in rescued {
+                    let what = if job.requeued {
+                        "requeued"
+                    } else {
+                        "marked failed (worker lost)"
+                    };
+                    warn!(
+                        rescued_job = job.id,
+                        "rescued job {} from lost worker {}: {what}", job.id, job.lost_worker
+                    );
+                }
+            }
+            Err(error) => warn!("could not look for orphaned jobs: {error}"),
+        }
+    }
+
+    async fn prune(&self) {
+        let Some(retention) = self.timings.retention else {
+            return;
+        };
+        let before = Timestamp(Timestamp::now().0 - retention.as_micros() as i64);
+        match self.store.prune_finished(before).await {
+            Ok(0) => {}
+            Ok(pruned) => info!("pruned {pruned} finished job(s) older than the retention"),
+            Err(error) => warn!("could not prune finished jobs: {error}"),
+        }
+    }
+}
+
+/// A wall-clock time as `HH:MM:SS` UTC, for "unavailable since" messages.
+pub fn clock(time: SystemTime) -> String {
+    let text = humantime::format_rfc3339_seconds(time).to_string();
+    text.get(11..19).unwrap_or(&text).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fence_comes_well_before_the_rescue() {
+        let timings = FleetTimings {
+            heartbeat_interval: Duration::from_secs(5),
+            rescue_after: Duration::from_secs(30),
+            retention: None,
+        };
+        assert_eq!(timings.fence_after(), Duration::from_secs(20));
+        assert_eq!(timings.fence_grace(), Duration::from_secs(5));
+        assert!(timings.fence_after() + timings.fence_grace() < timings.rescue_after);
+    }
+
+    #[test]
+    fn clock_shows_hours_minutes_seconds() {
+        let time = SystemTime::UNIX_EPOCH + Duration::from_secs(3600 + 62);
+        assert_eq!(clock(time), "01:01:02");
+    }
+}

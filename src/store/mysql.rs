@@ -1,0 +1,701 @@
+//! The MariaDB (10.6+) / MySQL (8.0+) backend, for installations that keep jobs in the PIM's
+//! own database server, shared by many hosts.
+//!
+//! A claim is a short transaction: the oldest due row of a queue is locked with
+//! `FOR UPDATE SKIP LOCKED` and updated. Sessions run at READ COMMITTED so the claim locks
+//! only the row it takes (no gap locks), and the rare deadlock or lock-wait timeout is
+//! retried here instead of surfacing. MySQL 8 has no `UPDATE … RETURNING`, so rows are read
+//! back inside the same transaction.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::{ConnectOptions, Executor, Row};
+
+use super::rows::{self, JOB_RECORD_COLUMNS};
+use super::{
+    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus, JobStore, Lease,
+    NewJob, QueueCounts, Release, RescuedJob, SchemaVersion, StoreError, StoreResult, Timestamp,
+    WORKER_LOST, WorkerIdentity, WorkerRecord, redact_url,
+};
+
+const PRUNE_BATCH: i64 = 5000;
+/// The database's clock in microseconds since the epoch; sessions run at time zone +00:00,
+/// so `NOW(6)` is UTC and the conversion is exact.
+const DB_NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)";
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a claim is retried after a deadlock or lock-wait timeout before giving up.
+const LOCK_RETRIES: u32 = 10;
+/// Deadlock found; lock wait timeout exceeded.
+const LOCK_CONFLICT_CODES: [&str; 2] = ["1213", "1205"];
+
+const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE IF NOT EXISTS pjq_jobs (
+            id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            queue VARCHAR(64) NOT NULL,
+            code VARCHAR(255) NOT NULL,
+            payload LONGTEXT NOT NULL,
+            status VARCHAR(16) NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            max_attempts BIGINT NOT NULL DEFAULT 1,
+            lease BIGINT NOT NULL DEFAULT 0,
+            created_at BIGINT NOT NULL,
+            available_at BIGINT NOT NULL,
+            claimed_at BIGINT NULL,
+            started_at BIGINT NULL,
+            finished_at BIGINT NULL,
+            worker_token VARCHAR(64) NULL,
+            worker_host VARCHAR(255) NULL,
+            worker_instance VARCHAR(64) NULL,
+            worker_pid BIGINT NULL,
+            exit_code BIGINT NULL,
+            exit_signal BIGINT NULL,
+            reason TEXT NULL,
+            output MEDIUMTEXT NULL,
+            KEY pjq_jobs_claim (queue, status, available_at, id),
+            KEY pjq_jobs_status (status, queue),
+            KEY pjq_jobs_finished (finished_at)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+        "CREATE TABLE IF NOT EXISTS pjq_control (
+            name VARCHAR(64) NOT NULL PRIMARY KEY,
+            value BIGINT NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+        "INSERT IGNORE INTO pjq_control (name, value) VALUES ('stop_generation', 0)",
+        "CREATE TABLE IF NOT EXISTS pjq_workers (
+            token VARCHAR(64) NOT NULL PRIMARY KEY,
+            host VARCHAR(255) NOT NULL,
+            instance VARCHAR(64) NULL,
+            pid BIGINT NOT NULL,
+            queues TEXT NOT NULL,
+            started_at BIGINT NOT NULL,
+            heartbeat_at BIGINT NOT NULL,
+            current_job BIGINT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+    ],
+)];
+
+const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+pub struct MysqlStore {
+    pool: MySqlPool,
+    location: String,
+}
+
+impl MysqlStore {
+    /// Opens a `mysql://` or `mariadb://` URL (the latter as users write it for MariaDB).
+    pub async fn open(url: &str) -> StoreResult<MysqlStore> {
+        let location = redact_url(url);
+        let normalized = match url.strip_prefix("mariadb:") {
+            Some(rest) => format!("mysql:{rest}"),
+            None => url.to_string(),
+        };
+        let options = MySqlConnectOptions::from_str(&normalized)
+            .map_err(|error| StoreError::InvalidUrl(format!("{location}: {error}")))?
+            .timezone(Some("+00:00".to_string()))
+            .charset("utf8mb4")
+            .disable_statement_logging();
+        let pool = MySqlPoolOptions::new()
+            .max_connections(3)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|connection, _| {
+                Box::pin(async move {
+                    connection
+                        .execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                        .await
+                        .map(drop)
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(|error| classify(error, &location))?;
+        Ok(MysqlStore { pool, location })
+    }
+
+    fn error(&self, error: sqlx::Error) -> StoreError {
+        classify(error, &self.location)
+    }
+
+    /// Claims from one queue, retrying lock conflicts a few times.
+    async fn claim_from(
+        &self,
+        queue: &str,
+        worker: &WorkerIdentity,
+        now: Timestamp,
+    ) -> StoreResult<Option<ClaimedJob>> {
+        let mut attempt = 0;
+        loop {
+            match self.try_claim_from(queue, worker, now).await {
+                Err(error) if is_lock_conflict(&error) && attempt < LOCK_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(attempt, "claim hit a lock conflict, retrying: {error}");
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                }
+                other => return other.map_err(|e| self.error(e)),
+            }
+        }
+    }
+
+    async fn try_claim_from(
+        &self,
+        queue: &str,
+        worker: &WorkerIdentity,
+        now: Timestamp,
+    ) -> Result<Option<ClaimedJob>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM pjq_jobs
+             WHERE queue = ? AND status = 'waiting' AND available_at <= ?
+             ORDER BY available_at, id LIMIT 1
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(queue)
+        .bind(now.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(id) = id else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        sqlx::query(
+            "UPDATE pjq_jobs SET status = 'running', lease = lease + 1, attempts = attempts + 1,
+                claimed_at = ?, started_at = NULL, finished_at = NULL, worker_token = ?,
+                worker_host = ?, worker_instance = ?, worker_pid = ?, exit_code = NULL,
+                exit_signal = NULL, reason = NULL, output = NULL
+             WHERE id = ?",
+        )
+        .bind(now.0)
+        .bind(&worker.token)
+        .bind(&worker.host)
+        .bind(&worker.instance)
+        .bind(worker.pid as i64)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(
+            "SELECT id, queue, code, payload, attempts, lease FROM pjq_jobs WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        // Decoded before the commit: should it ever fail, the claim is rolled back rather
+        // than leaving a job running that nobody runs.
+        let claimed = rows::claimed_job(&row, &worker.token)?;
+        tx.commit().await?;
+        Ok(Some(claimed))
+    }
+
+    async fn change_outcome(&self, id: JobId, rows: u64) -> StoreResult<ChangeOutcome> {
+        if rows > 0 {
+            return Ok(ChangeOutcome::Changed);
+        }
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM pjq_jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(match status.and_then(|s| JobStatus::parse(&s)) {
+            Some(status) => ChangeOutcome::WrongState(status),
+            None => ChangeOutcome::NotFound,
+        })
+    }
+
+    /// Requeues (attempts left) or fails a running job whose lease is still `lease` and
+    /// whose holder is as `holder` says; returns which, or `None` when the guard did not hold.
+    async fn take_back(
+        &self,
+        id: JobId,
+        lease: i64,
+        holder: Holder<'_>,
+        reason: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<bool>> {
+        let (holder_check, token) = match holder {
+            Holder::Token(token) => ("worker_token = ?".to_string(), Some(token)),
+            Holder::Lost { rescue_after } => (orphaned(rescue_after), None),
+        };
+        // MySQL evaluates SET assignments left to right: `status` is computed from columns
+        // that no earlier assignment changes.
+        let statement = format!(
+            "UPDATE pjq_jobs SET
+                status = CASE WHEN attempts < max_attempts THEN 'waiting' ELSE 'failed' END,
+                available_at = CASE WHEN attempts < max_attempts THEN ? ELSE available_at END,
+                finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE ? END,
+                reason = CASE WHEN attempts < max_attempts THEN CONCAT(?, ' (requeued)')
+                              ELSE ? END,
+                lease = lease + 1, worker_token = NULL
+             WHERE id = ? AND lease = ? AND status = 'running' AND {holder_check}"
+        );
+        let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+        let mut query = sqlx::query(&statement)
+            .bind(now.0)
+            .bind(now.0)
+            .bind(reason)
+            .bind(reason)
+            .bind(id)
+            .bind(lease);
+        if let Some(token) = token {
+            query = query.bind(token);
+        }
+        let result = query.execute(&mut *tx).await.map_err(|e| self.error(e))?;
+        if result.rows_affected() != 1 {
+            tx.rollback().await.map_err(|e| self.error(e))?;
+            return Ok(None);
+        }
+        let status: String = sqlx::query_scalar("SELECT status FROM pjq_jobs WHERE id = ?")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| self.error(e))?;
+        tx.commit().await.map_err(|e| self.error(e))?;
+        Ok(Some(status == "waiting"))
+    }
+}
+
+/// Who must hold a job for a take-back to apply.
+#[derive(Clone, Copy)]
+enum Holder<'a> {
+    Token(&'a str),
+    Lost { rescue_after: Duration },
+}
+
+fn orphaned(rescue_after: Duration) -> String {
+    let limit = rescue_after.as_micros() as i64;
+    format!(
+        "NOT EXISTS (SELECT 1 FROM pjq_workers w WHERE w.token = pjq_jobs.worker_token
+                     AND w.heartbeat_at > {DB_NOW} - {limit})"
+    )
+}
+
+#[async_trait]
+impl JobStore for MysqlStore {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    async fn migrate(&self) -> StoreResult<u32> {
+        // DDL commits implicitly in MySQL, so a named lock on one connection serializes
+        // concurrent starters instead of a transaction; every statement is idempotent in
+        // case a run was cut off half way.
+        let mut conn = self.pool.acquire().await.map_err(|e| self.error(e))?;
+        let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('pjq_migrate', 60)")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| self.error(e))?;
+        if locked != Some(1) {
+            return Err(StoreError::Unavailable(format!(
+                "{}: another process holds the migration lock",
+                self.location
+            )));
+        }
+        let outcome = async {
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS pjq_schema_migrations (
+                    version BIGINT NOT NULL PRIMARY KEY,
+                    applied_at BIGINT NOT NULL
+                ) ENGINE=InnoDB",
+            )
+            .execute(&mut *conn)
+            .await?;
+            let found: i64 = sqlx::query_scalar(
+                "SELECT CAST(COALESCE(MAX(version), 0) AS SIGNED) FROM pjq_schema_migrations",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            if found > LATEST_VERSION {
+                return Ok(Err(found));
+            }
+            let mut applied = 0;
+            for &(version, statements) in MIGRATIONS {
+                if version <= found {
+                    continue;
+                }
+                for statement in statements {
+                    sqlx::query(statement).execute(&mut *conn).await?;
+                }
+                sqlx::query(
+                    "INSERT INTO pjq_schema_migrations (version, applied_at) VALUES (?, ?)",
+                )
+                .bind(version)
+                .bind(Timestamp::now().0)
+                .execute(&mut *conn)
+                .await?;
+                applied += 1;
+            }
+            Ok::<_, sqlx::Error>(Ok(applied))
+        }
+        .await;
+        let _ = sqlx::query("SELECT RELEASE_LOCK('pjq_migrate')")
+            .execute(&mut *conn)
+            .await;
+        match outcome.map_err(|e| self.error(e))? {
+            Ok(applied) => Ok(applied),
+            Err(found) => Err(StoreError::SchemaTooNew {
+                found,
+                latest: LATEST_VERSION,
+            }),
+        }
+    }
+
+    async fn schema_version(&self) -> StoreResult<SchemaVersion> {
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables
+             WHERE table_schema = DATABASE() AND table_name = 'pjq_schema_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        let found = if tables > 0 {
+            sqlx::query_scalar(
+                "SELECT CAST(COALESCE(MAX(version), 0) AS SIGNED) FROM pjq_schema_migrations",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?
+        } else {
+            0
+        };
+        Ok(SchemaVersion {
+            found,
+            latest: LATEST_VERSION,
+        })
+    }
+
+    async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
+        let result = sqlx::query(
+            "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
+                max_attempts)
+             VALUES (?, ?, ?, 'waiting', ?, ?, ?)",
+        )
+        .bind(&job.queue)
+        .bind(&job.code)
+        .bind(&job.payload)
+        .bind(job.created_at.0)
+        .bind(job.available_at.0)
+        .bind(job.max_attempts as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(result.last_insert_id() as JobId)
+    }
+
+    async fn claim(
+        &self,
+        queues: &[String],
+        worker: &WorkerIdentity,
+        now: Timestamp,
+    ) -> StoreResult<Option<ClaimedJob>> {
+        for queue in queues {
+            if let Some(job) = self.claim_from(queue, worker, now).await? {
+                return Ok(Some(job));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn mark_started(&self, lease: &Lease, now: Timestamp) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE pjq_jobs SET started_at = ?
+             WHERE id = ? AND worker_token = ? AND lease = ? AND status = 'running'",
+        )
+        .bind(now.0)
+        .bind(lease.job_id)
+        .bind(&lease.token)
+        .bind(lease.lease)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool> {
+        let (status, exit_code, signal, reason) = super::completion_columns(&completion.result);
+        let result = sqlx::query(
+            "UPDATE pjq_jobs SET status = ?, finished_at = ?, exit_code = ?, exit_signal = ?,
+                reason = ?, output = ?
+             WHERE id = ? AND worker_token = ? AND lease = ? AND status = 'running'",
+        )
+        .bind(status.as_str())
+        .bind(completion.finished_at.0)
+        .bind(exit_code)
+        .bind(signal)
+        .bind(reason)
+        .bind(completion.output.join("\n"))
+        .bind(lease.job_id)
+        .bind(&lease.token)
+        .bind(lease.lease)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn stop_generation(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT value FROM pjq_control WHERE name = 'stop_generation'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn request_stop(&self) -> StoreResult<i64> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+        sqlx::query("UPDATE pjq_control SET value = value + 1 WHERE name = 'stop_generation'")
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error(e))?;
+        let value =
+            sqlx::query_scalar("SELECT value FROM pjq_control WHERE name = 'stop_generation'")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| self.error(e))?;
+        tx.commit().await.map_err(|e| self.error(e))?;
+        Ok(value)
+    }
+
+    async fn queue_counts(&self, now: Timestamp) -> StoreResult<Vec<QueueCounts>> {
+        let rows = sqlx::query(
+            "SELECT queue, status, COUNT(*) AS n,
+                    CAST(SUM(CASE WHEN available_at > ? THEN 1 ELSE 0 END) AS SIGNED) AS later
+             FROM pjq_jobs GROUP BY queue, status ORDER BY queue",
+        )
+        .bind(now.0)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        let mut counts = Vec::new();
+        for row in rows {
+            super::add_count(
+                &mut counts,
+                row.get("queue"),
+                row.get::<String, _>("status").as_str(),
+                row.get("n"),
+                row.get("later"),
+            );
+        }
+        Ok(counts)
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        let status = filter.status.map(JobStatus::as_str);
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs
+             WHERE (? IS NULL OR queue = ?) AND (? IS NULL OR status = ?)
+             ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(&filter.queue)
+        .bind(&filter.queue)
+        .bind(status)
+        .bind(status)
+        .bind(filter.limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        rows.iter()
+            .map(rows::job_record)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.error(e))
+    }
+
+    async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        row.as_ref()
+            .map(rows::job_record)
+            .transpose()
+            .map_err(|e| self.error(e))
+    }
+
+    async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
+        let result = sqlx::query(
+            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = ?,
+                finished_at = NULL
+             WHERE id = ? AND status IN ('failed', 'cancelled')",
+        )
+        .bind(now.0)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        self.change_outcome(id, result.rows_affected()).await
+    }
+
+    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
+        let result = sqlx::query(
+            "UPDATE pjq_jobs SET status = 'cancelled', finished_at = ?,
+                reason = 'cancelled by operator'
+             WHERE id = ? AND status = 'waiting'",
+        )
+        .bind(now.0)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        self.change_outcome(id, result.rows_affected()).await
+    }
+
+    async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release> {
+        let outcome = self
+            .take_back(
+                lease.job_id,
+                lease.lease,
+                Holder::Token(&lease.token),
+                reason,
+                now,
+            )
+            .await?;
+        Ok(super::release_of(outcome))
+    }
+
+    async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "INSERT INTO pjq_workers
+                (token, host, instance, pid, queues, started_at, heartbeat_at, current_job)
+             VALUES (?, ?, ?, ?, ?, ?, {DB_NOW}, NULL)
+             ON DUPLICATE KEY UPDATE heartbeat_at = VALUES(heartbeat_at), queues = VALUES(queues)"
+        ))
+        .bind(&worker.token)
+        .bind(&worker.host)
+        .bind(&worker.instance)
+        .bind(worker.pid as i64)
+        .bind(queues.join(","))
+        .bind(Timestamp::now().0)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    async fn heartbeat(
+        &self,
+        worker: &WorkerIdentity,
+        current_job: Option<JobId>,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(&format!(
+            "UPDATE pjq_workers SET heartbeat_at = {DB_NOW}, current_job = ? WHERE token = ?"
+        ))
+        .bind(current_job)
+        .bind(&worker.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn unregister_worker(&self, worker: &WorkerIdentity) -> StoreResult<()> {
+        sqlx::query("DELETE FROM pjq_workers WHERE token = ?")
+            .bind(&worker.token)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT host, instance, pid, queues, started_at, current_job,
+                    CAST({DB_NOW} - heartbeat_at AS SIGNED) AS age
+             FROM pjq_workers ORDER BY host, instance, pid"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        rows.iter()
+            .map(rows::worker_record)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.error(e))
+    }
+
+    async fn rescue_orphans(
+        &self,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Vec<RescuedJob>> {
+        let candidates = sqlx::query(&format!(
+            "SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
+             WHERE status = 'running' AND {}",
+            orphaned(rescue_after)
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        let mut rescued = Vec::new();
+        for row in candidates {
+            let id: i64 = row.get("id");
+            let lost_worker = rows::worker_of_job(&row).map_err(|e| self.error(e))?;
+            let lost = Holder::Lost { rescue_after };
+            if let Some(requeued) = self
+                .take_back(id, row.get("lease"), lost, WORKER_LOST, now)
+                .await?
+            {
+                rescued.push(RescuedJob {
+                    id,
+                    requeued,
+                    lost_worker,
+                });
+            }
+        }
+        let limit = rescue_after.as_micros() as i64;
+        sqlx::query(&format!(
+            "DELETE FROM pjq_workers WHERE heartbeat_at <= {DB_NOW} - {limit}
+               AND NOT EXISTS (SELECT 1 FROM pjq_jobs j
+                               WHERE j.status = 'running' AND j.worker_token = pjq_workers.token)"
+        ))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(rescued)
+    }
+
+    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64> {
+        let mut total = 0;
+        loop {
+            let result = sqlx::query(
+                "DELETE FROM pjq_jobs
+                 WHERE finished_at < ? AND status IN ('succeeded', 'failed', 'cancelled')
+                 LIMIT ?",
+            )
+            .bind(before.0)
+            .bind(PRUNE_BATCH)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+            total += result.rows_affected();
+            if result.rows_affected() < PRUNE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+fn is_lock_conflict(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.code().is_some_and(|code| LOCK_CONFLICT_CODES.contains(&code.as_ref())))
+}
+
+/// Sorts MySQL failures into "try again later" and "something is wrong".
+fn classify(error: sqlx::Error, location: &str) -> StoreError {
+    // Too many connections, server shutdown, lock wait timeout, deadlock, connection killed,
+    // server gone away, lost connection, read-only (failover in progress).
+    const TRANSIENT: [&str; 9] = [
+        "1040", "1053", "1205", "1213", "1927", "2006", "2013", "1290", "1836",
+    ];
+    let transient = match &error {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| TRANSIENT.contains(&code.as_ref())),
+        other => super::is_connection_error(other),
+    };
+    if transient {
+        StoreError::Unavailable(format!("{location}: {error}"))
+    } else {
+        StoreError::Database(format!("{location}: {error}"))
+    }
+}

@@ -1,0 +1,641 @@
+//! The PostgreSQL backend (15+), for a fleet of workers on many hosts sharing one database.
+//!
+//! A claim is one statement: the oldest due row of a queue is locked with `FOR UPDATE SKIP
+//! LOCKED`, so concurrent workers never wait on each other's rows and never deadlock, and is
+//! updated in the same statement. `push` sends a `NOTIFY` that idle workers `LISTEN` for.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Row};
+
+use super::rows::{self, JOB_RECORD_COLUMNS};
+use super::{
+    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus, JobStore, Lease,
+    NewJob, PushListener, QueueCounts, Release, RescuedJob, SchemaVersion, StoreError, StoreResult,
+    Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord, redact_url,
+};
+
+/// The channel `push` notifies and idle workers listen on.
+const CHANNEL: &str = "pjq_jobs";
+/// Serializes concurrent `migrate` runs (an arbitrary constant, "pjq" in ASCII).
+const MIGRATION_LOCK: i64 = 0x706a71;
+const PRUNE_BATCH: i64 = 5000;
+/// The database's clock in microseconds since the epoch, independent of the session time zone.
+const DB_NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint";
+/// How long to wait for a connection before reporting the database unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE pjq_jobs (
+            id BIGSERIAL PRIMARY KEY,
+            queue TEXT NOT NULL,
+            code TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            max_attempts BIGINT NOT NULL DEFAULT 1,
+            lease BIGINT NOT NULL DEFAULT 0,
+            created_at BIGINT NOT NULL,
+            available_at BIGINT NOT NULL,
+            claimed_at BIGINT,
+            started_at BIGINT,
+            finished_at BIGINT,
+            worker_token TEXT,
+            worker_host TEXT,
+            worker_instance TEXT,
+            worker_pid BIGINT,
+            exit_code BIGINT,
+            exit_signal BIGINT,
+            reason TEXT,
+            output TEXT
+        )",
+        "CREATE INDEX pjq_jobs_claim ON pjq_jobs (queue, available_at, id)
+            WHERE status = 'waiting'",
+        "CREATE INDEX pjq_jobs_status ON pjq_jobs (status, queue)",
+        "CREATE INDEX pjq_jobs_finished ON pjq_jobs (finished_at)
+            WHERE finished_at IS NOT NULL",
+        "CREATE TABLE pjq_control (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+        "INSERT INTO pjq_control (name, value) VALUES ('stop_generation', 0)",
+        "CREATE TABLE pjq_workers (
+            token TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            instance TEXT,
+            pid BIGINT NOT NULL,
+            queues TEXT NOT NULL,
+            started_at BIGINT NOT NULL,
+            heartbeat_at BIGINT NOT NULL,
+            current_job BIGINT
+        )",
+    ],
+)];
+
+const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+pub struct PostgresStore {
+    pool: PgPool,
+    location: String,
+}
+
+impl PostgresStore {
+    pub async fn open(url: &str) -> StoreResult<PostgresStore> {
+        let location = redact_url(url);
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|error| StoreError::InvalidUrl(format!("{location}: {error}")))?
+            .application_name("pim-job-queue")
+            .disable_statement_logging();
+        let pool = PgPoolOptions::new()
+            .max_connections(3)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|error| classify(error, &location))?;
+        Ok(PostgresStore { pool, location })
+    }
+
+    fn error(&self, error: sqlx::Error) -> StoreError {
+        classify(error, &self.location)
+    }
+
+    async fn claim_from(
+        &self,
+        queue: &str,
+        worker: &WorkerIdentity,
+        now: Timestamp,
+    ) -> StoreResult<Option<ClaimedJob>> {
+        let row = sqlx::query(
+            "WITH next AS (
+                SELECT id FROM pjq_jobs
+                WHERE queue = $6 AND status = 'waiting' AND available_at <= $1
+                ORDER BY available_at, id LIMIT 1
+                FOR UPDATE SKIP LOCKED)
+             UPDATE pjq_jobs j SET status = 'running', lease = j.lease + 1,
+                attempts = j.attempts + 1, claimed_at = $1, started_at = NULL,
+                finished_at = NULL, worker_token = $2, worker_host = $3, worker_instance = $4,
+                worker_pid = $5, exit_code = NULL, exit_signal = NULL, reason = NULL,
+                output = NULL
+             FROM next WHERE j.id = next.id
+             RETURNING j.id, j.queue, j.code, j.payload, j.attempts, j.lease",
+        )
+        .bind(now.0)
+        .bind(&worker.token)
+        .bind(&worker.host)
+        .bind(&worker.instance)
+        .bind(worker.pid as i64)
+        .bind(queue)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        row.map(|row| rows::claimed_job(&row, &worker.token))
+            .transpose()
+            .map_err(|e| self.error(e))
+    }
+
+    async fn change_outcome(&self, id: JobId, rows: u64) -> StoreResult<ChangeOutcome> {
+        if rows > 0 {
+            return Ok(ChangeOutcome::Changed);
+        }
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM pjq_jobs WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| self.error(e))?;
+        Ok(match status.and_then(|s| JobStatus::parse(&s)) {
+            Some(status) => ChangeOutcome::WrongState(status),
+            None => ChangeOutcome::NotFound,
+        })
+    }
+
+    /// Requeues (attempts left) or fails a running job whose lease is still `lease` and
+    /// whose holder is as `holder` says; returns which, or `None` when the guard did not hold.
+    async fn take_back(
+        &self,
+        id: JobId,
+        lease: i64,
+        holder: Holder<'_>,
+        reason: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<bool>> {
+        let (holder_check, token) = match holder {
+            Holder::Token(token) => ("worker_token = $5".to_string(), Some(token)),
+            Holder::Lost { rescue_after } => (orphaned(rescue_after), None),
+        };
+        let statement = format!(
+            "UPDATE pjq_jobs SET
+                status = CASE WHEN attempts < max_attempts THEN 'waiting' ELSE 'failed' END,
+                available_at = CASE WHEN attempts < max_attempts THEN $1 ELSE available_at END,
+                finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE $1 END,
+                reason = CASE WHEN attempts < max_attempts THEN $2 || ' (requeued)' ELSE $2 END,
+                lease = lease + 1, worker_token = NULL
+             WHERE id = $3 AND lease = $4 AND status = 'running' AND {holder_check}
+             RETURNING status"
+        );
+        let mut query = sqlx::query_scalar::<_, String>(&statement)
+            .bind(now.0)
+            .bind(reason)
+            .bind(id)
+            .bind(lease);
+        if let Some(token) = token {
+            query = query.bind(token);
+        }
+        let status = query
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(status.map(|s| s == "waiting"))
+    }
+}
+
+/// Who must hold a job for a take-back to apply.
+#[derive(Clone, Copy)]
+enum Holder<'a> {
+    Token(&'a str),
+    Lost { rescue_after: Duration },
+}
+
+fn orphaned(rescue_after: Duration) -> String {
+    let limit = rescue_after.as_micros() as i64;
+    format!(
+        "NOT EXISTS (SELECT 1 FROM pjq_workers w WHERE w.token = pjq_jobs.worker_token
+                     AND w.heartbeat_at > {DB_NOW} - {limit})"
+    )
+}
+
+#[async_trait]
+impl JobStore for PostgresStore {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    async fn migrate(&self) -> StoreResult<u32> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+        // Concurrent starters queue here; each step is applied once, atomically with its
+        // version row (PostgreSQL DDL is transactional).
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error(e))?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS pjq_schema_migrations (
+                version BIGINT PRIMARY KEY,
+                applied_at BIGINT NOT NULL
+            )",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.error(e))?;
+        let found: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM pjq_schema_migrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| self.error(e))?;
+        if found > LATEST_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found,
+                latest: LATEST_VERSION,
+            });
+        }
+        let mut applied = 0;
+        for &(version, statements) in MIGRATIONS {
+            if version <= found {
+                continue;
+            }
+            for statement in statements {
+                sqlx::query(statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
+            sqlx::query("INSERT INTO pjq_schema_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(version)
+                .bind(Timestamp::now().0)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.error(e))?;
+            applied += 1;
+        }
+        tx.commit().await.map_err(|e| self.error(e))?;
+        Ok(applied)
+    }
+
+    async fn schema_version(&self) -> StoreResult<SchemaVersion> {
+        let has_table: bool =
+            sqlx::query_scalar("SELECT to_regclass('pjq_schema_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| self.error(e))?;
+        let found = if has_table {
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM pjq_schema_migrations")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| self.error(e))?
+        } else {
+            0
+        };
+        Ok(SchemaVersion {
+            found,
+            latest: LATEST_VERSION,
+        })
+    }
+
+    async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
+        // The notification is delivered when the insert commits, never before.
+        sqlx::query_scalar(
+            "WITH inserted AS (
+                INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
+                    max_attempts)
+                VALUES ($1, $2, $3, 'waiting', $4, $5, $6) RETURNING id)
+             SELECT inserted.id FROM inserted, (SELECT pg_notify($7, $1)) AS notified",
+        )
+        .bind(&job.queue)
+        .bind(&job.code)
+        .bind(&job.payload)
+        .bind(job.created_at.0)
+        .bind(job.available_at.0)
+        .bind(job.max_attempts as i64)
+        .bind(CHANNEL)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.error(e))
+    }
+
+    async fn claim(
+        &self,
+        queues: &[String],
+        worker: &WorkerIdentity,
+        now: Timestamp,
+    ) -> StoreResult<Option<ClaimedJob>> {
+        for queue in queues {
+            if let Some(job) = self.claim_from(queue, worker, now).await? {
+                return Ok(Some(job));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn mark_started(&self, lease: &Lease, now: Timestamp) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE pjq_jobs SET started_at = $1
+             WHERE id = $2 AND worker_token = $3 AND lease = $4 AND status = 'running'",
+        )
+        .bind(now.0)
+        .bind(lease.job_id)
+        .bind(&lease.token)
+        .bind(lease.lease)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool> {
+        let (status, exit_code, signal, reason) = super::completion_columns(&completion.result);
+        let result = sqlx::query(
+            "UPDATE pjq_jobs SET status = $1, finished_at = $2, exit_code = $3,
+                exit_signal = $4, reason = $5, output = $6
+             WHERE id = $7 AND worker_token = $8 AND lease = $9 AND status = 'running'",
+        )
+        .bind(status.as_str())
+        .bind(completion.finished_at.0)
+        .bind(exit_code)
+        .bind(signal)
+        .bind(reason)
+        .bind(completion.output.join("\n"))
+        .bind(lease.job_id)
+        .bind(&lease.token)
+        .bind(lease.lease)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn stop_generation(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT value FROM pjq_control WHERE name = 'stop_generation'")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    async fn request_stop(&self) -> StoreResult<i64> {
+        sqlx::query_scalar(
+            "UPDATE pjq_control SET value = value + 1 WHERE name = 'stop_generation'
+             RETURNING value",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.error(e))
+    }
+
+    async fn queue_counts(&self, now: Timestamp) -> StoreResult<Vec<QueueCounts>> {
+        let rows = sqlx::query(
+            "SELECT queue, status, COUNT(*) AS n,
+                    COUNT(*) FILTER (WHERE available_at > $1) AS later
+             FROM pjq_jobs GROUP BY queue, status ORDER BY queue",
+        )
+        .bind(now.0)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        let mut counts = Vec::new();
+        for row in rows {
+            super::add_count(
+                &mut counts,
+                row.get("queue"),
+                row.get::<String, _>("status").as_str(),
+                row.get("n"),
+                row.get("later"),
+            );
+        }
+        Ok(counts)
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs
+             WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
+             ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(&filter.queue)
+        .bind(filter.status.map(JobStatus::as_str))
+        .bind(filter.limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        rows.iter()
+            .map(rows::job_record)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.error(e))
+    }
+
+    async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        row.as_ref()
+            .map(rows::job_record)
+            .transpose()
+            .map_err(|e| self.error(e))
+    }
+
+    async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
+        let result = sqlx::query(
+            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = $1,
+                finished_at = NULL
+             WHERE id = $2 AND status IN ('failed', 'cancelled')",
+        )
+        .bind(now.0)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        self.change_outcome(id, result.rows_affected()).await
+    }
+
+    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
+        let result = sqlx::query(
+            "UPDATE pjq_jobs SET status = 'cancelled', finished_at = $1,
+                reason = 'cancelled by operator'
+             WHERE id = $2 AND status = 'waiting'",
+        )
+        .bind(now.0)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        self.change_outcome(id, result.rows_affected()).await
+    }
+
+    async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release> {
+        let outcome = self
+            .take_back(
+                lease.job_id,
+                lease.lease,
+                Holder::Token(&lease.token),
+                reason,
+                now,
+            )
+            .await?;
+        Ok(super::release_of(outcome))
+    }
+
+    async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "INSERT INTO pjq_workers
+                (token, host, instance, pid, queues, started_at, heartbeat_at, current_job)
+             VALUES ($1, $2, $3, $4, $5, $6, {DB_NOW}, NULL)
+             ON CONFLICT (token) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at,
+                queues = EXCLUDED.queues"
+        ))
+        .bind(&worker.token)
+        .bind(&worker.host)
+        .bind(&worker.instance)
+        .bind(worker.pid as i64)
+        .bind(queues.join(","))
+        .bind(Timestamp::now().0)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    async fn heartbeat(
+        &self,
+        worker: &WorkerIdentity,
+        current_job: Option<JobId>,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(&format!(
+            "UPDATE pjq_workers SET heartbeat_at = {DB_NOW}, current_job = $1 WHERE token = $2"
+        ))
+        .bind(current_job)
+        .bind(&worker.token)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn unregister_worker(&self, worker: &WorkerIdentity) -> StoreResult<()> {
+        sqlx::query("DELETE FROM pjq_workers WHERE token = $1")
+            .bind(&worker.token)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT host, instance, pid, queues, started_at, current_job,
+                    {DB_NOW} - heartbeat_at AS age
+             FROM pjq_workers ORDER BY host, instance, pid"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        rows.iter()
+            .map(rows::worker_record)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.error(e))
+    }
+
+    async fn rescue_orphans(
+        &self,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Vec<RescuedJob>> {
+        let candidates = sqlx::query(&format!(
+            "SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
+             WHERE status = 'running' AND {}",
+            orphaned(rescue_after)
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        let mut rescued = Vec::new();
+        for row in candidates {
+            let id: i64 = row.get("id");
+            let lost_worker = rows::worker_of_job(&row).map_err(|e| self.error(e))?;
+            let lost = Holder::Lost { rescue_after };
+            if let Some(requeued) = self
+                .take_back(id, row.get("lease"), lost, WORKER_LOST, now)
+                .await?
+            {
+                rescued.push(RescuedJob {
+                    id,
+                    requeued,
+                    lost_worker,
+                });
+            }
+        }
+        let limit = rescue_after.as_micros() as i64;
+        sqlx::query(&format!(
+            "DELETE FROM pjq_workers WHERE heartbeat_at <= {DB_NOW} - {limit}
+               AND NOT EXISTS (SELECT 1 FROM pjq_jobs j
+                               WHERE j.status = 'running' AND j.worker_token = pjq_workers.token)"
+        ))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(rescued)
+    }
+
+    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64> {
+        let mut total = 0;
+        loop {
+            let result = sqlx::query(
+                "DELETE FROM pjq_jobs WHERE id IN (
+                    SELECT id FROM pjq_jobs
+                    WHERE finished_at < $1 AND status IN ('succeeded', 'failed', 'cancelled')
+                    LIMIT $2)",
+            )
+            .bind(before.0)
+            .bind(PRUNE_BATCH)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+            total += result.rows_affected();
+            if result.rows_affected() < PRUNE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn listen(&self) -> StoreResult<Option<Box<dyn PushListener>>> {
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        listener.listen(CHANNEL).await.map_err(|e| self.error(e))?;
+        Ok(Some(Box::new(PgPushListener {
+            listener,
+            location: self.location.clone(),
+        })))
+    }
+}
+
+struct PgPushListener {
+    listener: PgListener,
+    location: String,
+}
+
+#[async_trait]
+impl PushListener for PgPushListener {
+    async fn pushed(&mut self) -> StoreResult<()> {
+        // `recv` reconnects and re-listens by itself after a lost connection; pushes made
+        // while it was gone are found by polling.
+        self.listener
+            .recv()
+            .await
+            .map(drop)
+            .map_err(|e| classify(e, &self.location))
+    }
+}
+
+/// Sorts PostgreSQL failures into "try again later" and "something is wrong".
+fn classify(error: sqlx::Error, location: &str) -> StoreError {
+    let transient = match &error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // Connection exceptions, shutdowns, too many connections, serialization
+            // failures and deadlocks: all pass with time.
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || matches!(code.as_ref(), "53300" | "40001" | "40P01" | "55P03")
+        }),
+        other => super::is_connection_error(other),
+    };
+    if transient {
+        StoreError::Unavailable(format!("{location}: {error}"))
+    } else {
+        StoreError::Database(format!("{location}: {error}"))
+    }
+}

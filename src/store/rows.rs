@@ -1,0 +1,116 @@
+//! Row decoding shared by every backend: the column names are the same everywhere, only the
+//! SQL that produces them differs.
+
+use sqlx::{ColumnIndex, Decode, Row, Type};
+
+use super::{ClaimedJob, JobRecord, JobStatus, Lease, Timestamp, WorkerRecord};
+
+/// The columns [`job_record`] reads, in the order backends select them.
+pub const JOB_RECORD_COLUMNS: &str = "id, queue, code, payload, status, attempts, \
+    max_attempts, created_at, available_at, claimed_at, started_at, finished_at, worker_host, \
+    worker_instance, worker_pid, exit_code, exit_signal, reason, output";
+
+pub fn job_record<'r, R>(row: &'r R) -> Result<JobRecord, sqlx::Error>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let status: String = row.try_get("status")?;
+    let output: Option<String> = row.try_get("output")?;
+    let timestamp = |name: &'r str| -> Result<Option<Timestamp>, sqlx::Error> {
+        Ok(row.try_get::<Option<i64>, _>(name)?.map(Timestamp))
+    };
+    Ok(JobRecord {
+        id: row.try_get("id")?,
+        queue: row.try_get("queue")?,
+        code: row.try_get("code")?,
+        payload: row.try_get("payload")?,
+        status: parse_status(&status)?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        created_at: Timestamp(row.try_get("created_at")?),
+        available_at: Timestamp(row.try_get("available_at")?),
+        claimed_at: timestamp("claimed_at")?,
+        started_at: timestamp("started_at")?,
+        finished_at: timestamp("finished_at")?,
+        worker_host: row.try_get("worker_host")?,
+        worker_instance: row.try_get("worker_instance")?,
+        worker_pid: row.try_get("worker_pid")?,
+        exit_code: row.try_get("exit_code")?,
+        exit_signal: row.try_get("exit_signal")?,
+        reason: row.try_get("reason")?,
+        output: output
+            .filter(|text| !text.is_empty())
+            .map(|text| text.lines().map(str::to_owned).collect())
+            .unwrap_or_default(),
+    })
+}
+
+/// Reads `id, queue, code, payload, attempts, lease` of a job just claimed by `token`.
+pub fn claimed_job<'r, R>(row: &'r R, token: &str) -> Result<ClaimedJob, sqlx::Error>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let id: i64 = row.try_get("id")?;
+    Ok(ClaimedJob {
+        id,
+        queue: row.try_get("queue")?,
+        code: row.try_get("code")?,
+        payload: row.try_get("payload")?,
+        attempts: row.try_get("attempts")?,
+        lease: Lease {
+            job_id: id,
+            token: token.to_string(),
+            lease: row.try_get("lease")?,
+        },
+    })
+}
+
+/// The columns [`worker_record`] reads; `age` is the heartbeat's age in microseconds.
+pub fn worker_record<'r, R>(row: &'r R) -> Result<WorkerRecord, sqlx::Error>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let age: i64 = row.try_get("age")?;
+    Ok(WorkerRecord {
+        host: row.try_get("host")?,
+        instance: row.try_get("instance")?,
+        pid: row.try_get("pid")?,
+        queues: row.try_get("queues")?,
+        started_at: Timestamp(row.try_get("started_at")?),
+        heartbeat_age_seconds: age.max(0) as f64 / 1e6,
+        current_job: row.try_get("current_job")?,
+    })
+}
+
+fn parse_status(text: &str) -> Result<JobStatus, sqlx::Error> {
+    JobStatus::parse(text)
+        .ok_or_else(|| sqlx::Error::Decode(format!("unknown job status {text:?}").into()))
+}
+
+/// `host/instance/pid` from the columns of a job row.
+pub fn worker_of_job<'r, R>(row: &'r R) -> Result<String, sqlx::Error>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let host: Option<String> = row.try_get("worker_host")?;
+    let instance: Option<String> = row.try_get("worker_instance")?;
+    let pid: Option<i64> = row.try_get("worker_pid")?;
+    Ok(format!(
+        "{}/{}/{}",
+        host.as_deref().unwrap_or("?"),
+        instance.as_deref().unwrap_or("-"),
+        pid.map_or("?".into(), |p| p.to_string())
+    ))
+}

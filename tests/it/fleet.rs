@@ -1,0 +1,424 @@
+//! Many workers on one database: heartbeats, crash rescue, the fence, outages, wake-ups,
+//! priority under load, and a fleet draining 20,000 jobs on the shared backends.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::backend_tests;
+use crate::support::*;
+
+backend_tests!(
+    status_lists_registered_workers,
+    a_crashed_workers_job_fails_as_worker_lost,
+    a_crashed_workers_job_runs_again_with_attempts_left,
+    a_slow_but_alive_worker_keeps_its_job,
+    push_wakes_an_idle_worker_on_the_same_host,
+    a_steady_ui_stream_keeps_lower_queues_waiting,
+);
+
+/// Fast heartbeats so rescue happens in about a second.
+const FAST_FLEET: &str = "heartbeat_interval = \"200ms\"\nrescue_after = \"1500ms\"";
+
+fn pid_in(path: &std::path::Path) -> i32 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn workers(scratch: &Scratch) -> Vec<Value> {
+    scratch.status_json()["workers"].as_array().unwrap().clone()
+}
+
+fn status_lists_registered_workers(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    scratch.write_config(FAST_FLEET);
+    let mut consumer = scratch.spawn_consumer("a", &["--host-id", "host-a"]);
+    wait_until(Duration::from_secs(10), "the worker to register", || {
+        workers(&scratch).len() == 1
+    });
+    let worker = &workers(&scratch)[0];
+    assert_eq!(worker["host"], "host-a");
+    assert_eq!(worker["pid"], consumer.id());
+    assert!(
+        worker["heartbeat_age_seconds"].as_f64().unwrap() < 1.0,
+        "{worker}"
+    );
+    let text = scratch.ok(&["status"]);
+    assert!(
+        text.contains("Workers: 1") && text.contains("host-a/-/"),
+        "{text}"
+    );
+    send_signal(&consumer, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut consumer, Duration::from_secs(5)), 0);
+    assert!(
+        workers(&scratch).is_empty(),
+        "a clean exit removes the worker's row"
+    );
+}
+
+/// Starts a job on worker A, starts worker B, kills A with SIGKILL; returns the job id, the
+/// job's own pid and B.
+fn crash_worker_mid_job(scratch: &Scratch, max_attempts: u32) -> (i64, i32, std::process::Child) {
+    let marker = scratch.path("second-run");
+    let pidfile = scratch.path("job.pid");
+    scratch.write_config(&format!(
+        r#"{FAST_FLEET}
+[jobs.slow]
+command = ["/bin/sh", "-c", "if [ -e \"$0\" ]; then exit 0; fi; echo $$ > \"$1\"; touch \"$0\"; exec sleep 60", "{marker}", "{pidfile}"]
+max_attempts = {max_attempts}
+"#,
+        marker = marker.display(),
+        pidfile = pidfile.display(),
+    ));
+    let id = scratch.push("import_export_job", "slow");
+    let mut a = scratch.spawn_consumer("a", &["--host-id", "host-a"]);
+    wait_until(Duration::from_secs(10), "the job to start on A", || {
+        pidfile.exists()
+    });
+    let b = scratch.spawn_consumer("b", &["--host-id", "host-b"]);
+    wait_until(Duration::from_secs(10), "B to register", || {
+        workers(scratch).len() == 2
+    });
+    let job_pid = pid_in(&pidfile);
+    send_signal(&a, Signal::SIGKILL);
+    a.wait().unwrap();
+    (id, job_pid, b)
+}
+
+fn a_crashed_workers_job_fails_as_worker_lost(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let (id, job_pid, mut b) = crash_worker_mid_job(&scratch, 1);
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(2),
+        "the job's process to die with its worker",
+        || process_is_gone(job_pid),
+    );
+    wait_until(Duration::from_secs(15), "the rescue", || {
+        scratch.show(id)["status"] != "running"
+    });
+    let rescue_took = killed.elapsed();
+    let job = scratch.show(id);
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["reason"], "worker lost");
+    assert!(
+        rescue_took < Duration::from_secs(8),
+        "rescue took {rescue_took:?}"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the dead worker's row to go",
+        || workers(&scratch).len() == 1,
+    );
+    assert_eq!(workers(&scratch)[0]["host"], "host-b");
+    assert!(
+        scratch
+            .log_of("b")
+            .contains(&format!("rescued job {id} from lost worker host-a"))
+    );
+    send_signal(&b, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut b, Duration::from_secs(5)), 0);
+}
+
+fn a_crashed_workers_job_runs_again_with_attempts_left(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let (id, _, mut b) = crash_worker_mid_job(&scratch, 2);
+    wait_until(Duration::from_secs(15), "the job to run again on B", || {
+        scratch.show(id)["status"] == "succeeded"
+    });
+    let job = scratch.show(id);
+    assert_eq!(job["attempts"], 2);
+    assert_eq!(job["worker_host"], "host-b");
+    send_signal(&b, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut b, Duration::from_secs(5)), 0);
+}
+
+fn a_slow_but_alive_worker_keeps_its_job(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    scratch.write_config(&format!(
+        "{FAST_FLEET}\n[jobs.slow]\ncommand = [\"/bin/sleep\", \"3.5\"]"
+    ));
+    let id = scratch.push("ui_job", "slow");
+    let mut a = scratch.spawn_consumer("a", &["--host-id", "host-a", "--limit", "1"]);
+    let mut b = scratch.spawn_consumer("b", &["--host-id", "host-b"]);
+    assert_eq!(wait_exit(&mut a, Duration::from_secs(20)), 0);
+    let job = scratch.show(id);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 1);
+    assert!(
+        !scratch.log_of("b").contains("rescued"),
+        "{}",
+        scratch.log_of("b")
+    );
+    send_signal(&b, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut b, Duration::from_secs(5)), 0);
+}
+
+fn push_wakes_an_idle_worker_on_the_same_host(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let mut consumer = scratch.spawn_consumer("c", &["--sleep", "30"]);
+    wait_until(Duration::from_secs(10), "the consumer to idle", || {
+        scratch.log_of("c").contains("consuming queues")
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..3 {
+        let pushed = Instant::now();
+        let id = scratch.push("ui_job", "u");
+        wait_until(Duration::from_secs(5), "the pushed job to run", || {
+            scratch.show(id)["status"] == "succeeded"
+        });
+        assert!(
+            pushed.elapsed() < Duration::from_secs(3),
+            "not woken: {:?}",
+            pushed.elapsed()
+        );
+    }
+    send_signal(&consumer, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut consumer, Duration::from_secs(5)), 0);
+}
+
+fn a_steady_ui_stream_keeps_lower_queues_waiting(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    scratch.write_config("[jobs.work]\ncommand = [\"/bin/sleep\", \"0.05\"]");
+    for _ in 0..5 {
+        scratch.push("import_export_job", "work");
+    }
+    let mut consumer = scratch.spawn_consumer("c", &[]);
+    let stream_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < stream_until {
+        scratch.push("ui_job", "work");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_until(Duration::from_secs(30), "everything to run", || {
+        scratch.status_json()["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|q| q["waiting"] == 0 && q["running"] == 0)
+    });
+    send_signal(&consumer, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut consumer, Duration::from_secs(5)), 0);
+    let jobs: Value =
+        serde_json::from_str(&scratch.ok(&["jobs", "--limit", "1000", "--json"])).unwrap();
+    let jobs = jobs.as_array().unwrap();
+    let of = |queue: &'static str| jobs.iter().filter(move |j| j["queue"] == queue);
+    // A ui_job that was committed and waiting when a lower job was claimed is a violation;
+    // 50 ms of slack covers the gap between a push's timestamp and its commit.
+    for lower in of("import_export_job") {
+        let claimed = lower["claimed_at"].as_i64().unwrap();
+        for ui in of("ui_job") {
+            let created = ui["created_at"].as_i64().unwrap();
+            let ui_claimed = ui["claimed_at"].as_i64().unwrap();
+            assert!(
+                !(created < claimed - 50_000 && ui_claimed > claimed),
+                "import job {} was claimed while ui job {} waited",
+                lower["id"],
+                ui["id"]
+            );
+        }
+    }
+}
+
+// --- Shared backends only: the proxy cuts TCP, and the fleet is sized for a server. ---
+
+mod shared {
+    use super::*;
+
+    use crate::shared_backend_tests;
+
+    shared_backend_tests!(
+        a_short_outage_records_the_result_once,
+        a_worker_cut_off_stops_its_job_before_anyone_rescues_it,
+        eight_workers_on_two_hosts_run_20000_jobs_exactly_once,
+    );
+
+    /// Points the config at the proxy for the consumer, keeps the test's own view direct.
+    fn config_through(scratch: &Scratch, proxy: &CuttableProxy, extra: &str) -> std::path::PathBuf {
+        let direct = std::fs::read_to_string(scratch.config_path()).unwrap();
+        let proxied = direct.replace(
+            &scratch.url,
+            &proxy.url_for(&scratch.url, scratch.backend.server_port()),
+        );
+        let path = scratch.path("proxied.toml");
+        std::fs::write(&path, format!("{extra}\n{proxied}")).unwrap();
+        path
+    }
+
+    fn a_short_outage_records_the_result_once(backend: Backend) {
+        let scratch = Scratch::new(backend);
+        let proxy = CuttableProxy::new(backend.server_port());
+        let started = scratch.path("started");
+        scratch.write_config(&format!(
+            "heartbeat_interval = \"200ms\"\nrescue_after = \"9s\"\n[jobs.slow]\ncommand = [\"/bin/sh\", \"-c\", \"touch \\\"$0\\\"; sleep 1.5; echo finished\", \"{}\"]",
+            started.display()
+        ));
+        let config = config_through(&scratch, &proxy, "");
+        let id = scratch.push("ui_job", "slow");
+        let mut worker = scratch
+            .command(&["consume", "--limit", "1"])
+            .env("PIM_JOB_QUEUE_CONFIG", &config)
+            .stdout(std::fs::File::create(scratch.path("w.log")).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until(Duration::from_secs(10), "the job to start", || {
+            started.exists()
+        });
+        proxy.cut();
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(
+            scratch.show(id)["status"],
+            "running",
+            "nothing recorded during the outage"
+        );
+        proxy.restore();
+        assert_eq!(wait_exit(&mut worker, Duration::from_secs(40)), 0);
+        let job = scratch.show(id);
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["attempts"], 1);
+        assert_eq!(job["output"][0], "finished");
+        let log = scratch.log_of("w");
+        assert!(log.contains("database unavailable since"), "{log}");
+        assert_eq!(log.matches("job started").count(), 1, "{log}");
+    }
+
+    fn a_worker_cut_off_stops_its_job_before_anyone_rescues_it(backend: Backend) {
+        let scratch = Scratch::new(backend);
+        let proxy = CuttableProxy::new(backend.server_port());
+        let pidfile = scratch.path("job.pid");
+        scratch.write_config(&format!(
+            "heartbeat_interval = \"200ms\"\nrescue_after = \"3s\"\n[jobs.slow]\ncommand = [\"/bin/sh\", \"-c\", \"echo $$ > \\\"$0\\\"; exec sleep 60\", \"{}\"]",
+            pidfile.display()
+        ));
+        let config = config_through(&scratch, &proxy, "");
+        let mut rescuer =
+            scratch.spawn_consumer("b", &["--host-id", "host-b", "data_maintenance_job"]);
+        let id = scratch.push("ui_job", "slow");
+        let mut cut_off = scratch
+            .command(&["consume", "--host-id", "host-a"])
+            .env("PIM_JOB_QUEUE_CONFIG", &config)
+            .stdout(std::fs::File::create(scratch.path("a.log")).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until(Duration::from_secs(10), "the job to start", || {
+            pidfile.exists()
+        });
+        let job_pid = pid_in(&pidfile);
+        proxy.cut();
+        wait_until(Duration::from_secs(20), "the rescue", || {
+            scratch.show(id)["status"] != "running"
+        });
+        assert!(
+            process_is_gone(job_pid),
+            "the job still ran when it was rescued"
+        );
+        let job = scratch.show(id);
+        assert_eq!(job["status"], "failed");
+        assert_eq!(job["reason"], "worker lost");
+        proxy.restore();
+        wait_until(
+            Duration::from_secs(20),
+            "the cut-off worker to learn it lost the job",
+            || {
+                scratch
+                    .log_of("a")
+                    .contains("no longer held by this worker")
+            },
+        );
+        assert!(
+            scratch
+                .log_of("a")
+                .contains("lost contact with the database")
+        );
+        assert_eq!(
+            scratch.show(id)["status"],
+            "failed",
+            "the late release changed nothing"
+        );
+        for child in [&mut cut_off, &mut rescuer] {
+            send_signal(child, Signal::SIGTERM);
+            assert_eq!(wait_exit(child, Duration::from_secs(10)), 0);
+        }
+    }
+
+    fn eight_workers_on_two_hosts_run_20000_jobs_exactly_once(backend: Backend) {
+        const JOBS: usize = 20_000;
+        let scratch = Scratch::new(backend);
+        let markers = scratch.path("markers");
+        std::fs::create_dir(&markers).unwrap();
+        scratch.write_config(&format!(
+            "[jobs.mark]\ncommand = [\"/bin/mkdir\", \"{}/{{id}}\"]",
+            markers.display()
+        ));
+        let queues = ["ui_job", "import_export_job", "data_maintenance_job"];
+        block_on(async {
+            let store = scratch.store().await;
+            for n in 0..JOBS {
+                store
+                    .push(&new_job(queues[n % 3], "mark", "{}"))
+                    .await
+                    .unwrap();
+            }
+        });
+        let mut workers: Vec<_> = (0..8)
+            .map(|n| {
+                let host = if n % 2 == 0 { "host-a" } else { "host-b" };
+                scratch.spawn_consumer(&format!("w{n}"), &["--host-id", host])
+            })
+            .collect();
+        wait_until(Duration::from_secs(600), "all jobs to finish", || {
+            std::fs::read_dir(&markers).unwrap().count() == JOBS
+                && scratch.status_json()["queues"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|q| q["waiting"] == 0 && q["running"] == 0)
+        });
+        scratch.ok(&["stop-workers"]);
+        for worker in &mut workers {
+            assert_eq!(wait_exit(worker, Duration::from_secs(20)), 0);
+        }
+        let status = scratch.status_json();
+        let total = |field: &str| -> i64 {
+            status["queues"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|q| q[field].as_i64().unwrap())
+                .sum()
+        };
+        assert_eq!((total("succeeded"), total("failed")), (JOBS as i64, 0));
+        let mut finished = 0;
+        for n in 0..8 {
+            let log = scratch.log_of(&format!("w{n}"));
+            let complaint = log.lines().find(|line| {
+                (line.contains(" WARN ") || line.contains(" ERROR "))
+                    && ["eadlock", "ock wait timeout", "40P01", "40001", "1213"]
+                        .iter()
+                        .any(|needle| line.contains(needle))
+            });
+            assert!(complaint.is_none(), "w{n}: {complaint:?}");
+            finished += log.matches("job finished").count();
+            let order: Vec<usize> = log
+                .lines()
+                .filter(|line| line.contains("job started"))
+                .map(|line| {
+                    queues
+                        .iter()
+                        .position(|q| line.contains(&format!("queue={q} ")))
+                        .unwrap()
+                })
+                .collect();
+            assert!(
+                order.windows(2).all(|w| w[0] <= w[1]),
+                "w{n} took a lower queue before a higher one"
+            );
+        }
+        assert_eq!(finished, JOBS);
+    }
+}
