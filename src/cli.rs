@@ -89,7 +89,7 @@ pub struct PushArgs {
     pub delay: Option<Duration>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct ConsumeArgs {
     /// Queues to consume; default: the instance conf, or all queues.
     #[arg(value_name = "QUEUE", conflicts_with = "instance")]

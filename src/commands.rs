@@ -1,6 +1,8 @@
 //! What each subcommand does. Each returns `Ok` or a [`Failure`] that carries its exit code;
 //! `main` turns that into the process's exit.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -8,10 +10,11 @@ use tracing::{info, warn};
 
 use crate::cli::{Cli, Command, ConsumeArgs, IdArgs, JobsArgs, OutputArgs, PushArgs, ShowArgs};
 use crate::config::Config;
-use crate::consumer::{Backoff, Consumer, ConsumerOptions};
+use crate::consumer::{Backoff, Consumer, ConsumerOptions, Reloader};
 use crate::exit::{ExitCode, Failure};
 use crate::instance::read_instance_queues;
-use crate::shutdown::Shutdown;
+use crate::notify::Notifier;
+use crate::signals::{Shutdown, Signals, StopLevel};
 use crate::store::{
     self, ChangeOutcome, JobFilter, JobRecord, JobStatus, JobStore, NewJob, QueueCounts,
     StoreError, Timestamp, WorkerIdentity,
@@ -53,10 +56,17 @@ impl Context {
     }
 }
 
-pub async fn run(cli: &Cli, context: &Context) -> Result<(), Failure> {
+/// Runs the command. `notifier` talks to systemd; only the daemon uses it.
+pub async fn run(cli: &Cli, context: &Context, notifier: Arc<Notifier>) -> Result<(), Failure> {
     match &cli.command {
         Command::Push(args) => push(context, args).await,
-        Command::Consume(args) => consume(context, args).await,
+        Command::Consume(args) => {
+            let reload_from = ReloadSource {
+                config: cli.config.clone(),
+                conf_dir: cli.conf_dir.clone(),
+            };
+            consume(context, args, notifier, reload_from).await
+        }
         Command::StopWorkers => stop_workers(context).await,
         Command::Status(args) => status(context, args).await,
         Command::Jobs(args) => jobs(context, args).await,
@@ -110,7 +120,12 @@ async fn push(context: &Context, args: &PushArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn consume(context: &Context, args: &ConsumeArgs) -> Result<(), Failure> {
+async fn consume(
+    context: &Context,
+    args: &ConsumeArgs,
+    notifier: Arc<Notifier>,
+    reload_from: ReloadSource,
+) -> Result<(), Failure> {
     let config = &context.config;
     if !config.has_any_command() {
         return Err(Failure::config(format!(
@@ -119,25 +134,34 @@ async fn consume(context: &Context, args: &ConsumeArgs) -> Result<(), Failure> {
         )));
     }
     let queues = select_queues(config, args)?;
-    let shutdown = Shutdown::from_signals().map_err(|error| {
+    let signals = Signals::install().map_err(|error| {
         Failure::new(
             ExitCode::Software,
             format!("cannot handle signals: {error}"),
         )
     })?;
-    let Some(store) = open_store_patiently(context, &shutdown).await? else {
+    let Some(store) = open_store_patiently(context, &signals.shutdown, &notifier).await? else {
         info!("stopped while waiting for the database");
         return Ok(());
     };
     let worker = WorkerIdentity::for_this_process(args.instance.clone(), args.host_id.clone());
     let options = ConsumerOptions {
         queues,
-        poll_interval: args.sleep.unwrap_or(config.poll_interval),
+        sleep: args.sleep,
         limit: args.limit,
         time_limit: args.time_limit,
         memory_limit: args.memory_limit,
     };
-    let mut consumer = Consumer::new(store.into(), config.clone(), options, worker, shutdown);
+    let reloader = reload_from.into_reloader(args);
+    let mut consumer = Consumer::new(
+        store.into(),
+        config.clone(),
+        options,
+        worker,
+        signals,
+        notifier,
+        reloader,
+    );
     let reason = consumer.run().await;
     info!(
         reason = reason.describe(),
@@ -145,6 +169,33 @@ async fn consume(context: &Context, args: &ConsumeArgs) -> Result<(), Failure> {
         reason.describe()
     );
     Ok(())
+}
+
+/// Where a SIGHUP re-reads the configuration from: the same files and options as at start.
+pub struct ReloadSource {
+    pub config: Option<PathBuf>,
+    pub conf_dir: Option<PathBuf>,
+}
+
+impl ReloadSource {
+    fn into_reloader(self, args: &ConsumeArgs) -> Reloader {
+        let selection = ConsumeArgs {
+            queues: args.queues.clone(),
+            instance: args.instance.clone(),
+            ..ConsumeArgs::default()
+        };
+        Box::new(move || {
+            let mut config = Config::load(self.config.as_deref())?;
+            if let Some(dir) = &self.conf_dir {
+                config.instance_dir = dir.clone();
+            }
+            if !config.has_any_command() {
+                return Err(Failure::config("no job command is configured"));
+            }
+            let queues = select_queues(&config, &selection)?;
+            Ok((config, queues))
+        })
+    }
 }
 
 /// The queues a consumer serves: named on the command line, or from its instance conf, or
@@ -171,11 +222,12 @@ fn select_queues(config: &Config, args: &ConsumeArgs) -> Result<Vec<String>, Fai
 }
 
 /// Opens the store for the daemon: an unreachable database is waited for with capped
-/// backoff, so a worker started before its database does not exit in a loop. Returns `None`
-/// when a stop signal arrives while waiting.
+/// backoff (and said so in STATUS), so a worker started before its database does not exit in
+/// a loop. Returns `None` when a stop signal arrives while waiting.
 async fn open_store_patiently(
     context: &Context,
     shutdown: &Shutdown,
+    notifier: &Notifier,
 ) -> Result<Option<Box<dyn JobStore>>, Failure> {
     let location = store::redact_url(&context.database_url);
     let mut backoff = Backoff::default();
@@ -187,6 +239,11 @@ async fn open_store_patiently(
             }
             Err(error) if error.is_transient() => {
                 let delay = backoff.next_delay();
+                notifier.status(&format!(
+                    "Waiting for database (attempt {}, next in {})",
+                    backoff.attempts,
+                    format_duration(delay)
+                ));
                 warn!(
                     attempt = backoff.attempts,
                     "waiting for the database {location} (attempt {}, next in {}): {error}",
@@ -195,7 +252,7 @@ async fn open_store_patiently(
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.reached(crate::shutdown::StopLevel::Drain) => return Ok(None),
+                    _ = shutdown.reached(StopLevel::Drain) => return Ok(None),
                 }
             }
             Err(error) => return Err(error.into()),

@@ -28,6 +28,8 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// How old a worker's heartbeat may get before its running job is taken back.
 pub const DEFAULT_RESCUE_AFTER: Duration = Duration::from_secs(30);
+/// How long a stop waits for the running job before ending it.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(30 * 60);
 /// How long finished jobs are kept.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86400);
 
@@ -44,6 +46,8 @@ pub struct Config {
     pub auto_migrate: bool,
     pub heartbeat_interval: Duration,
     pub rescue_after: Duration,
+    /// How long a stop (SIGTERM) lets the running job finish before ending it.
+    pub stop_grace: Duration,
     /// How long finished jobs are kept; `None` keeps them forever.
     pub retention: Option<Duration>,
     /// Where same-host wake-up sockets live; `None` picks the default (see [`crate::wake`]).
@@ -73,6 +77,7 @@ struct RawConfig {
     auto_migrate: Option<bool>,
     heartbeat_interval: Option<DurationValue>,
     rescue_after: Option<DurationValue>,
+    stop_grace: Option<DurationValue>,
     retention: Option<DurationValue>,
     wake_dir: Option<PathBuf>,
     job: Option<RawJob>,
@@ -182,6 +187,7 @@ impl Config {
             auto_migrate: raw.auto_migrate.unwrap_or(true),
             heartbeat_interval,
             rescue_after,
+            stop_grace: raw.stop_grace.map_or(DEFAULT_STOP_GRACE, |d| d.0),
             retention: match raw.retention {
                 Some(DurationValue(d)) if d.is_zero() => None,
                 Some(DurationValue(d)) => Some(d),

@@ -4,20 +4,23 @@
 //! The loop only talks to the [`JobStore`] trait. It never dies on one bad job (a malformed
 //! payload, a missing placeholder field, a command that cannot start all fail that job) nor
 //! on a database outage (it backs off and retries, keeping a finished job's result until it
-//! can be written). While idle it wakes at once on a same-host push or a database
-//! notification, and otherwise polls.
+//! can be written). It stays responsive while a job runs: the same loop that watches the
+//! child sends the watchdog pings and STATUS updates, applies reloads and handles stops, so a
+//! hung loop stops the pings and systemd restarts the worker.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::Config;
-use crate::fleet::{Contact, FleetTimings, Membership};
-use crate::runner::{self, Ending, Interruption, JobLaunch, RunReport};
-use crate::shutdown::{Shutdown, StopLevel};
+use crate::exit::Failure;
+use crate::fleet::{Contact, FleetTimings, Membership, clock};
+use crate::notify::Notifier;
+use crate::runner::{self, Ending, JobLaunch, RunReport, RunningJob};
+use crate::signals::{Signals, StopLevel};
 use crate::store::{
     ClaimedJob, Completion, JobResult, JobStore, PushListener, Release, StoreError, Timestamp,
     WorkerIdentity,
@@ -30,13 +33,16 @@ use crate::worker::resident_memory_bytes;
 /// The first wait after a database error; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often STATUS is refreshed while a job runs (more often when the watchdog needs it).
+const STATUS_REFRESH: Duration = Duration::from_secs(5);
 
 /// What the operator asked of this consumer run.
 #[derive(Debug, Clone)]
 pub struct ConsumerOptions {
     /// The queues to consume, highest priority first.
     pub queues: Vec<String>,
-    pub poll_interval: Duration,
+    /// `--sleep`, which outlives reloads; otherwise the config's `poll_interval` applies.
+    pub sleep: Option<Duration>,
     /// Exit after this many jobs.
     pub limit: Option<u64>,
     /// Exit, between jobs, once this long has passed.
@@ -44,6 +50,9 @@ pub struct ConsumerOptions {
     /// Exit, between jobs, once the worker's own RSS passes this many bytes.
     pub memory_limit: Option<u64>,
 }
+
+/// Re-reads the configuration and the queue selection, for SIGHUP.
+pub type Reloader = Box<dyn Fn() -> Result<(Config, Vec<String>), Failure>>;
 
 /// Why the consumer stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,12 +83,25 @@ struct WakeSources {
     listener: Option<Box<dyn PushListener>>,
 }
 
+/// What woke the job-watching loop.
+enum JobEvent {
+    Exited(Option<std::process::ExitStatus>),
+    TimedOut,
+    Tick,
+    Reload,
+    StopRequested,
+    /// End the job now: why, and how long SIGTERM gets before SIGKILL.
+    Interrupt(&'static str, Duration),
+}
+
 pub struct Consumer {
     store: Arc<dyn JobStore>,
     config: Config,
     options: ConsumerOptions,
     worker: WorkerIdentity,
-    shutdown: Shutdown,
+    signals: Signals,
+    notifier: Arc<Notifier>,
+    reloader: Reloader,
     timings: FleetTimings,
     started: Instant,
     jobs_done: u64,
@@ -87,6 +109,7 @@ pub struct Consumer {
     stop_generation: Option<i64>,
     backoff: Backoff,
     wake: WakeSources,
+    last_ping: Instant,
 }
 
 impl Consumer {
@@ -95,7 +118,9 @@ impl Consumer {
         config: Config,
         options: ConsumerOptions,
         worker: WorkerIdentity,
-        shutdown: Shutdown,
+        signals: Signals,
+        notifier: Arc<Notifier>,
+        reloader: Reloader,
     ) -> Self {
         let timings = FleetTimings {
             heartbeat_interval: config.heartbeat_interval,
@@ -107,19 +132,23 @@ impl Consumer {
             config,
             options,
             worker,
-            shutdown,
+            signals,
+            notifier,
+            reloader,
             timings,
             started: Instant::now(),
             jobs_done: 0,
             stop_generation: None,
             backoff: Backoff::default(),
             wake: WakeSources::default(),
+            last_ping: Instant::now(),
         }
     }
 
     /// Runs until a stop condition; returns which.
     pub async fn run(&mut self) -> StopReason {
         let Some(membership) = self.join_fleet().await else {
+            self.notifier.stopping("Stopping");
             return StopReason::Signal;
         };
         self.wake = self.open_wake_sources().await;
@@ -128,19 +157,26 @@ impl Consumer {
             "consuming queues {} (highest priority first)",
             self.options.queues.join(", ")
         );
+        self.notifier.ready(&self.idle_status());
         let contact = membership.contact();
         let reason = loop {
+            self.ping_watchdog_if_due();
             if let Some(reason) = self.limit_reached() {
                 break reason;
             }
             match self.next_step(&contact).await {
                 Ok(Some(reason)) => break reason,
                 Ok(None) => self.backoff.reset(),
-                Err(error) => self.wait_after_error(&error).await,
+                Err(error) => self.wait_after_error(&error, &contact).await,
             }
         };
+        self.notifier.stopping("Stopping");
         membership.leave().await;
         reason
+    }
+
+    fn shutdown(&self) -> &crate::signals::Shutdown {
+        &self.signals.shutdown
     }
 
     /// Registers in the fleet, retrying through outages; `None` if stopped meanwhile.
@@ -155,9 +191,18 @@ impl Consumer {
             .await;
             match joined {
                 Ok(membership) => return Some(membership),
-                Err(error) => self.wait_after_error(&error).await,
+                Err(error) => {
+                    let delay = self.backoff.next_delay();
+                    self.notifier.status(&format!(
+                        "Waiting for database (attempt {}, next in {})",
+                        self.backoff.attempts,
+                        format_duration(delay)
+                    ));
+                    warn!("cannot register this worker: {error}");
+                    self.pause(delay, StopLevel::Drain).await;
+                }
             }
-            if self.shutdown.is_stopping() {
+            if self.shutdown().is_stopping() {
                 return None;
             }
         }
@@ -172,7 +217,7 @@ impl Consumer {
                 warn!(
                     "no same-host wake-ups ({}: {error}); polling every {}",
                     dir.path().display(),
-                    format_duration(self.options.poll_interval)
+                    format_duration(self.poll_interval())
                 )
             })
             .ok();
@@ -184,6 +229,17 @@ impl Consumer {
             .ok()
             .flatten();
         WakeSources { socket, listener }
+    }
+
+    fn poll_interval(&self) -> Duration {
+        self.options.sleep.unwrap_or(self.config.poll_interval)
+    }
+
+    fn idle_status(&self) -> String {
+        format!(
+            "Idle, waiting for jobs on {}",
+            self.options.queues.join(", ")
+        )
     }
 
     /// One pass: check for a stop request, then claim and run a job or sleep.
@@ -207,8 +263,12 @@ impl Consumer {
                 self.process(job, contact).await;
                 contact.set_current_job(None);
                 self.jobs_done += 1;
+                self.notifier.status(&self.idle_status());
             }
-            None => self.idle().await,
+            None => {
+                self.notifier.status(&self.idle_status());
+                self.idle().await;
+            }
         }
         Ok(None)
     }
@@ -220,7 +280,7 @@ impl Consumer {
     }
 
     fn limit_reached(&self) -> Option<StopReason> {
-        if self.shutdown.is_stopping() {
+        if self.shutdown().is_stopping() {
             return Some(StopReason::Signal);
         }
         if self
@@ -245,54 +305,139 @@ impl Consumer {
         over_memory.then_some(StopReason::MemoryLimit)
     }
 
-    /// Sleeps one poll interval, or less when a push, a stop or the time limit comes first.
+    /// The longest this loop may go without looking up: the watchdog's half-period.
+    fn heartbeat_slice(&self) -> Duration {
+        self.notifier
+            .watchdog_interval()
+            .unwrap_or(Duration::MAX)
+            .min(STATUS_REFRESH)
+    }
+
+    fn ping_watchdog_if_due(&mut self) {
+        if let Some(interval) = self.notifier.watchdog_interval()
+            && self.last_ping.elapsed() >= interval
+        {
+            self.notifier.watchdog();
+            self.last_ping = Instant::now();
+        }
+    }
+
+    /// Sleeps one poll interval, or less when a push, a stop, a reload, the time limit or
+    /// the watchdog comes first.
     async fn idle(&mut self) {
-        let mut nap = self.options.poll_interval;
+        let mut nap = self.poll_interval().min(self.heartbeat_slice());
         if let Some(limit) = self.options.time_limit {
             nap = nap.min(limit.saturating_sub(self.started.elapsed()));
         }
         let mut listener_failed = None;
+        let mut reload = false;
         tokio::select! {
             _ = tokio::time::sleep(nap) => {}
-            _ = self.shutdown.reached(StopLevel::Drain) => {}
+            _ = self.signals.shutdown.reached(StopLevel::Drain) => {}
+            _ = self.signals.reload.notified() => reload = true,
             _ = woken(self.wake.socket.as_ref()) => {}
             pushed = pushed(self.wake.listener.as_mut()) => listener_failed = pushed.err(),
+        }
+        if reload {
+            self.reload().await;
         }
         if let Some(error) = listener_failed {
             // The listener reconnects on its next use; until then polling carries on.
             warn!("database notifications interrupted: {error}");
+            self.pause(nap, StopLevel::Drain).await;
+        }
+    }
+
+    /// Sleeps `duration` in watchdog-sized slices, pinging between them; returns early once
+    /// the stop level reaches `until`.
+    async fn pause(&mut self, duration: Duration, until: StopLevel) {
+        let deadline = Instant::now() + duration;
+        loop {
+            self.ping_watchdog_if_due();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.shutdown().level() >= until {
+                return;
+            }
             tokio::select! {
-                _ = tokio::time::sleep(nap) => {}
-                _ = self.shutdown.reached(StopLevel::Drain) => {}
+                _ = tokio::time::sleep(left.min(self.heartbeat_slice())) => {}
+                _ = self.signals.shutdown.reached(until) => return,
             }
         }
     }
 
-    async fn wait_after_error(&mut self, error: &StoreError) {
+    async fn wait_after_error(&mut self, error: &StoreError, contact: &Contact) {
         let delay = self.backoff.next_delay();
         warn!(
             attempt = self.backoff.attempts,
             "{error}; retrying in {}",
             format_duration(delay)
         );
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = self.shutdown.reached(StopLevel::Drain) => {}
+        self.notifier.status(&unavailable_status(contact));
+        self.pause(delay, StopLevel::Drain).await;
+    }
+
+    /// Re-reads the config and the queue selection. An invalid new configuration is logged
+    /// and the old one kept; a running job is never disturbed.
+    async fn reload(&mut self) {
+        self.notifier.reloading();
+        match (self.reloader)() {
+            Ok((config, queues)) => {
+                self.warn_about_restart_only_changes(&config);
+                if queues != self.options.queues {
+                    info!(
+                        "reloaded: now consuming {} (was {})",
+                        queues.join(", "),
+                        self.options.queues.join(", ")
+                    );
+                    if let Err(error) = self.store.register_worker(&self.worker, &queues).await {
+                        warn!("could not record the new queues: {error}");
+                    }
+                } else {
+                    info!("reloaded: queues unchanged ({})", queues.join(", "));
+                }
+                self.config = config;
+                self.options.queues = queues;
+            }
+            Err(failure) => error!(
+                "reload failed, keeping the previous configuration: {}",
+                failure.message
+            ),
+        }
+        self.notifier.ready(&self.idle_status());
+    }
+
+    fn warn_about_restart_only_changes(&self, new: &Config) {
+        let old = &self.config;
+        if new.database_url != old.database_url
+            || new.wake_dir != old.wake_dir
+            || new.heartbeat_interval != old.heartbeat_interval
+            || new.rescue_after != old.rescue_after
+            || new.retention != old.retention
+        {
+            warn!(
+                "database_url, wake_dir, heartbeat_interval, rescue_after and retention \
+                 changes take effect at the next restart"
+            );
         }
     }
 
     /// Runs one claimed job to its recorded end.
     async fn process(&mut self, job: ClaimedJob, contact: &Contact) {
-        let span = info_span!("job", job_id = job.id, queue = %job.queue, code = %job.code);
+        let span = info_span!(
+            "job",
+            job_id = job.id,
+            job_queue = %job.queue,
+            job_code = %job.code
+        );
         async {
-            let completion = match self.prepare_launch(&job) {
+            let outcome = match self.prepare_launch(&job) {
                 Ok(launch) => self.execute(&job, &launch, contact).await,
                 Err(reason) => {
                     warn!("job failed before it started: {reason}");
                     Outcome::Finished(failure_without_run(reason))
                 }
             };
-            self.record(&job, &completion).await;
+            self.record(&job, &outcome).await;
         }
         .instrument(span)
         .await
@@ -323,7 +468,12 @@ impl Consumer {
         })
     }
 
-    async fn execute(&self, job: &ClaimedJob, launch: &JobLaunch, contact: &Contact) -> Outcome {
+    async fn execute(
+        &mut self,
+        job: &ClaimedJob,
+        launch: &JobLaunch,
+        contact: &Contact,
+    ) -> Outcome {
         let running = match runner::start(launch) {
             Ok(running) => running,
             Err(error) => {
@@ -337,37 +487,114 @@ impl Consumer {
             pid = running.pid().as_raw(),
             "job started"
         );
+        self.notifier.status(&running_status(job, Duration::ZERO));
         match self.store.mark_started(&job.lease, Timestamp::now()).await {
             Ok(true) => {}
             Ok(false) => warn!("job is no longer held by this worker"),
             Err(error) => warn!("could not record the job's start: {error}"),
         }
-        let report = running
-            .wait(self.interruption(contact, launch.kill_grace))
-            .await;
+        let report = self.watch(running, job, launch.kill_grace, contact).await;
         let outcome = outcome_of(&report);
         log_end(&report, &outcome);
         outcome
     }
 
-    /// Resolves when the running job must be ended early: an abort (second stop signal), or
-    /// the fence (no heartbeat for two thirds of `rescue_after`, so others may soon rescue it).
-    async fn interruption(&self, contact: &Contact, kill_grace: Duration) -> Interruption {
-        tokio::select! {
-            _ = self.shutdown.reached(StopLevel::Abort) => Interruption {
-                reason: "interrupted by a stop request".into(),
-                grace: kill_grace,
-            },
-            _ = contact.lost_for(self.timings.fence_after()) => Interruption {
-                reason: "lost contact with the database".into(),
-                grace: self.timings.fence_grace(),
-            },
+    /// Waits for the job while keeping the worker's duties: watchdog, STATUS, reloads, stop
+    /// requests with their grace, the timeout and the fence.
+    async fn watch(
+        &mut self,
+        mut running: RunningJob,
+        job: &ClaimedJob,
+        kill_grace: Duration,
+        contact: &Contact,
+    ) -> RunReport {
+        let mut ticks = tokio::time::interval(self.heartbeat_slice());
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let timeout = running.deadline();
+        let mut stop_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let event = tokio::select! {
+                status = running.exited() => JobEvent::Exited(status),
+                _ = sleep_until(timeout) => JobEvent::TimedOut,
+                _ = ticks.tick() => JobEvent::Tick,
+                _ = self.signals.reload.notified() => JobEvent::Reload,
+                _ = self.signals.shutdown.reached(StopLevel::Drain), if stop_deadline.is_none() => {
+                    JobEvent::StopRequested
+                }
+                _ = sleep_until(stop_deadline) => {
+                    JobEvent::Interrupt("the stop grace period ran out", kill_grace)
+                }
+                _ = self.signals.shutdown.reached(StopLevel::Abort) => {
+                    JobEvent::Interrupt("interrupted by a second stop request", kill_grace)
+                }
+                _ = contact.lost_for(self.timings.fence_after()) => {
+                    JobEvent::Interrupt("lost contact with the database", self.timings.fence_grace())
+                }
+            };
+            match event {
+                JobEvent::Exited(status) => {
+                    return running.finish(RunningJob::ending_of(status), status).await;
+                }
+                JobEvent::TimedOut => {
+                    warn!("job timed out: ending its process group");
+                    let status = running.end_group(kill_grace).await;
+                    return running.finish(Ending::TimedOut, status).await;
+                }
+                JobEvent::Interrupt(reason, grace) => {
+                    warn!("ending the job's process group: {reason}");
+                    self.notifier.extend_timeout(grace + STATUS_REFRESH);
+                    let status = running.end_group(grace).await;
+                    return running
+                        .finish(Ending::Interrupted(reason.into()), status)
+                        .await;
+                }
+                JobEvent::Tick => self.keep_alive_while_running(job, &running, stop_deadline),
+                JobEvent::Reload => self.reload().await,
+                JobEvent::StopRequested => {
+                    let grace = self.config.stop_grace;
+                    stop_deadline = Some(tokio::time::Instant::now() + grace);
+                    info!(
+                        "stop requested: waiting up to {} for job {} to finish",
+                        format_duration(grace),
+                        job.id
+                    );
+                    self.notifier
+                        .stopping(&format!("Stopping: waiting for job {}", job.id));
+                    self.keep_alive_while_running(job, &running, stop_deadline);
+                }
+            }
+        }
+    }
+
+    /// Watchdog ping and STATUS while a job runs; during a stop, also asks systemd for more
+    /// time, as long as the stop grace lasts.
+    fn keep_alive_while_running(
+        &mut self,
+        job: &ClaimedJob,
+        running: &RunningJob,
+        stop_deadline: Option<tokio::time::Instant>,
+    ) {
+        self.ping_watchdog_if_due();
+        match stop_deadline {
+            None => self
+                .notifier
+                .status(&running_status(job, running.elapsed())),
+            Some(deadline) => {
+                self.notifier.status(&format!(
+                    "Stopping: waiting for job {} ({} running)",
+                    job.id,
+                    format_duration(Duration::from_secs(running.elapsed().as_secs()))
+                ));
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                self.notifier
+                    .extend_timeout(left.min(STATUS_REFRESH * 3) + STATUS_REFRESH);
+            }
         }
     }
 
     /// Stores the outcome, retrying through database outages: a finished job's result is
     /// kept in memory until it is written, or until an abort is requested.
-    async fn record(&self, job: &ClaimedJob, outcome: &Outcome) {
+    async fn record(&mut self, job: &ClaimedJob, outcome: &Outcome) {
         let mut backoff = Backoff::default();
         loop {
             let stored = match outcome {
@@ -399,10 +626,14 @@ impl Consumer {
                         "cannot record the job's result: {error}; retrying in {}",
                         format_duration(delay)
                     );
-                    tokio::time::sleep(delay).await;
+                    self.notifier.status(&format!(
+                        "Database unavailable, holding the result of job {}",
+                        job.id
+                    ));
+                    self.pause(delay, StopLevel::Abort).await;
                 }
                 Err(error) => {
-                    tracing::error!(?outcome, "giving up on recording the job's result: {error}");
+                    error!(?outcome, "giving up on recording the job's result: {error}");
                     return;
                 }
             }
@@ -410,7 +641,31 @@ impl Consumer {
     }
 
     fn aborting(&self) -> bool {
-        self.shutdown.level() >= StopLevel::Abort
+        self.shutdown().level() >= StopLevel::Abort
+    }
+}
+
+fn running_status(job: &ClaimedJob, elapsed: Duration) -> String {
+    format!(
+        "Running job {} {} ({}) for {}",
+        job.id,
+        job.code,
+        job.queue,
+        format_duration(Duration::from_secs(elapsed.as_secs()))
+    )
+}
+
+fn unavailable_status(contact: &Contact) -> String {
+    match contact.outage_since() {
+        Some(since) => format!("Database unavailable since {}, retrying", clock(since)),
+        None => "Database unavailable, retrying".into(),
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,11 +1,17 @@
-//! Log output: human-readable lines, to stdout for the daemon and to stderr for one-shot
-//! commands (whose stdout is data, such as the id `push` prints).
+//! Log output. Under systemd, when stderr is the journal, lines go to journald with
+//! structured fields (`JOB_ID`, `JOB_QUEUE`, `JOB_CODE` on every line about a job,
+//! `WORKER_INSTANCE` on every line), so `journalctl JOB_ID=42` shows exactly one job.
+//! Otherwise they are human-readable text: on stdout for the daemon, on stderr for one-shot
+//! commands (whose stdout is data, such as the id `push` prints). Never both, and never ANSI
+//! colours into a file or pipe.
 
 use std::io::IsTerminal;
 
+use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
 
-/// Where the log lines go.
+/// Where text log lines go when the journal is not used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogTarget {
     Stdout,
@@ -27,7 +33,43 @@ pub fn filter_for(verbosity: i8) -> EnvFilter {
     EnvFilter::new(format!("warn,pim_job_queue={level}"))
 }
 
-pub fn init(verbosity: i8, target: LogTarget) {
+/// Sets up logging; `instance` is recorded as `WORKER_INSTANCE` in the journal.
+pub fn init(verbosity: i8, target: LogTarget, instance: Option<&str>) {
+    let journal_failure = if libsystemd::logging::connected_to_journal() {
+        match journald_layer(instance) {
+            Ok(layer) => {
+                let _ = tracing_subscriber::registry()
+                    .with(filter_for(verbosity))
+                    .with(layer)
+                    .try_init();
+                return;
+            }
+            Err(error) => Some(error),
+        }
+    } else {
+        None
+    };
+    init_text(verbosity, target);
+    if let Some(error) = journal_failure {
+        tracing::warn!("stderr is the journal but its socket is unusable ({error}); logging text");
+    }
+}
+
+fn journald_layer(instance: Option<&str>) -> std::io::Result<tracing_journald::Layer> {
+    let mappings = PriorityMappings {
+        // journald's default maps INFO to "notice", which journalctl shows in bold.
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        ..PriorityMappings::new()
+    };
+    Ok(tracing_journald::layer()?
+        .with_field_prefix(None)
+        .with_syslog_identifier("pim-job-queue".into())
+        .with_priority_mappings(mappings)
+        .with_custom_fields([("WORKER_INSTANCE", instance.unwrap_or("-"))]))
+}
+
+fn init_text(verbosity: i8, target: LogTarget) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter_for(verbosity))
         .with_target(false);

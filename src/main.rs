@@ -12,6 +12,8 @@ use pim_job_queue::cli::{Cli, Command};
 use pim_job_queue::commands::{self, Context};
 use pim_job_queue::exit::ExitCode;
 use pim_job_queue::logging::{self, LogTarget};
+use pim_job_queue::notify::Notifier;
+use std::sync::Arc;
 
 fn main() {
     let cli = match Cli::try_parse() {
@@ -34,14 +36,24 @@ fn main() {
     } else {
         LogTarget::Stderr
     };
-    logging::init(cli.verbosity(), target);
+    let instance = match &cli.command {
+        Command::Consume(args) => args.instance.as_deref(),
+        _ => None,
+    };
+    logging::init(cli.verbosity(), target, instance);
+    // The watchdog settings are read before the runtime starts any thread.
+    let notifier = Arc::new(if is_daemon {
+        Notifier::from_env()
+    } else {
+        Notifier::disabled()
+    });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("cannot build the async runtime");
     let result = runtime.block_on(async {
         let context = Context::load(&cli)?;
-        commands::run(&cli, &context).await
+        commands::run(&cli, &context, notifier).await
     });
     if let Err(failure) = result {
         // The daemon's log is its voice (the journal, later); a one-shot command speaks to

@@ -64,13 +64,6 @@ pub enum Ending {
     Interrupted(String),
 }
 
-/// A request to end a running job early: why, and how long SIGTERM gets before SIGKILL.
-#[derive(Debug, Clone)]
-pub struct Interruption {
-    pub reason: String,
-    pub grace: Duration,
-}
-
 #[derive(Debug, Clone)]
 pub struct RunReport {
     pub ending: Ending,
@@ -88,7 +81,6 @@ pub struct RunningJob {
     tail: Arc<Mutex<VecDeque<String>>>,
     readers: Vec<JoinHandle<()>>,
     timeout: Option<Duration>,
-    kill_grace: Duration,
 }
 
 /// Starts the job. Its output is logged inside the caller's current tracing span.
@@ -138,7 +130,6 @@ pub fn start(launch: &JobLaunch) -> io::Result<RunningJob> {
         tail,
         readers,
         timeout: launch.timeout,
-        kill_grace: launch.kill_grace,
     })
 }
 
@@ -152,29 +143,19 @@ impl RunningJob {
         self.started.elapsed()
     }
 
-    /// Waits for the job to end, ending it early on timeout or when `interrupt` resolves.
-    pub async fn wait(mut self, interrupt: impl Future<Output = Interruption>) -> RunReport {
-        let timeout = async {
-            match self.timeout {
-                Some(limit) => tokio::time::sleep(limit).await,
-                None => std::future::pending().await,
-            }
-        };
-        let (ending, status) = tokio::select! {
-            status = self.child.wait() => {
-                let status = status.ok();
-                (ending_of(status), status)
-            }
-            _ = timeout => {
-                tracing::warn!(timeout = ?self.timeout, "job timed out: ending its process group");
-                (Ending::TimedOut, self.end_group(self.kill_grace).await)
-            }
-            interruption = interrupt => {
-                tracing::warn!("ending the job's process group: {}", interruption.reason);
-                let status = self.end_group(interruption.grace).await;
-                (Ending::Interrupted(interruption.reason), status)
-            }
-        };
+    /// When the configured timeout runs out, if there is one.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.timeout.map(|limit| (self.started + limit).into())
+    }
+
+    /// Resolves when the job's main process exits. Cancel-safe, so it can sit in a
+    /// `select!` loop beside the worker's other duties.
+    pub async fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.wait().await.ok()
+    }
+
+    /// Cleans up once the main process is gone (leftover processes, output) and reports.
+    pub async fn finish(mut self, ending: Ending, status: Option<ExitStatus>) -> RunReport {
         self.kill_leftovers();
         self.drain_output().await;
         let output_tail = self
@@ -192,8 +173,20 @@ impl RunningJob {
         }
     }
 
+    /// The ending of a process that exited on its own (not ended by the worker).
+    pub fn ending_of(status: Option<ExitStatus>) -> Ending {
+        match status {
+            Some(status) => match (status.code(), status.signal()) {
+                (Some(code), _) => Ending::Exited(code),
+                (None, Some(signal)) => Ending::Signalled(signal),
+                (None, None) => Ending::Exited(-1),
+            },
+            None => Ending::Exited(-1),
+        }
+    }
+
     /// SIGTERM to the whole group, then SIGKILL after `grace`.
-    async fn end_group(&mut self, grace: Duration) -> Option<ExitStatus> {
+    pub async fn end_group(&mut self, grace: Duration) -> Option<ExitStatus> {
         let _ = killpg(self.group, Signal::SIGTERM);
         match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(status) => status.ok(),
@@ -222,17 +215,6 @@ impl RunningJob {
                 reader.abort();
             }
         }
-    }
-}
-
-fn ending_of(status: Option<ExitStatus>) -> Ending {
-    match status {
-        Some(status) => match (status.code(), status.signal()) {
-            (Some(code), _) => Ending::Exited(code),
-            (None, Some(signal)) => Ending::Signalled(signal),
-            (None, None) => Ending::Exited(-1),
-        },
-        None => Ending::Exited(-1),
     }
 }
 

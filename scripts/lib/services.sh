@@ -93,10 +93,10 @@ SQL
 # Drops databases left behind by test runs that were killed.
 drop_stale_test_databases() {
   local name
-  for name in $(postgres_admin -At -c "SELECT datname FROM pg_database WHERE datname LIKE 'pjq\\_t%'"); do
+  for name in $(postgres_admin -At -c "SELECT datname FROM pg_database WHERE datname LIKE 'pjq\\_t%' OR datname LIKE 'pjq\\_bench%'"); do
     postgres_admin -c "DROP DATABASE IF EXISTS $name WITH (FORCE)" || true
   done
-  for name in $(mariadb_admin -N -e "SHOW DATABASES LIKE 'pjq\\_t%'"); do
+  for name in $(mariadb_admin -N -e "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 'pjq\\_t%' OR schema_name LIKE 'pjq\\_bench%'"); do
     mariadb_admin -e "DROP DATABASE IF EXISTS \`$name\`" || true
   done
 }

@@ -308,6 +308,9 @@ pub trait JobStore: Send + Sync {
 
     async fn push(&self, job: &NewJob) -> StoreResult<JobId>;
 
+    /// Stores many jobs in one transaction (one commit, one flush), for bulk loads.
+    async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64>;
+
     /// Claims the oldest due job of the first non-empty queue in `queues`, or nothing.
     async fn claim(
         &self,

@@ -311,6 +311,32 @@ impl JobStore for SqliteStore {
         .map_err(|e| self.error(e))
     }
 
+    async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| self.error(e))?;
+        for job in jobs {
+            sqlx::query(
+                "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
+                    max_attempts)
+                 VALUES (?, ?, ?, 'waiting', ?, ?, ?)",
+            )
+            .bind(&job.queue)
+            .bind(&job.code)
+            .bind(&job.payload)
+            .bind(job.created_at.0)
+            .bind(job.available_at.0)
+            .bind(job.max_attempts as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.error(e))?;
+        }
+        tx.commit().await.map_err(|e| self.error(e))?;
+        Ok(jobs.len() as u64)
+    }
+
     async fn claim(
         &self,
         queues: &[String],

@@ -410,7 +410,7 @@ mod shared {
                 .map(|line| {
                     queues
                         .iter()
-                        .position(|q| line.contains(&format!("queue={q} ")))
+                        .position(|q| line.contains(&format!("job_queue={q} ")))
                         .unwrap()
                 })
                 .collect();

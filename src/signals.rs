@@ -1,9 +1,13 @@
-//! Stop requests from signals.
+//! Signals: stop requests and reload requests.
 //!
 //! The first SIGTERM or SIGINT asks the worker to drain: take no new job, let the running one
-//! finish. A second one asks it to abort: end the running job's process group now. Components
-//! hold a [`Shutdown`] and wait on it in their `select!`s, so a stop is noticed at once
-//! instead of at the next poll.
+//! finish. A second one asks it to abort: end the running job's process group now. SIGHUP
+//! asks it to re-read its configuration. Components wait on these in their `select!`s, so a
+//! signal is noticed at once instead of at the next poll.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -42,29 +46,35 @@ impl ShutdownTrigger {
     }
 }
 
-impl Shutdown {
-    /// A shutdown that only `ShutdownTrigger` can fire.
-    pub fn new() -> (ShutdownTrigger, Shutdown) {
-        let (sender, receiver) = watch::channel(StopLevel::Running);
-        (
-            ShutdownTrigger {
-                level: std::sync::Arc::new(sender),
-            },
-            Shutdown { level: receiver },
-        )
-    }
+/// What the worker listens for.
+#[derive(Debug, Clone)]
+pub struct Signals {
+    pub shutdown: Shutdown,
+    /// Notified on SIGHUP. A request made while nobody waits is kept for the next wait.
+    pub reload: Arc<Notify>,
+}
 
-    /// A shutdown fired by SIGTERM and SIGINT. Must be called inside the runtime; the
-    /// handlers are installed before it returns, so no early signal is lost.
-    pub fn from_signals() -> std::io::Result<Shutdown> {
+impl Signals {
+    /// Installs the handlers for SIGTERM, SIGINT and SIGHUP. Must be called inside the
+    /// runtime; the handlers exist when it returns, so no early signal is lost (and SIGHUP no
+    /// longer kills the process).
+    pub fn install() -> std::io::Result<Signals> {
         let (trigger, shutdown) = Shutdown::new();
+        let reload = Arc::new(Notify::new());
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        let reload_requests = reload.clone();
         tokio::spawn(async move {
             loop {
                 let name = tokio::select! {
                     _ = terminate.recv() => "SIGTERM",
                     _ = interrupt.recv() => "SIGINT",
+                    _ = hangup.recv() => {
+                        tracing::info!("SIGHUP received: reloading the configuration");
+                        reload_requests.notify_one();
+                        continue;
+                    }
                 };
                 match trigger.escalate() {
                     StopLevel::Drain => tracing::info!(
@@ -75,7 +85,20 @@ impl Shutdown {
                 }
             }
         });
-        Ok(shutdown)
+        Ok(Signals { shutdown, reload })
+    }
+}
+
+impl Shutdown {
+    /// A shutdown that only `ShutdownTrigger` can fire.
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (sender, receiver) = watch::channel(StopLevel::Running);
+        (
+            ShutdownTrigger {
+                level: std::sync::Arc::new(sender),
+            },
+            Shutdown { level: receiver },
+        )
     }
 
     pub fn level(&self) -> StopLevel {

@@ -1,0 +1,367 @@
+//! The benchmark behind `scripts/bench.sh`: throughput, pickup latency, claim time against
+//! queue depth, and idle cost, per backend, printed as Markdown tables.
+//!
+//! `cargo bench` passes `--bench`; `cargo test --all-targets` does not, and then this does
+//! nothing, so the test suite never runs (or times) it.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pim_job_queue::store::{
+    self, JobFilter, JobStatus, JobStore, NewJob, Timestamp, WorkerIdentity,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pim-job-queue");
+const QUEUES: [&str; 3] = ["ui_job", "import_export_job", "data_maintenance_job"];
+
+struct Settings {
+    throughput_jobs: usize,
+    latency_samples: usize,
+    deep_queue: usize,
+    idle_seconds: u64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("fleet benchmark: run it with scripts/bench.sh");
+        return;
+    }
+    let quick = std::env::var("PJQ_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let settings = Settings {
+        throughput_jobs: 10_000,
+        latency_samples: 200,
+        deep_queue: if quick { 100_000 } else { 1_000_000 },
+        idle_seconds: if quick { 10 } else { 30 },
+    };
+    let only =
+        std::env::var("PJQ_BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres,mariadb".into());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for backend in only.split(',') {
+        runtime.block_on(bench_backend(backend.trim(), &settings));
+    }
+}
+
+struct Bench {
+    dir: tempfile::TempDir,
+    url: String,
+    store: Box<dyn JobStore>,
+    backend: String,
+    database: Option<String>,
+}
+
+static DATABASES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Bench {
+    async fn new(backend: &str) -> Bench {
+        let dir = tempfile::Builder::new()
+            .prefix("pjq-bench")
+            .tempdir()
+            .unwrap();
+        let (url, database) = fresh_database(backend, dir.path()).await;
+        std::fs::write(
+            dir.path().join("worker.toml"),
+            format!(
+                "database_url = \"{url}\"\nwake_dir = \"{}/wake\"\npoll_interval = \"200ms\"\n[job]\ncommand = [\"/bin/true\"]\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let store = store::open(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        Bench {
+            dir,
+            url,
+            store,
+            backend: backend.into(),
+            database,
+        }
+    }
+
+    async fn drop_database(self) {
+        if let Some(name) = self.database {
+            drop(self.store);
+            let (admin, _) = server_urls(&self.backend);
+            let mut conn = admin_connection(&admin).await;
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                .execute(&mut conn)
+                .await;
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("PIM_JOB_QUEUE_CONFIG", self.dir.path().join("worker.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    }
+
+    fn consumer(&self) -> Child {
+        self.command(&["consume", "-q"]).spawn().unwrap()
+    }
+
+    async fn seed(&self, count: usize, queue_of: impl Fn(usize) -> &'static str) {
+        let mut batch = Vec::with_capacity(50_000);
+        for n in 0..count {
+            let now = Timestamp::now();
+            batch.push(NewJob {
+                queue: queue_of(n).into(),
+                code: "bench".into(),
+                payload: "{}".into(),
+                created_at: now,
+                available_at: now,
+                max_attempts: 1,
+            });
+            if batch.len() == 50_000 || n + 1 == count {
+                self.store.push_batch(&batch).await.unwrap();
+                batch.clear();
+            }
+        }
+    }
+
+    async fn unfinished(&self) -> i64 {
+        let counts = self.store.queue_counts(Timestamp::now()).await.unwrap();
+        counts
+            .iter()
+            .map(|c| c.waiting + c.running + c.delayed)
+            .sum()
+    }
+
+    async fn clear(&self) {
+        // Claim-and-forget leaves running rows; finish them so prune can take everything.
+        self.store
+            .prune_finished(Timestamp::now().plus(Duration::from_secs(60)))
+            .await
+            .unwrap();
+    }
+}
+
+/// (admin URL, server URL) for a server backend.
+fn server_urls(backend: &str) -> (String, String) {
+    match backend {
+        "postgres" => {
+            let server = std::env::var("PJQ_TEST_POSTGRES_URL").unwrap();
+            (format!("{server}/postgres"), server)
+        }
+        "mariadb" => {
+            let server = std::env::var("PJQ_TEST_MARIADB_URL").unwrap();
+            (server.clone(), server)
+        }
+        other => panic!("unknown backend {other}"),
+    }
+}
+
+async fn admin_connection(admin: &str) -> sqlx::AnyConnection {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    sqlx::AnyConnection::connect(admin).await.unwrap()
+}
+
+async fn fresh_database(backend: &str, dir: &std::path::Path) -> (String, Option<String>) {
+    if backend == "sqlite" {
+        return (format!("sqlite://{}/jobs.sqlite", dir.display()), None);
+    }
+    let (admin, server) = server_urls(backend);
+    let mut conn = admin_connection(&admin).await;
+    let name = format!(
+        "pjq_bench_{}_{}",
+        std::process::id(),
+        DATABASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    (format!("{server}/{name}"), Some(name))
+}
+
+async fn bench_backend(backend: &str, settings: &Settings) {
+    eprintln!("== {backend}");
+    let bench = Bench::new(backend).await;
+    let mut rows: Vec<(String, String, &str)> = Vec::new();
+    for workers in [1, 4, 8] {
+        let rate = throughput(&bench, workers, settings.throughput_jobs).await;
+        rows.push((
+            format!(
+                "throughput, {} × /bin/true, {workers} worker(s)",
+                settings.throughput_jobs
+            ),
+            format!("{rate:.0} jobs/s"),
+            "spawn-bound",
+        ));
+    }
+    let (p50, p95) = pickup_latency(&bench, settings.latency_samples).await;
+    rows.push((
+        format!(
+            "pickup latency p50 (idle, {} pushes)",
+            settings.latency_samples
+        ),
+        format!("{p50:.1} ms"),
+        "< 5 ms",
+    ));
+    rows.push(("pickup latency p95".into(), format!("{p95:.1} ms"), ""));
+    let shallow = claim_time(backend, 1_000).await;
+    let deep = claim_time(backend, settings.deep_queue).await;
+    rows.push((
+        "claim time, 1,000 queued (median)".into(),
+        format!("{shallow:.2} ms"),
+        "",
+    ));
+    rows.push((
+        format!("claim time, {} queued (median)", settings.deep_queue),
+        format!("{deep:.2} ms ({:.2}×)", deep / shallow),
+        "≤ 1.5×",
+    ));
+    let (rss, cpu) = idle_cost(&bench, settings.idle_seconds).await;
+    rows.push((
+        "idle worker RSS".into(),
+        format!("{:.1} MB", rss as f64 / 1e6),
+        "< 15 MB",
+    ));
+    rows.push((
+        format!("idle worker CPU over {} s", settings.idle_seconds),
+        format!("{cpu:.2} %"),
+        "",
+    ));
+    println!("\n### {backend} ({})\n", store::redact_url(&bench.url));
+    println!("| measure | result | target |\n|---|---:|---|");
+    for (measure, result, target) in rows {
+        println!("| {measure} | {result} | {target} |");
+    }
+    bench.drop_database().await;
+}
+
+async fn throughput(bench: &Bench, workers: usize, jobs: usize) -> f64 {
+    bench.seed(jobs, |n| QUEUES[n % 3]).await;
+    let started = Instant::now();
+    let mut children: Vec<Child> = (0..workers).map(|_| bench.consumer()).collect();
+    while bench.unfinished().await > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed();
+    stop(bench, &mut children);
+    bench.clear().await;
+    jobs as f64 / elapsed.as_secs_f64()
+}
+
+/// Push (through the CLI, as users do) to an idle worker; latency is the job's `started_at`
+/// (just after the spawn) minus its `created_at` (just before the insert).
+async fn pickup_latency(bench: &Bench, samples: usize) -> (f64, f64) {
+    let mut children = vec![bench.consumer()];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..samples {
+        let status = bench
+            .command(&["push", "ui_job", "latency"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    while bench.unfinished().await > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(bench, &mut children);
+    let jobs = bench
+        .store
+        .list_jobs(&JobFilter {
+            queue: Some("ui_job".into()),
+            status: Some(JobStatus::Succeeded),
+            limit: samples as u32,
+        })
+        .await
+        .unwrap();
+    let mut millis: Vec<f64> = jobs
+        .iter()
+        .filter_map(|j| {
+            j.started_at
+                .map(|s| s.since(j.created_at).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    millis.sort_by(f64::total_cmp);
+    bench.clear().await;
+    (percentile(&millis, 0.50), percentile(&millis, 0.95))
+}
+
+/// The median of 200 claims from the lowest queue (the claim looks at the two empty higher
+/// queues first, as a worker's does) with `depth` jobs waiting, on a database of its own.
+async fn claim_time(backend: &str, depth: usize) -> f64 {
+    let bench = Bench::new(backend).await;
+    eprintln!("   seeding {depth} jobs");
+    bench.seed(depth, |_| "data_maintenance_job").await;
+    let queues: Vec<String> = QUEUES.iter().map(|q| q.to_string()).collect();
+    let worker = WorkerIdentity::for_this_process(Some("bench".into()), None);
+    let mut millis = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        let claimed = bench
+            .store
+            .claim(&queues, &worker, Timestamp::now())
+            .await
+            .unwrap();
+        millis.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert!(claimed.is_some());
+    }
+    millis.sort_by(f64::total_cmp);
+    bench.drop_database().await;
+    percentile(&millis, 0.5)
+}
+
+async fn idle_cost(bench: &Bench, seconds: u64) -> (u64, f64) {
+    let mut children = vec![bench.consumer()];
+    let pid = children[0].id();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let ticks = cpu_ticks(pid) - before;
+    let rss = rss_bytes(pid);
+    stop(bench, &mut children);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as f64;
+    (rss, ticks as f64 / hz / seconds as f64 * 100.0)
+}
+
+fn stop(bench: &Bench, children: &mut Vec<Child>) {
+    let _ = bench.command(&["stop-workers"]).status();
+    for child in children.drain(..) {
+        let mut child = child;
+        let _ = child.wait();
+    }
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+fn percentile(sorted: &[f64], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() - 1) as f64 * fraction).round() as usize;
+    sorted[index]
+}
