@@ -7,5 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/services.sh
 
+apt_install systemd util-linux
 start_database_servers
+cargo build --quiet
+scripts/check-unit.sh target/debug/pim-job-queue
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"

@@ -8,3 +8,4 @@ mod conformance;
 mod consume;
 mod fleet;
 mod instance;
+mod systemd;

@@ -449,3 +449,76 @@ impl Backend {
         }
     }
 }
+
+/// A fake `$NOTIFY_SOCKET`: a datagram socket at a short filesystem path (sd-notify cannot use
+/// abstract sockets), with every message received kept in order.
+pub struct NotifySocket {
+    _dir: TempDir,
+    pub path: PathBuf,
+    messages: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl NotifySocket {
+    pub fn new() -> NotifySocket {
+        let dir = tempfile::Builder::new()
+            .prefix("pjqn")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let path = dir.path().join("n.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let messages: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+        let sink = messages.clone();
+        std::thread::spawn(move || {
+            let mut buffer = vec![0u8; 65536];
+            while let Ok(n) = socket.recv(&mut buffer) {
+                let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
+                sink.lock().unwrap().push((Instant::now(), text));
+            }
+        });
+        NotifySocket {
+            _dir: dir,
+            path,
+            messages,
+        }
+    }
+
+    pub fn messages(&self) -> Vec<String> {
+        self.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    pub fn timed(&self) -> Vec<(Instant, String)> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// Waits for a message containing `needle`; returns its index.
+    pub fn wait_for(&self, needle: &str, limit: Duration) -> usize {
+        self.wait_for_after(needle, 0, limit)
+    }
+
+    /// Waits for a message containing `needle` at index `from` or later.
+    pub fn wait_for_after(&self, needle: &str, from: usize, limit: Duration) -> usize {
+        let mut found = None;
+        let what = format!("a notification containing {needle:?}");
+        let deadline = Instant::now() + limit;
+        while found.is_none() {
+            found = self
+                .messages()
+                .iter()
+                .skip(from)
+                .position(|m| m.contains(needle))
+                .map(|i| i + from);
+            assert!(
+                found.is_some() || Instant::now() < deadline,
+                "timed out waiting for {what}; got {:?}",
+                self.messages()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        found.unwrap()
+    }
+}
