@@ -73,6 +73,12 @@ pub enum Command {
     Cancel(IdArgs),
     /// Create or upgrade the database schema.
     Migrate,
+    /// Write the man page and shell completions into DIR (used when packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -27,6 +27,14 @@ fn main() {
             std::process::exit(code);
         }
     };
+    if let Command::GenerateAssets { dir } = &cli.command {
+        // Packaging-time only: needs neither a config nor a database.
+        if let Err(failure) = commands::generate_assets(dir) {
+            eprintln!("pim-job-queue: {}", failure.message);
+            std::process::exit(failure.exit.code());
+        }
+        return;
+    }
     let is_daemon = matches!(cli.command, Command::Consume(_));
     if !is_daemon {
         restore_default_sigpipe();
