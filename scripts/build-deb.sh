@@ -6,13 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/services.sh
 
-apt_install debhelper dpkg-dev lintian sudo
-rm -rf dist
-dpkg-checkbuilddeps
-debian/rules clean >/dev/null
-debian/rules build
-debian/rules binary
+# Everything but the final path goes to stderr, so `deb=$(scripts/build-deb.sh)` works.
+{
+  apt_install debhelper dpkg-dev lintian sudo
+  rm -rf dist
+  dpkg-checkbuilddeps
+  debian/rules clean
+  debian/rules build
+  debian/rules binary
+} >&2
 deb=$(ls dist/pim-job-queue_*.deb)
 say "lintian $deb"
-lintian --fail-on error --info "$deb"
+# Errors fail the build; warnings and infos are shown (each override carries its reason).
+lintian --fail-on error "$deb" >&2
 echo "$deb"

@@ -12,3 +12,15 @@ start_database_servers
 cargo build --quiet
 scripts/check-unit.sh target/debug/pim-job-queue
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"
+
+# The package, and the end-to-end run on a real systemd (PID 1 in a container). It needs
+# root; under CI that is a requirement, elsewhere a loud skip.
+if [ "$(id -u)" = 0 ]; then
+  deb=$(scripts/build-deb.sh)
+  scripts/e2e-systemd.sh "$deb"
+elif [ "${CI:-}" = true ]; then
+  echo "CI must run the systemd end-to-end test, which needs root" >&2
+  exit 1
+else
+  printf '\n!!! SKIPPED: scripts/e2e-systemd.sh needs root (run it with sudo) !!!\n\n' >&2
+fi

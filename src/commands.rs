@@ -83,19 +83,25 @@ pub async fn run(cli: &Cli, context: &Context, notifier: Arc<Notifier>) -> Resul
 pub fn generate_assets(dir: &std::path::Path) -> Result<(), Failure> {
     use clap::CommandFactory;
     let io = |error: std::io::Error| {
-        Failure::new(ExitCode::Software, format!("cannot write to {}: {error}", dir.display()))
+        Failure::new(
+            ExitCode::Software,
+            format!("cannot write to {}: {error}", dir.display()),
+        )
     };
     std::fs::create_dir_all(dir).map_err(io)?;
     let command = Cli::command();
     let mut page = Vec::new();
-    clap_mangen::Man::new(command.clone()).render(&mut page).map_err(io)?;
+    clap_mangen::Man::new(command.clone())
+        .render(&mut page)
+        .map_err(io)?;
     std::fs::write(dir.join("pim-job-queue.1"), page).map_err(io)?;
     for shell in [
         clap_complete::Shell::Bash,
         clap_complete::Shell::Zsh,
         clap_complete::Shell::Fish,
     ] {
-        clap_complete::generate_to(shell, &mut command.clone(), "pim-job-queue", dir).map_err(io)?;
+        clap_complete::generate_to(shell, &mut command.clone(), "pim-job-queue", dir)
+            .map_err(io)?;
     }
     Ok(())
 }

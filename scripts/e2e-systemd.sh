@@ -1,0 +1,396 @@
+#!/usr/bin/env bash
+# End-to-end test on a real systemd: boots a Debian 12 container with systemd as PID 1
+# (systemd-nspawn; debootstrap'd once into $ROOTFS and reused), installs the .deb with apt,
+# and checks every promise of the systemd section of Akeneo's daemon documentation, first
+# on the default SQLite store, then on the host's MariaDB over TCP with a second "host".
+# Fails loudly on the first miss and prints the journal of the units involved.
+#
+#   scripts/e2e-systemd.sh [DEB]     (root; builds the .deb with scripts/build-deb.sh if no DEB)
+#
+# Env: ROOTFS (default /var/tmp/pjq-e2e-rootfs), MIRROR (default: the first URI apt uses).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/services.sh
+
+ROOTFS=${ROOTFS:-/var/tmp/pjq-e2e-rootfs}
+STATE=$(mktemp -d /run/pjq-e2e.XXXXXX)
+BOOT_LOG=$STATE/boot.log
+HOSTNAME_IN=pimtest
+START=$(date +%s)
+
+log() { printf '[e2e %4ss] %s\n' "$(( $(date +%s) - START ))" "$*" >&2; }
+fail() {
+  log "FAIL: $*"
+  exit 1
+}
+check() {
+  local what=$1
+  shift
+  if "$@"; then log "ok   - $what"; else fail "$what"; fi
+}
+
+[ "$(id -u)" = 0 ] || fail "needs root (systemd-nspawn, debootstrap)"
+
+# ------------------------------------------------------------------ container
+
+detect_mirror() {
+  local mirror=""
+  if ls /etc/apt/sources.list.d/*.sources >/dev/null 2>&1; then
+    mirror=$(awk '/^URIs:/ {u=$2} /^Suites:/ {for (i=2;i<=NF;i++) if ($i=="bookworm") ok=1}
+                  /^$/ {if (ok && u !~ /security/) {print u; exit} ok=0; u=""}
+                  END {if (ok && u !~ /security/) print u}' /etc/apt/sources.list.d/*.sources | head -n 1)
+  fi
+  if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
+    mirror=$(awk '$1=="deb" && $3=="bookworm" {print $2; exit}' /etc/apt/sources.list)
+  fi
+  echo "${mirror:-http://deb.debian.org/debian}"
+}
+
+make_rootfs() {
+  apt_install systemd-container debootstrap
+  if [ ! -x "$ROOTFS/lib/systemd/systemd" ] || [ ! -x "$ROOTFS/usr/sbin/adduser" ]; then
+    log "debootstrap bookworm into $ROOTFS (once; later runs reuse it)"
+    rm -rf "$ROOTFS"
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,sudo,adduser,procps \
+      bookworm "$ROOTFS" "${MIRROR:-$(detect_mirror)}" >"$STATE/debootstrap.log" 2>&1 \
+      || { tail -n 20 "$STATE/debootstrap.log"; fail "debootstrap"; }
+  fi
+  echo "$HOSTNAME_IN" >"$ROOTFS/etc/hostname"
+  grep -q "$HOSTNAME_IN" "$ROOTFS/etc/hosts" 2>/dev/null \
+    || printf '127.0.0.1 localhost\n127.0.1.1 %s\n' "$HOSTNAME_IN" >>"$ROOTFS/etc/hosts"
+  for unit in console-getty.service getty@.service apt-daily.timer apt-daily-upgrade.timer \
+              dpkg-db-backup.timer e2scrub_all.timer; do
+    ln -sf /dev/null "$ROOTFS/etc/systemd/system/$unit"
+  done
+  # Docker-style images forbid service actions in maintainer scripts; a real host does not.
+  printf '#!/bin/sh\nexit 0\n' >"$ROOTFS/usr/sbin/policy-rc.d"
+  chmod 0755 "$ROOTFS/usr/sbin/policy-rc.d"
+  # Leftovers of an earlier run.
+  chroot "$ROOTFS" sh -c 'dpkg --purge pim-job-queue >/dev/null 2>&1; userdel akeneo 2>/dev/null; userdel intruder 2>/dev/null; true'
+  rm -rf "$ROOTFS/etc/systemd/system/pim_job_queue@.service.d"
+}
+
+leader() { cat "$STATE/leader"; }
+
+# Runs a command inside the container, in all its namespaces, with a clean environment.
+cexec() {
+  nsenter --target "$(leader)" --all --root --wd -- /usr/bin/env -i \
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    HOME=/root TERM=dumb LANG=C.UTF-8 SYSTEMD_PAGER=cat SYSTEMD_COLORS=0 "$@"
+}
+
+boot() {
+  local extra=()
+  [ -d /run/systemd/system ] || extra+=(--keep-unit)
+  setsid bash -c 'echo $$ > "$0"; exec "$@"' "$STATE/nspawn" \
+    systemd-nspawn --quiet -D "$ROOTFS" --boot --register=no "${extra[@]}" \
+    --console=read-only --hostname="$HOSTNAME_IN" </dev/null >"$BOOT_LOG" 2>&1 &
+  local nspawn="" pid1="" _
+  for _ in $(seq 1 50); do nspawn=$(cat "$STATE/nspawn" 2>/dev/null) && [ -n "$nspawn" ] && break; sleep 0.1; done
+  [ -n "$nspawn" ] || fail "systemd-nspawn did not start"
+  for _ in $(seq 1 600); do
+    kill -0 "$nspawn" 2>/dev/null || { cat "$BOOT_LOG"; fail "systemd-nspawn exited while booting"; }
+    for child in $(ps --ppid "$nspawn" -o pid= 2>/dev/null); do
+      [ "$(cat "/proc/$child/comm" 2>/dev/null)" = systemd ] && pid1=$child
+    done
+    [ -n "$pid1" ] && nsenter -t "$pid1" -a -- test -S /run/systemd/private 2>/dev/null && break
+    sleep 0.1
+  done
+  [ -n "$pid1" ] || fail "no systemd in the container"
+  echo "$pid1" >"$STATE/leader"
+  local state
+  state=$(timeout 60 nsenter -t "$pid1" -a -- systemctl is-system-running --wait 2>&1 || true)
+  case "$state" in
+    running | degraded) log "container booted ($state)" ;;
+    *) cat "$BOOT_LOG"; fail "container did not boot: $state" ;;
+  esac
+}
+
+shutdown_container() {
+  local nspawn
+  nspawn=$(cat "$STATE/nspawn" 2>/dev/null) || return 0
+  kill -0 "$nspawn" 2>/dev/null || return 0
+  cexec systemctl poweroff --no-block >/dev/null 2>&1 || kill -TERM "$nspawn" 2>/dev/null || true
+  for _ in $(seq 1 300); do kill -0 "$nspawn" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$nspawn" 2>/dev/null || true
+}
+
+on_exit() {
+  local rc=$?
+  if [ $rc -ne 0 ] && [ -s "$STATE/leader" ]; then
+    log "journal of the pim_job_queue units:"
+    cexec journalctl --no-pager -o short-precise -u 'pim_job_queue@*' -n 150 || true
+    cexec systemctl --no-pager list-units 'pim_job_queue@*' --all || true
+  fi
+  [ -n "${HOST_WORKER:-}" ] && kill "$HOST_WORKER" 2>/dev/null
+  shutdown_container
+  [ -n "${E2E_DATABASE:-}" ] && mariadb_admin -e "DROP DATABASE IF EXISTS $E2E_DATABASE" 2>/dev/null
+  rm -rf "$STATE"
+  [ $rc -eq 0 ] && log "ALL OK" || log "FAILED (exit $rc)"
+  exit $rc
+}
+trap on_exit EXIT
+
+# ------------------------------------------------------------------ helpers
+
+prop() { cexec systemctl show "$1" -p "$2" --value; }
+# apt-get inside the container; its output goes to a log that is shown if it fails.
+capt() {
+  cexec env DEBIAN_FRONTEND=noninteractive apt-get -q "$@" >"$STATE/apt.log" 2>&1 \
+    || { cat "$STATE/apt.log" >&2; return 1; }
+}
+pjq() { cexec pim-job-queue "$@"; }
+# One top-level field of `show ID --json`, without quotes.
+job_field() {
+  pjq show "$1" --json | sed -n "s/^  \"$2\": \"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}\$/\1/p"
+}
+push() { pjq push "$1" "$2" --payload "{\"sleep\": ${3:-0}}"; }
+wait_for() { # what seconds command...
+  local what=$1 seconds=$2
+  shift 2
+  for _ in $(seq 1 $((seconds * 10))); do
+    "$@" && { log "ok   - $what"; return 0; }
+    sleep 0.1
+  done
+  fail "$what (waited ${seconds}s)"
+}
+is() { [ "$("${@:2}")" = "$1" ]; }
+job_is() { is "$2" job_field "$1" status; }
+as_user() { cexec su "$1" -c "$2" </dev/null; }
+refused() { ! "$@" >/dev/null 2>&1; }
+journal() { cexec journalctl --no-pager -q -o cat "$@"; }
+journal_has() { journal "${@:2}" | grep -F -- "$1" >/dev/null; }
+status_shows() { cexec systemctl --no-pager status "$1" | grep -F -- "$2" >/dev/null; }
+restarted() { [ "$(prop "$1" NRestarts)" -ge 1 ]; }
+workers_of_hosts() {
+  local status host
+  status=$(pjq status --json)
+  for host in "$@"; do
+    grep -F "\"host\": \"$host\"" <<<"$status" >/dev/null || return 1
+  done
+}
+
+write_config() { # database_url or "" for the default SQLite store
+  local url_line=""
+  [ -n "$1" ] && url_line="database_url = \"$1\""
+  cexec sh -c "cat > /etc/pim_job_queue/worker.toml" <<EOF
+$url_line
+poll_interval = "200ms"
+heartbeat_interval = "500ms"
+rescue_after = "3s"
+stop_grace = "60s"
+[job]
+command = ["/bin/sh", "-c", "echo \"output of job \$0\"; sleep \"\$1\"; echo \"job \$0 done\"", "{id}", "{payload.sleep}"]
+[jobs.retryable]
+max_attempts = 2
+EOF
+  cexec mkdir -p /etc/systemd/system/pim_job_queue@.service.d
+  # A short watchdog so a frozen worker is noticed within seconds.
+  cexec sh -c 'cat > /etc/systemd/system/pim_job_queue@.service.d/e2e.conf' <<'EOF'
+[Service]
+WatchdogSec=3s
+RestartSec=1s
+TimeoutAbortSec=10s
+EOF
+  cexec systemctl daemon-reload
+}
+
+# ------------------------------------------------------------------ the checks
+
+run_checks() { # label
+  local label=$1
+  log "== checks on $label"
+  cexec sh -c 'printf "import_export_job\n" > /etc/pim_job_queue/1.conf; rm -f /etc/pim_job_queue/2.conf; printf "ui_job\nbogus_queue\n" > /etc/pim_job_queue/3.conf'
+
+  # 1. start returns only after READY; status shows the STATUS line.
+  check "1: systemctl start pim_job_queue@1" cexec systemctl start pim_job_queue@1
+  check "1: active as soon as start returns" is active prop pim_job_queue@1 ActiveState
+  check "1: StatusText after READY" is "Idle, waiting for jobs on import_export_job" prop pim_job_queue@1 StatusText
+  check "1: systemctl status shows it" status_shows pim_job_queue@1 'Status: "Idle, waiting for jobs on import_export_job"'
+
+  # 2. A missing 2.conf means all three queues, and the journal says so.
+  check "2: systemctl start pim_job_queue@2" cexec systemctl start pim_job_queue@2
+  check "2: instance 2 serves all queues" is "Idle, waiting for jobs on ui_job, import_export_job, data_maintenance_job" prop pim_job_queue@2 StatusText
+  check "2: the journal says so" journal_has "does not exist or is empty, this consumer will support all job types" -u pim_job_queue@2
+
+  # 3. Jobs pushed from the command line run; the journal shows start, output and end, and
+  #    JOB_ID=<id> selects exactly one job.
+  local first second
+  first=$(push ui_job hello)
+  second=$(push ui_job hello)
+  wait_for "3: job $first ran" 15 job_is "$first" succeeded
+  wait_for "3: job $second ran" 15 job_is "$second" succeeded
+  check "3: instance 2 ran them (instance 1 only serves import_export_job)" is "$(prop pim_job_queue@2 MainPID)" job_field "$first" worker_pid
+  check "3: journal shows the start" journal_has "job started" -u pim_job_queue@2 JOB_ID="$first"
+  check "3: journal shows the output" journal_has "output of job $first" -u pim_job_queue@2
+  check "3: journal shows the end" journal_has "job finished" -u pim_job_queue@2 JOB_ID="$first"
+  check "3: JOB_ID=$first shows only that job" refused journal_has "job $second" -u pim_job_queue@2 JOB_ID="$first"
+  check "3: JOB_ID=$first has its output" journal_has "output of job $first" -u pim_job_queue@2 JOB_ID="$first"
+
+  # 4. A bad 3.conf leaves instance 3 failed, the reason in its journal, no restart loop.
+  check "4: start of instance 3 fails" refused cexec systemctl start pim_job_queue@3
+  sleep 3
+  check "4: instance 3 is failed" is failed prop pim_job_queue@3 ActiveState
+  check "4: no restart loop" is 0 prop pim_job_queue@3 NRestarts
+  check "4: exit status 78" is 78 prop pim_job_queue@3 ExecMainStatus
+  check "4: the journal names the file and line" journal_has "3.conf:2: unknown queue \"bogus_queue\"" -u pim_job_queue@3
+  cexec systemctl reset-failed pim_job_queue@3
+
+  # 5. Watchdog: a frozen worker is restarted, and the job it held is rescued.
+  cexec systemctl stop pim_job_queue@2
+  local held frozen
+  held=$(push import_export_job retryable 6)
+  wait_for "5: instance 1 holds job $held" 15 job_is "$held" running
+  frozen=$(prop pim_job_queue@1 MainPID)
+  cexec kill -STOP "$frozen"
+  wait_for "5: the watchdog restarted the frozen worker" 30 restarted pim_job_queue@1
+  wait_for "5: active again" 15 is active prop pim_job_queue@1 ActiveState
+  check "5: with a new MainPID" test "$(prop pim_job_queue@1 MainPID)" != "$frozen"
+  wait_for "5: job $held rescued and run again" 60 job_is "$held" succeeded
+  check "5: on its second attempt" is 2 job_field "$held" attempts
+  check "5: the journal tells the watchdog story" journal_has "Watchdog timeout" -u pim_job_queue@1
+
+  # 6. systemctl stop during a 10 s job waits for it; the job is recorded succeeded.
+  local long
+  long=$(push import_export_job hello 10)
+  wait_for "6: job $long running" 15 job_is "$long" running
+  local before after
+  before=$(date +%s)
+  check "6: systemctl stop pim_job_queue@1" cexec systemctl stop pim_job_queue@1
+  after=$(date +%s)
+  check "6: job $long recorded succeeded" job_is "$long" succeeded
+  check "6: stop waited for the job ($((after - before)) s)" test $((after - before)) -ge 5
+  check "6: the journal says it waited" journal_has "waiting up to" -u pim_job_queue@1
+
+  # 7. reload after editing 1.conf changes the queues, same process.
+  cexec systemctl start pim_job_queue@1
+  local pid
+  pid=$(prop pim_job_queue@1 MainPID)
+  cexec sh -c 'printf "ui_job\n" > /etc/pim_job_queue/1.conf'
+  check "7: systemctl reload pim_job_queue@1" cexec systemctl reload pim_job_queue@1
+  wait_for "7: now serving ui_job" 10 is "Idle, waiting for jobs on ui_job" prop pim_job_queue@1 StatusText
+  check "7: same MainPID" is "$pid" prop pim_job_queue@1 MainPID
+  local reloaded
+  reloaded=$(push ui_job hello)
+  wait_for "7: instance 1 runs ui_job now" 15 job_is "$reloaded" succeeded
+  check "7: on the reloaded process" is "$pid" job_field "$reloaded" worker_pid
+}
+
+sudo_checks() {
+  log "== sudo rules"
+  cexec sh -c 'id akeneo >/dev/null 2>&1 || useradd -m -s /bin/sh akeneo; id intruder >/dev/null 2>&1 || useradd -m -s /bin/sh intruder'
+  cexec adduser --quiet akeneo pim-job-queue-ops
+  check "8: visudo -c accepts the whole configuration" cexec visudo -c
+  local verb
+  for verb in start restart reload; do
+    check "8: akeneo may $verb pim_job_queue@2" as_user akeneo "sudo -n systemctl $verb pim_job_queue@2"
+  done
+  check "8: akeneo may read status without a pager" as_user akeneo "sudo -n systemctl --no-pager status pim_job_queue@2"
+  check "8: akeneo may stop pim_job_queue@2.service" as_user akeneo "sudo -n systemctl stop pim_job_queue@2.service"
+  check "8: stopped" is inactive prop pim_job_queue@2 ActiveState
+  local denied
+  for denied in \
+    "systemctl start ssh.service" \
+    "systemctl start pim_job_queue@2 debug-shell.service" \
+    "systemctl stop pim_job_queue@2 dbus.service" \
+    "systemctl start --no-block pim_job_queue@2" \
+    "systemctl --force start pim_job_queue@2" \
+    "systemctl enable pim_job_queue@2" \
+    "systemctl mask pim_job_queue@2" \
+    "systemctl edit pim_job_queue@2" \
+    "systemctl status pim_job_queue@2" \
+    "systemctl start pim_job_queue@../../etc/shadow" \
+    "systemctl start pim_job_queue@a-..-..-etc-shadow" \
+    "systemctl start pim_job_queue@a\\\\x2fb" \
+    "systemctl start pim_job_queue@1.timer" \
+    "systemctl start debug-shell.service" \
+    "/bin/sh -c id"; do
+    # `sudo -l COMMAND` asks the policy without running anything, so a refusal here is the
+    # rule's, never the command's own failure.
+    check "8: akeneo may not: sudo $denied" refused as_user akeneo "sudo -n -l $denied"
+  done
+  check "8: a user outside the group gets nothing" refused as_user intruder "sudo -n -l systemctl start pim_job_queue@2"
+  check "8: not even status" refused as_user intruder "sudo -n -l systemctl --no-pager status pim_job_queue@2"
+  check "8: while the same query for akeneo is allowed" as_user akeneo "sudo -n -l systemctl start pim_job_queue@2"
+  cexec systemctl stop pim_job_queue@2
+}
+
+fleet_checks() { # with the MariaDB store: a worker on the host is a second "host"
+  log "== several hosts on one MariaDB database"
+  local host_config=$STATE/host-worker.toml
+  printf 'database_url = "%s"\nwake_dir = "%s/wake"\n[job]\ncommand = ["/bin/echo", "host-b ran {id}"]\n' \
+    "$E2E_URL" "$STATE" >"$host_config"
+  PIM_JOB_QUEUE_CONFIG=$host_config target/release/pim-job-queue consume data_maintenance_job \
+    --host-id host-b >"$STATE/host-worker.log" 2>&1 &
+  HOST_WORKER=$!
+  cexec systemctl start pim_job_queue@2
+  local job
+  job=$(push data_maintenance_job hello)
+  wait_for "10: job $job ran" 20 job_is "$job" succeeded
+  wait_for "10: status lists workers of both hosts" 10 workers_of_hosts host-b "$HOSTNAME_IN"
+  kill "$HOST_WORKER"
+  wait "$HOST_WORKER" || true
+  HOST_WORKER=""
+  cexec systemctl stop pim_job_queue@2
+}
+
+package_lifecycle() { # deb upgraded_deb
+  log "== upgrade, remove, purge"
+  cexec systemctl start pim_job_queue@1 pim_job_queue@2
+  local one two
+  one=$(prop pim_job_queue@1 MainPID)
+  two=$(prop pim_job_queue@2 MainPID)
+  cp "$2" "$ROOTFS/var/tmp/upgrade.deb"
+  check "9: apt installs the higher version" capt install -y /var/tmp/upgrade.deb
+  check "9: the new version is installed" is "$UPGRADED_VERSION" cexec dpkg-query -W -f='${Version}' pim-job-queue
+  check "9: instance 1 restarted" test "$(prop pim_job_queue@1 MainPID)" != "$one"
+  check "9: instance 2 restarted" test "$(prop pim_job_queue@2 MainPID)" != "$two"
+  check "9: instance 1 still active" is active prop pim_job_queue@1 ActiveState
+  check "9: instance 2 still active" is active prop pim_job_queue@2 ActiveState
+  check "9: apt remove" capt remove -y pim-job-queue
+  check "9: remove stopped instance 1" refused cexec systemctl is-active --quiet pim_job_queue@1
+  check "9: remove stopped instance 2" refused cexec systemctl is-active --quiet pim_job_queue@2
+  check "9: apt purge" capt purge -y pim-job-queue
+  check "9: purge leaves no config" refused cexec test -e /etc/pim_job_queue
+  check "9: purge leaves no sudo rules" refused cexec test -e /etc/sudoers.d/pim_job_queue
+  check "9: purge leaves no state" refused cexec test -e /var/lib/pim_job_queue
+}
+
+# ------------------------------------------------------------------ main
+
+deb=${1:-}
+if [ -z "$deb" ]; then
+  deb=$(scripts/build-deb.sh)
+fi
+[ -f "$deb" ] || fail "no .deb at $deb"
+[ -x target/release/pim-job-queue ] || cargo build --release --locked
+
+# The upgrade target: the same package with a higher version.
+VERSION=$(dpkg-deb -f "$deb" Version)
+UPGRADED_VERSION="$VERSION+e2e1"
+rm -rf "$STATE/repack" && dpkg-deb -R "$deb" "$STATE/repack"
+sed -i "s/^Version: .*/Version: $UPGRADED_VERSION/" "$STATE/repack/DEBIAN/control"
+dpkg-deb --root-owner-group -b "$STATE/repack" "$STATE/upgrade.deb" >/dev/null
+
+start_mariadb
+provision_test_roles
+E2E_DATABASE="pjq_e2e_$$"
+mariadb_admin -e "CREATE DATABASE $E2E_DATABASE"
+E2E_URL="mysql://pjq_test:$PJQ_TEST_PASSWORD@127.0.0.1:3306/$E2E_DATABASE"
+
+make_rootfs
+boot
+cp "$deb" "$ROOTFS/var/tmp/pim-job-queue.deb"
+check "apt installs $(basename "$deb")" capt install -y /var/tmp/pim-job-queue.deb
+check "the sudoers file is 0440 root:root" is "440 root:root" cexec stat -c '%a %U:%G' /etc/sudoers.d/pim_job_queue
+check "worker.toml is not world-readable" is "640 root:pim-job-queue" cexec stat -c '%a %U:%G' /etc/pim_job_queue/worker.toml
+
+write_config ""
+run_checks "the default SQLite store"
+sudo_checks
+cexec systemctl stop 'pim_job_queue@*'
+
+write_config "$E2E_URL"
+run_checks "MariaDB over TCP"
+fleet_checks
+package_lifecycle "$deb" "$STATE/upgrade.deb"
