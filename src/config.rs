@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::akeneo::{AkeneoSettings, Launcher};
 use crate::exit::Failure;
 use crate::template::ArgvTemplate;
 use crate::units::{parse_duration, seconds_to_duration};
@@ -52,8 +53,17 @@ pub struct Config {
     pub retention: Option<Duration>,
     /// Where same-host wake-up sockets live; `None` picks the default (see [`crate::wake`]).
     pub wake_dir: Option<PathBuf>,
+    /// Where jobs come from: this project's job store, or the PIM's Messenger table.
+    pub transport: Transport,
     default_job: Option<JobSpec>,
     per_code: BTreeMap<String, JobSpec>,
+}
+
+/// Where jobs come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transport {
+    Native,
+    Akeneo(AkeneoSettings),
 }
 
 /// How to run the jobs of one code: the `[job]` table merged with its `[jobs.CODE]` table.
@@ -80,6 +90,8 @@ struct RawConfig {
     stop_grace: Option<DurationValue>,
     retention: Option<DurationValue>,
     wake_dir: Option<PathBuf>,
+    transport: Option<String>,
+    akeneo: Option<RawAkeneo>,
     job: Option<RawJob>,
     #[serde(default)]
     jobs: BTreeMap<String, RawJob>,
@@ -94,6 +106,15 @@ struct RawJob {
     kill_grace: Option<DurationValue>,
     max_attempts: Option<u32>,
     env: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAkeneo {
+    project_dir: Option<PathBuf>,
+    php_binary: Option<PathBuf>,
+    launcher: Option<String>,
+    redeliver_timeout: Option<DurationValue>,
 }
 
 /// A duration written as a string (`"200ms"`, `"2h"`) or a number of seconds.
@@ -176,6 +197,7 @@ impl Config {
             .map_or(DEFAULT_HEARTBEAT_INTERVAL, |d| d.0);
         let rescue_after = raw.rescue_after.map_or(DEFAULT_RESCUE_AFTER, |d| d.0);
         check_fleet_timing(heartbeat_interval, rescue_after)?;
+        let transport = build_transport(raw.transport.as_deref(), raw.akeneo)?;
         Ok(Config {
             source,
             database_url: raw.database_url,
@@ -194,6 +216,7 @@ impl Config {
                 None => Some(DEFAULT_RETENTION),
             },
             wake_dir: raw.wake_dir,
+            transport,
             default_job,
             per_code,
         })
@@ -218,8 +241,11 @@ impl Config {
     }
 
     /// Whether any job at all could run; a consumer without a command is a config error.
+    /// The Akeneo transport builds its commands from the messages.
     pub fn has_any_command(&self) -> bool {
-        self.default_job.is_some() || !self.per_code.is_empty()
+        matches!(self.transport, Transport::Akeneo(_))
+            || self.default_job.is_some()
+            || !self.per_code.is_empty()
     }
 
     pub fn source_name(&self) -> String {
@@ -240,6 +266,45 @@ impl Config {
             .filter(|q| selected.contains(q))
             .cloned()
             .collect()
+    }
+}
+
+fn build_transport(name: Option<&str>, raw: Option<RawAkeneo>) -> Result<Transport, Failure> {
+    match name.unwrap_or("native") {
+        "native" => Ok(Transport::Native),
+        "akeneo" => {
+            let raw = raw.ok_or_else(|| {
+                Failure::config(
+                    "`transport = \"akeneo\"` needs an [akeneo] table with `project_dir`",
+                )
+            })?;
+            let project_dir = raw
+                .project_dir
+                .filter(|dir| dir.is_absolute())
+                .ok_or_else(|| Failure::config("`akeneo.project_dir` must be an absolute path"))?;
+            let launcher = match raw.launcher.as_deref().unwrap_or("akeneo7") {
+                "akeneo7" => Launcher::Watchdog,
+                "akeneo6" => Launcher::Direct,
+                other => {
+                    return Err(Failure::config(format!(
+                        "`akeneo.launcher` = {other:?}: use \"akeneo7\" or \"akeneo6\""
+                    )));
+                }
+            };
+            Ok(Transport::Akeneo(AkeneoSettings {
+                project_dir,
+                php_binary: raw
+                    .php_binary
+                    .unwrap_or_else(|| PathBuf::from("/usr/bin/php")),
+                launcher,
+                redeliver_timeout: raw
+                    .redeliver_timeout
+                    .map_or(Duration::from_secs(86_400), |d| d.0),
+            }))
+        }
+        other => Err(Failure::config(format!(
+            "`transport` = {other:?}: use \"native\" or \"akeneo\""
+        ))),
     }
 }
 

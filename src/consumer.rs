@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Transport};
 use crate::exit::Failure;
 use crate::fleet::{Contact, FleetTimings, Membership, clock};
 use crate::notify::Notifier;
@@ -33,8 +33,10 @@ use crate::worker::resident_memory_bytes;
 /// The first wait after a database error; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How often STATUS is refreshed while a job runs (more often when the watchdog needs it).
-const STATUS_REFRESH: Duration = Duration::from_secs(5);
+/// How often STATUS is refreshed (and a store's per-job heartbeat written) while a job runs;
+/// more often when the watchdog needs it. Under 5 s: Akeneo expects a job heartbeat at
+/// least every 5 s.
+const STATUS_REFRESH: Duration = Duration::from_secs(4);
 
 /// What the operator asked of this consumer run.
 #[derive(Debug, Clone)]
@@ -448,6 +450,10 @@ impl Consumer {
     /// Works out the argv and environment; an error fails the job, never the worker.
     fn prepare_launch(&self, job: &ClaimedJob) -> Result<JobLaunch, String> {
         let payload = parse_payload(&job.payload)?;
+        if let Transport::Akeneo(settings) = &self.config.transport {
+            let message = crate::akeneo::JobMessage::from_payload(&payload)?;
+            return crate::akeneo::launch(settings, &message, &job.code);
+        }
         let spec = self.config.job_spec(&job.code)?;
         let facts = JobFacts {
             id: job.id,
@@ -465,6 +471,7 @@ impl Consumer {
             argv,
             working_directory: spec.working_directory.clone(),
             env,
+            remove_env: Vec::new(),
             timeout: spec.timeout,
             kill_grace: spec.kill_grace,
         })
@@ -550,7 +557,12 @@ impl Consumer {
                         .finish(Ending::Interrupted(reason.into()), status)
                         .await;
                 }
-                JobEvent::Tick => self.keep_alive_while_running(job, &running, stop_deadline),
+                JobEvent::Tick => {
+                    self.keep_alive_while_running(job, &running, stop_deadline);
+                    if let Err(error) = self.store.touch(&job.lease).await {
+                        warn!("could not refresh the job's heartbeat: {error}");
+                    }
+                }
                 JobEvent::Reload => self.reload().await,
                 JobEvent::StopRequested => {
                     let grace = self.config.stop_grace;

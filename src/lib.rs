@@ -12,6 +12,7 @@
 //! * Talking to the outside: [`logging`], [`commands`] (the one-shot subcommands) and [`exit`]
 //!   (sysexits-style exit codes shared by every failure path).
 
+pub mod akeneo;
 pub mod cli;
 pub mod commands;
 pub mod config;

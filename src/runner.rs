@@ -49,6 +49,8 @@ pub struct JobLaunch {
     pub working_directory: Option<PathBuf>,
     /// Configured variables, then the job's own `PIM_JOB_*` variables.
     pub env: BTreeMap<String, String>,
+    /// Variables of the worker's environment the job must not see.
+    pub remove_env: Vec<String>,
     pub timeout: Option<Duration>,
     pub kill_grace: Duration,
 }
@@ -94,6 +96,9 @@ pub fn start(launch: &JobLaunch) -> io::Result<RunningJob> {
         .process_group(0)
         .kill_on_drop(true);
     for name in WITHHELD_ENV {
+        command.env_remove(name);
+    }
+    for name in &launch.remove_env {
         command.env_remove(name);
     }
     command.envs(&launch.env);

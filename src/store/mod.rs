@@ -5,6 +5,7 @@
 //! is guarded by the claiming worker's token and the lease counter set at claim time, so a
 //! late or repeated completion (after a rescue, say) changes nothing.
 
+pub mod akeneo;
 pub mod mysql;
 pub mod postgres;
 mod rows;
@@ -268,6 +269,10 @@ pub enum StoreError {
     SchemaOutdated { found: i64, latest: i64 },
     #[error("invalid database URL: {0}")]
     InvalidUrl(String),
+    /// The operation does not exist for this store (for example `push` on the Akeneo
+    /// transport, whose jobs the PIM queues).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("database error: {0}")]
     Database(String),
 }
@@ -287,6 +292,7 @@ impl From<StoreError> for Failure {
             | StoreError::SchemaOutdated { .. }
             | StoreError::InvalidUrl(_) => ExitCode::Config,
             StoreError::Database(_) => ExitCode::Software,
+            StoreError::Unsupported(_) => ExitCode::Usage,
         };
         Failure::new(exit, error.to_string())
     }
@@ -321,6 +327,12 @@ pub trait JobStore: Send + Sync {
 
     /// Records that the job's process started. False if the lease is no longer held.
     async fn mark_started(&self, lease: &Lease, now: Timestamp) -> StoreResult<bool>;
+
+    /// Called every few seconds while the job runs, for stores that keep a per-job
+    /// heartbeat of their own (the Akeneo 6 launcher writes `health_check_time`).
+    async fn touch(&self, _lease: &Lease) -> StoreResult<()> {
+        Ok(())
+    }
 
     /// Records a running job's result. False (and nothing changed) if the lease is no longer
     /// held: the job was rescued, or this completion is a repeat.
@@ -465,6 +477,29 @@ pub async fn open(url: &str) -> StoreResult<Box<dyn JobStore>> {
             "`{}` must start with sqlite:, postgres://, postgresql://, mysql:// or mariadb://",
             redact_url(url)
         ))),
+    }
+}
+
+/// Opens the store the configuration selects: the native job store at `url`, or the PIM's
+/// Messenger table when `transport = "akeneo"`.
+pub async fn open_configured(
+    config: &crate::config::Config,
+    url: &str,
+) -> StoreResult<Box<dyn JobStore>> {
+    match &config.transport {
+        crate::config::Transport::Native => open(url).await,
+        crate::config::Transport::Akeneo(settings) => {
+            let scheme = url.split(':').next().unwrap_or("");
+            if !matches!(scheme, "mysql" | "mariadb") {
+                return Err(StoreError::InvalidUrl(format!(
+                    "transport = \"akeneo\" needs the PIM's MySQL/MariaDB database, not `{}`",
+                    redact_url(url)
+                )));
+            }
+            Ok(Box::new(
+                akeneo::AkeneoStore::open(url, settings.clone()).await?,
+            ))
+        }
     }
 }
 

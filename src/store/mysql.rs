@@ -119,6 +119,11 @@ impl MysqlStore {
         classify(error, &self.location)
     }
 
+    /// The connection pool, shared with the Akeneo transport that lives in the same database.
+    pub(super) fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
     /// Claims from one queue, retrying lock conflicts a few times.
     async fn claim_from(
         &self,
@@ -697,13 +702,13 @@ impl JobStore for MysqlStore {
     }
 }
 
-fn is_lock_conflict(error: &sqlx::Error) -> bool {
+pub(super) fn is_lock_conflict(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db)
         if db.code().is_some_and(|code| LOCK_CONFLICT_CODES.contains(&code.as_ref())))
 }
 
 /// Sorts MySQL failures into "try again later" and "something is wrong".
-fn classify(error: sqlx::Error, location: &str) -> StoreError {
+pub(super) fn classify(error: sqlx::Error, location: &str) -> StoreError {
     // Too many connections, server shutdown, lock wait timeout, deadlock, connection killed,
     // server gone away, lost connection, read-only (failover in progress).
     const TRANSIENT: [&str; 9] = [

@@ -144,6 +144,10 @@ fn a_slow_but_alive_worker_keeps_its_job(backend: Backend) {
     ));
     let id = scratch.push("ui_job", "slow");
     let mut a = scratch.spawn_consumer("a", &["--host-id", "host-a", "--limit", "1"]);
+    wait_until(Duration::from_secs(10), "the job to start on A", || {
+        scratch.show(id)["status"] == "running"
+    });
+    // B watches A's job for longer than rescue_after; A is slow but alive.
     let mut b = scratch.spawn_consumer("b", &["--host-id", "host-b"]);
     assert_eq!(wait_exit(&mut a, Duration::from_secs(20)), 0);
     let job = scratch.show(id);

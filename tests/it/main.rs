@@ -3,6 +3,7 @@
 
 mod support;
 
+mod akeneo;
 mod cli;
 mod conformance;
 mod consume;

@@ -1,0 +1,480 @@
+//! The Akeneo drop-in transport: consumes the PIM's own Symfony Messenger table,
+//! `messenger_messages`, in the PIM's MySQL/MariaDB database, beside (or instead of) PHP
+//! `messenger:consume` processes.
+//!
+//! Claims follow Symfony's query (queue, `delivered_at` null or older than the redeliver
+//! timeout, `available_at` due, oldest first) with `FOR UPDATE SKIP LOCKED` where the server
+//! has it, and acknowledge on receipt, as Akeneo does: the row is deleted in the same
+//! transaction that selects it, so no other consumer, PHP or ours, can take it again
+//! (at most once). Rows PHP consumers soft-deleted (`delivered_at` in year 9999) are never
+//! claimed and are purged, as Symfony does. All datetimes are UTC strings with second
+//! precision passed as parameters; the server's `NOW()` and session time zone are never
+//! used. Fleet features (worker registry, stop-workers) use this project's own `pjq_`
+//! tables in the same database.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::mysql::MySqlPool;
+
+use super::mysql::{MysqlStore, classify, is_lock_conflict};
+use super::{
+    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStore, Lease, NewJob,
+    QueueCounts, Release, RescuedJob, SchemaVersion, StoreError, StoreResult, Timestamp,
+    WorkerIdentity, WorkerRecord,
+};
+use crate::akeneo::{AkeneoSettings, JobMessage, Launcher, Target};
+
+/// How often soft-deleted rows are purged (Symfony does it on every poll).
+const PURGE_EVERY: Duration = Duration::from_secs(10);
+/// Both sentinels Symfony 5.4 writes on MySQL: '9999-12-31' (5.4.7 to 5.4.11) and
+/// '9999-12-31 23:59:59' (5.4.12 and later).
+const SOFT_DELETED_FROM: &str = "9999-12-31 00:00:00";
+const LOCK_RETRIES: u32 = 10;
+
+/// A message taken off the queue (and already acknowledged).
+struct TakenMessage {
+    id: i64,
+    decoded: Result<JobMessage, String>,
+    /// The job instance code: looked up for an execution, given for a scheduled job.
+    code: String,
+}
+
+pub struct AkeneoStore {
+    fleet: MysqlStore,
+    settings: AkeneoSettings,
+    skip_locked: bool,
+    last_purge: Mutex<Option<Instant>>,
+    /// Job executions claimed by this process, by message id, for the heartbeat and the
+    /// final fix-up of the Akeneo 6 launcher.
+    executions: Mutex<HashMap<JobId, i64>>,
+}
+
+impl AkeneoStore {
+    pub async fn open(url: &str, settings: AkeneoSettings) -> StoreResult<AkeneoStore> {
+        let fleet = MysqlStore::open(url).await?;
+        let version: String = sqlx::query_scalar("SELECT VERSION()")
+            .fetch_one(fleet.pool())
+            .await
+            .map_err(|e| classify(e, &fleet.location()))?;
+        Ok(AkeneoStore {
+            skip_locked: supports_skip_locked(&version),
+            fleet,
+            settings,
+            last_purge: Mutex::new(None),
+            executions: Mutex::default(),
+        })
+    }
+
+    fn pool(&self) -> &MySqlPool {
+        self.fleet.pool()
+    }
+
+    fn error(&self, error: sqlx::Error) -> StoreError {
+        classify(error, &self.fleet.location())
+    }
+
+    fn unsupported(what: &str) -> StoreError {
+        StoreError::Unsupported(format!(
+            "{what} is not available with transport = \"akeneo\": jobs are queued and tracked \
+             by the PIM (its process tracker shows them)"
+        ))
+    }
+
+    /// Deletes rows PHP consumers acknowledged by soft delete, at most every few seconds.
+    async fn purge_soft_deleted(&self) {
+        {
+            let mut last = self.last_purge.lock().expect("purge lock");
+            if last.is_some_and(|at| at.elapsed() < PURGE_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let purged = sqlx::query("DELETE FROM messenger_messages WHERE delivered_at >= ?")
+            .bind(SOFT_DELETED_FROM)
+            .execute(self.pool())
+            .await;
+        match purged {
+            Ok(result) if result.rows_affected() > 0 => {
+                tracing::debug!("purged {} soft-deleted message(s)", result.rows_affected())
+            }
+            Ok(_) => {}
+            // A deadlock with a PHP consumer's own purge is harmless: the next one catches up.
+            Err(error) => tracing::debug!("purging soft-deleted messages: {error}"),
+        }
+    }
+
+    /// Claims and acknowledges the next due message of `queue`, retrying lock conflicts.
+    async fn take_message(&self, queue: &str) -> StoreResult<Option<TakenMessage>> {
+        let mut attempt = 0;
+        loop {
+            match self.try_take_message(queue).await {
+                Err(error) if is_lock_conflict(&error) && attempt < LOCK_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                }
+                other => return other.map_err(|e| self.error(e)),
+            }
+        }
+    }
+
+    /// One claim transaction: select the row, decode it, look up its job code, delete it
+    /// (the acknowledgement), commit. Any database error rolls everything back, so a
+    /// message is never acknowledged without being handed to the worker.
+    async fn try_take_message(&self, queue: &str) -> Result<Option<TakenMessage>, sqlx::Error> {
+        let now = SystemTime::now();
+        let redeliver_before = now - self.settings.redeliver_timeout;
+        let lock = if self.skip_locked {
+            "FOR UPDATE SKIP LOCKED"
+        } else {
+            "FOR UPDATE"
+        };
+        let mut tx = self.pool().begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT id, headers, body FROM messenger_messages
+             WHERE queue_name = ? AND (delivered_at IS NULL OR delivered_at < ?)
+               AND available_at <= ?
+             ORDER BY available_at ASC, id ASC LIMIT 1 {lock}"
+        ))
+        .bind(queue)
+        .bind(utc_seconds(redeliver_before))
+        .bind(utc_seconds(now))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let id: i64 = row.try_get("id")?;
+        let headers: String = row.try_get("headers")?;
+        let body: String = row.try_get("body")?;
+        let decoded = JobMessage::decode(&headers, &body);
+        let code = match &decoded {
+            Ok(JobMessage {
+                target: Target::Execution(execution),
+                ..
+            }) => sqlx::query_scalar::<_, String>(
+                "SELECT job_instance.code FROM akeneo_batch_job_execution job_execution
+                 INNER JOIN akeneo_batch_job_instance job_instance
+                    ON job_instance.id = job_execution.job_instance_id
+                 WHERE job_execution.id = ?",
+            )
+            .bind(execution)
+            .fetch_optional(&mut *tx)
+            .await?
+            .unwrap_or_default(),
+            Ok(JobMessage {
+                target: Target::Scheduled(code),
+                ..
+            }) => code.clone(),
+            Err(_) => String::new(),
+        };
+        // Acknowledged on receipt, in the claiming transaction, as Akeneo does.
+        sqlx::query("DELETE FROM messenger_messages WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(TakenMessage { id, decoded, code }))
+    }
+
+    /// The execution behind a lease, when this worker must heartbeat and fix it up itself.
+    fn own_execution(&self, lease: &Lease) -> Option<i64> {
+        if self.settings.launcher != Launcher::Direct {
+            return None;
+        }
+        self.executions
+            .lock()
+            .expect("executions lock")
+            .get(&lease.job_id)
+            .copied()
+    }
+
+    /// What Akeneo's watchdog does every 5 s: the PIM shows a job whose heartbeat is older
+    /// than 10 s as failed, and refuses a second run of a unique job only while it is fresh.
+    async fn write_health_check(&self, execution: i64) -> StoreResult<()> {
+        let now = utc_seconds(SystemTime::now());
+        sqlx::query(
+            "UPDATE akeneo_batch_job_execution SET health_check_time = ?, updated_time = ?
+             WHERE id = ?",
+        )
+        .bind(&now)
+        .bind(&now)
+        .bind(execution)
+        .execute(self.pool())
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// What Akeneo's watchdog does when the job process ends: an execution still marked
+    /// running was never finished by the job, so it is failed (status 6, exit code FAILED).
+    async fn fail_if_unfinished(&self, execution: i64) -> StoreResult<()> {
+        let result = sqlx::query(
+            "UPDATE akeneo_batch_job_execution
+             SET status = 6, exit_code = 'FAILED', updated_time = ?
+             WHERE id = ? AND exit_code IN ('EXECUTING', 'UNKNOWN')",
+        )
+        .bind(utc_seconds(SystemTime::now()))
+        .bind(execution)
+        .execute(self.pool())
+        .await
+        .map_err(|e| self.error(e))?;
+        if result.rows_affected() > 0 {
+            tracing::warn!("job execution {execution} was left unfinished: marked failed");
+        }
+        Ok(())
+    }
+
+    async fn finish(&self, lease: &Lease) -> StoreResult<()> {
+        if let Some(execution) = self.own_execution(lease) {
+            self.fail_if_unfinished(execution).await?;
+        }
+        self.executions
+            .lock()
+            .expect("executions lock")
+            .remove(&lease.job_id);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl JobStore for AkeneoStore {
+    fn location(&self) -> String {
+        format!("messenger_messages at {}", self.fleet.location())
+    }
+
+    async fn migrate(&self) -> StoreResult<u32> {
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables
+             WHERE table_schema = DATABASE() AND table_name = 'messenger_messages'",
+        )
+        .fetch_one(self.pool())
+        .await
+        .map_err(|e| self.error(e))?;
+        if tables == 0 {
+            return Err(StoreError::InvalidUrl(format!(
+                "{} has no messenger_messages table: is it the PIM's database?",
+                self.fleet.location()
+            )));
+        }
+        self.fleet.migrate().await
+    }
+
+    async fn schema_version(&self) -> StoreResult<SchemaVersion> {
+        self.fleet.schema_version().await
+    }
+
+    async fn push(&self, _job: &NewJob) -> StoreResult<JobId> {
+        Err(Self::unsupported("push"))
+    }
+
+    async fn push_batch(&self, _jobs: &[NewJob]) -> StoreResult<u64> {
+        Err(Self::unsupported("push"))
+    }
+
+    async fn claim(
+        &self,
+        queues: &[String],
+        worker: &WorkerIdentity,
+        _now: Timestamp,
+    ) -> StoreResult<Option<ClaimedJob>> {
+        self.purge_soft_deleted().await;
+        for queue in queues {
+            while let Some(taken) = self.take_message(queue).await? {
+                let message = taken.id;
+                let decoded = match taken.decoded {
+                    Ok(decoded) => decoded,
+                    Err(reason) => {
+                        tracing::error!(
+                            message_id = message,
+                            "removed message {message} from {queue}: {reason}"
+                        );
+                        continue;
+                    }
+                };
+                let id = match decoded.target {
+                    Target::Execution(execution) => {
+                        self.executions
+                            .lock()
+                            .expect("executions lock")
+                            .insert(message, execution);
+                        execution
+                    }
+                    Target::Scheduled(_) => message,
+                };
+                return Ok(Some(ClaimedJob {
+                    id,
+                    queue: queue.clone(),
+                    code: taken.code,
+                    payload: decoded.to_payload().to_string(),
+                    attempts: 1,
+                    lease: Lease {
+                        job_id: message,
+                        token: worker.token.clone(),
+                        lease: 0,
+                    },
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn mark_started(&self, lease: &Lease, _now: Timestamp) -> StoreResult<bool> {
+        self.touch(lease).await?;
+        Ok(true)
+    }
+
+    async fn touch(&self, lease: &Lease) -> StoreResult<()> {
+        match self.own_execution(lease) {
+            Some(execution) => self.write_health_check(execution).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn complete(&self, lease: &Lease, _completion: &Completion) -> StoreResult<bool> {
+        self.finish(lease).await?;
+        Ok(true)
+    }
+
+    async fn release(&self, lease: &Lease, _reason: &str, _now: Timestamp) -> StoreResult<Release> {
+        // The message was acknowledged on receipt: like Akeneo, never delivered twice.
+        self.finish(lease).await?;
+        Ok(Release::Failed)
+    }
+
+    async fn stop_generation(&self) -> StoreResult<i64> {
+        self.fleet.stop_generation().await
+    }
+
+    async fn request_stop(&self) -> StoreResult<i64> {
+        self.fleet.request_stop().await
+    }
+
+    async fn queue_counts(&self, _now: Timestamp) -> StoreResult<Vec<QueueCounts>> {
+        let now = SystemTime::now();
+        let rows = sqlx::query(
+            "SELECT queue_name,
+                CAST(SUM(delivered_at IS NULL AND available_at <= ?) AS SIGNED) AS due,
+                CAST(SUM(delivered_at IS NULL AND available_at > ?) AS SIGNED) AS later,
+                CAST(SUM(delivered_at IS NOT NULL AND delivered_at >= ? AND delivered_at < ?)
+                     AS SIGNED) AS taken
+             FROM messenger_messages GROUP BY queue_name ORDER BY queue_name",
+        )
+        .bind(utc_seconds(now))
+        .bind(utc_seconds(now))
+        .bind(utc_seconds(now - self.settings.redeliver_timeout))
+        .bind(SOFT_DELETED_FROM)
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(rows
+            .iter()
+            .map(|row| QueueCounts {
+                queue: row.get("queue_name"),
+                waiting: row.get::<Option<i64>, _>("due").unwrap_or(0),
+                delayed: row.get::<Option<i64>, _>("later").unwrap_or(0),
+                running: row.get::<Option<i64>, _>("taken").unwrap_or(0),
+                ..QueueCounts::default()
+            })
+            .collect())
+    }
+
+    async fn list_jobs(&self, _filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        Err(Self::unsupported("listing jobs"))
+    }
+
+    async fn get_job(&self, _id: JobId) -> StoreResult<Option<JobRecord>> {
+        Err(Self::unsupported("show"))
+    }
+
+    async fn retry(&self, _id: JobId, _now: Timestamp) -> StoreResult<ChangeOutcome> {
+        Err(Self::unsupported("retry"))
+    }
+
+    async fn cancel(&self, _id: JobId, _now: Timestamp) -> StoreResult<ChangeOutcome> {
+        Err(Self::unsupported("cancel"))
+    }
+
+    async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()> {
+        self.fleet.register_worker(worker, queues).await
+    }
+
+    async fn heartbeat(
+        &self,
+        worker: &WorkerIdentity,
+        current_job: Option<JobId>,
+    ) -> StoreResult<bool> {
+        self.fleet.heartbeat(worker, current_job).await
+    }
+
+    async fn unregister_worker(&self, worker: &WorkerIdentity) -> StoreResult<()> {
+        self.fleet.unregister_worker(worker).await
+    }
+
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
+        self.fleet.list_workers().await
+    }
+
+    async fn rescue_orphans(
+        &self,
+        _rescue_after: Duration,
+        _now: Timestamp,
+    ) -> StoreResult<Vec<RescuedJob>> {
+        // Messages are acknowledged on receipt: there is nothing to take back (Akeneo's own
+        // heartbeat shows a dead job as failed), only stale worker rows to clear.
+        self.fleet.rescue_orphans(_rescue_after, _now).await
+    }
+
+    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64> {
+        self.fleet.prune_finished(before).await
+    }
+}
+
+/// `SKIP LOCKED` exists from MariaDB 10.6 and MySQL 8.0.1.
+fn supports_skip_locked(version: &str) -> bool {
+    let numbers: Vec<u32> = version
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .filter_map(|part| part.parse().ok())
+        .collect();
+    let (major, minor) = (
+        numbers.first().copied().unwrap_or(0),
+        numbers.get(1).copied().unwrap_or(0),
+    );
+    if version.to_ascii_lowercase().contains("mariadb") {
+        (major, minor) >= (10, 6)
+    } else {
+        major >= 8
+    }
+}
+
+/// A UTC time as MySQL DATETIME text with second precision, as Akeneo's UTCDateTimeType
+/// writes it.
+pub fn utc_seconds(time: SystemTime) -> String {
+    let text = humantime::format_rfc3339_seconds(time).to_string();
+    text.trim_end_matches('Z').replacen('T', " ", 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_locked_by_server_version() {
+        assert!(supports_skip_locked("10.11.19-MariaDB-0+deb12u1"));
+        assert!(supports_skip_locked("10.6.4-MariaDB"));
+        assert!(!supports_skip_locked("10.5.23-MariaDB"));
+        assert!(supports_skip_locked("8.0.36"));
+        assert!(!supports_skip_locked("5.7.44-log"));
+    }
+
+    #[test]
+    fn datetimes_are_utc_seconds() {
+        let time = SystemTime::UNIX_EPOCH + Duration::from_millis(1_712_588_400_999);
+        assert_eq!(utc_seconds(time), "2024-04-08 15:00:00");
+    }
+}

@@ -1,0 +1,615 @@
+//! The Akeneo drop-in transport against a real MariaDB: Akeneo's tables created from the
+//! DDL facts in the reference notes, messages in the exact JSON shapes Akeneo writes, and a
+//! fake `bin/console` that records its argv, cwd and environment and updates the execution
+//! row like the real commands.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use sqlx::Connection;
+
+use crate::support::*;
+
+const UI: &str = r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\UiJobExecutionMessage";
+const IMPORT: &str = r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\ImportJobExecutionMessage";
+const MAINTENANCE: &str =
+    r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\DataMaintenanceJobExecutionMessage";
+const SCHEDULED: &str = r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\ScheduledJobMessage";
+
+/// Akeneo's DDL (installer and 7.0 schema dump), trimmed to the columns that matter.
+const DDL: &[&str] = &[
+    "CREATE TABLE messenger_messages (
+        `id` bigint(20) NOT NULL AUTO_INCREMENT,
+        `body` longtext COLLATE utf8mb4_unicode_ci NOT NULL,
+        `headers` longtext COLLATE utf8mb4_unicode_ci NOT NULL,
+        `queue_name` varchar(255) COLLATE utf8mb4_unicode_ci NOT NULL,
+        `created_at` datetime NOT NULL COMMENT '(DC2Type:datetime)',
+        `available_at` datetime NOT NULL COMMENT '(DC2Type:datetime)',
+        `delivered_at` datetime DEFAULT NULL COMMENT '(DC2Type:datetime)',
+        PRIMARY KEY (`id`),
+        KEY `IDX_75EA56E0FB7336F0` (`queue_name`),
+        KEY `IDX_75EA56E0E3BD61CE` (`available_at`),
+        KEY `IDX_75EA56E016BA31DB` (`delivered_at`)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci ROW_FORMAT=DYNAMIC",
+    "CREATE TABLE akeneo_batch_job_instance (
+        id int NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        code varchar(100) NOT NULL UNIQUE,
+        job_name varchar(50) NOT NULL,
+        type varchar(255) NOT NULL
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+    "CREATE TABLE akeneo_batch_job_execution (
+        id int NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        job_instance_id int NOT NULL,
+        pid int NULL,
+        user varchar(255) NULL,
+        status int NOT NULL,
+        start_time datetime NULL,
+        end_time datetime NULL,
+        create_time datetime NULL,
+        updated_time datetime NULL,
+        health_check_time datetime NULL,
+        exit_code varchar(255) NULL,
+        exit_description longtext NULL,
+        failure_exceptions longtext NULL,
+        log_file varchar(255) NULL,
+        raw_parameters json NOT NULL,
+        is_stoppable tinyint(1) NOT NULL DEFAULT 0,
+        step_count int NOT NULL DEFAULT 1,
+        is_visible tinyint(1) NOT NULL DEFAULT 1,
+        CONSTRAINT FK_job_instance FOREIGN KEY (job_instance_id)
+            REFERENCES akeneo_batch_job_instance (id) ON DELETE CASCADE
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+];
+
+/// The fake console: one file per call with cwd, argv and environment; a shared order
+/// file; and, for `akeneo:batch:job`, what `FAKE_BEHAVIOUR` says the job does to its row.
+const FAKE_CONSOLE: &str = r#"#!/bin/sh
+set -e
+call="$FAKE_CONSOLE_DIR/call.$$"
+{ echo "cwd=$(pwd)"; for a in "$@"; do echo "arg=$a"; done; env | sed 's/^/env=/'; } > "$call"
+echo "$*" >> "$FAKE_CONSOLE_DIR/order"
+[ "$1" = "akeneo:batch:job" ] || exit 0
+id=$4
+sql() { mariadb -h 127.0.0.1 -P "$FAKE_DB_PORT" -u "$FAKE_DB_USER" -p"$FAKE_DB_PASSWORD" "$FAKE_DB_NAME" -e "$1"; }
+sql "UPDATE akeneo_batch_job_execution SET status = 3, exit_code = 'EXECUTING', pid = $$ WHERE id = $id"
+case "$FAKE_BEHAVIOUR" in
+  crash-after-*) sleep "${FAKE_BEHAVIOUR#crash-after-}"; exit 1 ;;
+  *) sql "UPDATE akeneo_batch_job_execution SET status = 1, exit_code = 'COMPLETED' WHERE id = $id" ;;
+esac
+"#;
+
+/// A PIM: its tables in a fresh MariaDB database, a project with the fake console, and a
+/// worker.toml selecting the Akeneo transport.
+struct Pim {
+    scratch: Scratch,
+    project: PathBuf,
+    calls: PathBuf,
+}
+
+impl Pim {
+    fn new(launcher: &str) -> Pim {
+        let scratch = Scratch::new(Backend::Mariadb);
+        block_on(async {
+            let mut conn = sqlx::MySqlConnection::connect(&scratch.url).await.unwrap();
+            for statement in DDL {
+                sqlx::query(statement).execute(&mut conn).await.unwrap();
+            }
+        });
+        let project = scratch.path("pim");
+        let calls = scratch.path("calls");
+        std::fs::create_dir_all(project.join("bin")).unwrap();
+        std::fs::create_dir_all(&calls).unwrap();
+        std::fs::write(project.join("bin/console"), FAKE_CONSOLE).unwrap();
+        scratch.write_raw_config(&format!(
+            "database_url = \"{url}\"\ntransport = \"akeneo\"\npoll_interval = \"100ms\"\n\
+             wake_dir = \"{dir}/wake\"\ninstance_dir = \"{dir}\"\n\
+             [akeneo]\nproject_dir = \"{project}\"\nphp_binary = \"/bin/sh\"\nlauncher = \"{launcher}\"\n",
+            url = scratch.url,
+            dir = scratch.dir.path().display(),
+            project = project.display(),
+        ));
+        Pim {
+            scratch,
+            project,
+            calls,
+        }
+    }
+
+    fn sql(&self, statement: &str) {
+        block_on(async {
+            let mut conn = sqlx::MySqlConnection::connect(&self.scratch.url)
+                .await
+                .unwrap();
+            sqlx::query(statement).execute(&mut conn).await.unwrap();
+        });
+    }
+
+    fn query_i64(&self, statement: &str) -> i64 {
+        block_on(async {
+            let mut conn = sqlx::MySqlConnection::connect(&self.scratch.url)
+                .await
+                .unwrap();
+            sqlx::query_scalar::<_, i64>(statement)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+        })
+    }
+
+    fn query_text(&self, statement: &str) -> Option<String> {
+        block_on(async {
+            let mut conn = sqlx::MySqlConnection::connect(&self.scratch.url)
+                .await
+                .unwrap();
+            sqlx::query_scalar::<_, Option<String>>(statement)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+        })
+    }
+
+    /// A job instance and a STARTING execution of it, as the PIM creates before queueing.
+    fn execution(&self, code: &str) -> i64 {
+        self.sql(&format!(
+            "INSERT IGNORE INTO akeneo_batch_job_instance (code, job_name, type) VALUES ('{code}', '{code}', 'import')"
+        ));
+        self.sql(&format!(
+            "INSERT INTO akeneo_batch_job_execution (job_instance_id, status, exit_code, create_time, raw_parameters)
+             SELECT id, 2, 'UNKNOWN', UTC_TIMESTAMP(), '{{}}' FROM akeneo_batch_job_instance WHERE code = '{code}'"
+        ));
+        self.query_i64("SELECT MAX(id) FROM akeneo_batch_job_execution")
+    }
+
+    /// A message as Symfony's Doctrine transport sends it (UTC, second precision).
+    fn message(&self, queue: &str, headers: &str, body: &str, delivered_at: &str) {
+        block_on(async {
+            let mut conn = sqlx::MySqlConnection::connect(&self.scratch.url)
+                .await
+                .unwrap();
+            sqlx::query(&format!(
+                "INSERT INTO messenger_messages (body, headers, queue_name, created_at, available_at, delivered_at)
+                 VALUES (?, ?, ?, UTC_TIMESTAMP(), UTC_TIMESTAMP(), {delivered_at})"
+            ))
+            .bind(body)
+            .bind(headers)
+            .bind(queue)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        });
+    }
+
+    fn job_message(&self, queue: &str, class: &str, execution: i64, options: &str) {
+        let headers = format!(r#"{{"class":"{class}","correlation_id":"6f0c2a"}}"#);
+        let body = format!(
+            r#"{{"id":"9b2d6c1e-0b4a-4c57-9f0e-2c1d1b1a0f00","job_execution_id":{execution},"created_time":"2024-04-08T15:00:00+00:00","updated_time":null,"options":{options}}}"#
+        );
+        self.message(queue, &headers, &body, "NULL");
+    }
+
+    fn consume(&self, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+        let mut all = vec!["consume"];
+        all.extend_from_slice(args);
+        let mut command = self.scratch.command(&all);
+        self.fake_env(&mut command);
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        command.output().unwrap()
+    }
+
+    fn fake_env(&self, command: &mut std::process::Command) {
+        let url = &self.scratch.url;
+        let database = url.rsplit('/').next().unwrap();
+        command
+            .env("FAKE_CONSOLE_DIR", &self.calls)
+            .env("FAKE_DB_PORT", "3306")
+            .env("FAKE_DB_USER", "pjq_test")
+            .env("FAKE_DB_PASSWORD", "pjq_test")
+            .env("FAKE_DB_NAME", database)
+            .env("SYMFONY_DOTENV_VARS", "APP_ENV,APP_DEBUG");
+    }
+
+    /// The commands run, in order, as "argv joined by spaces".
+    fn order(&self) -> Vec<String> {
+        std::fs::read_to_string(self.calls.join("order"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// Every recorded call: (cwd, args, env lines).
+    fn calls(&self) -> Vec<(String, Vec<String>, Vec<String>)> {
+        let mut calls = Vec::new();
+        for entry in std::fs::read_dir(&self.calls).unwrap().flatten() {
+            if !entry.file_name().to_string_lossy().starts_with("call.") {
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            let field = |prefix: &str| -> Vec<String> {
+                text.lines()
+                    .filter_map(|l| l.strip_prefix(prefix).map(String::from))
+                    .collect()
+            };
+            calls.push((field("cwd=").remove(0), field("arg="), field("env=")));
+        }
+        calls
+    }
+
+    fn remaining_messages(&self) -> i64 {
+        self.query_i64("SELECT COUNT(*) FROM messenger_messages")
+    }
+}
+
+#[test]
+fn akeneo7_queue_order_argv_cwd_and_environment() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let pim = Pim::new("akeneo7");
+    let import = pim.execution("csv_product_import");
+    let ui = pim.execution("mass_edit_product");
+    let maintenance = pim.execution("compute_completeness");
+    pim.job_message("data_maintenance_job", MAINTENANCE, maintenance, "{}");
+    pim.job_message(
+        "import_export_job",
+        IMPORT,
+        import,
+        r#"{"env":"prod","email":["a@b.c"],"no-log":true}"#,
+    );
+    pim.job_message(
+        "ui_job",
+        UI,
+        ui,
+        r#"{"env":"prod","user_to_notify":"admin","zero":0,"zero_text":"0","empty":"","off":false,"none":null,"emails":["x@y.z",""]}"#,
+    );
+    let output = pim.consume(&["--limit", "3"], &[]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    let expected = [
+        format!(
+            "akeneo:batch:watchdog --quiet --job_execution_id={ui} --emails=x@y.z --env=prod --user_to_notify=admin"
+        ),
+        format!(
+            "akeneo:batch:watchdog --quiet --job_execution_id={import} --email=a@b.c --env=prod --no-log"
+        ),
+        format!("akeneo:batch:watchdog --quiet --job_execution_id={maintenance}"),
+    ];
+    assert_eq!(
+        pim.order(),
+        expected,
+        "strict priority, Akeneo's option rule"
+    );
+    for (cwd, _, env) in pim.calls() {
+        assert_eq!(cwd, pim.project.display().to_string());
+        assert!(
+            !env.iter().any(|e| e.starts_with("SYMFONY_DOTENV_VARS=")),
+            "SYMFONY_DOTENV_VARS reached the job"
+        );
+        assert!(
+            !env.iter()
+                .any(|e| e.starts_with("PIM_JOB_QUEUE_DATABASE_URL="))
+        );
+    }
+    assert_eq!(pim.remaining_messages(), 0, "acknowledged on receipt");
+    let log = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        log.contains(&format!("job_id={ui}")) && log.contains("job_code=mass_edit_product"),
+        "{log}"
+    );
+    let status = pim.scratch.ok(&["status"]);
+    assert!(
+        status.contains("messenger_messages at mysql://pjq_test:***@"),
+        "{status}"
+    );
+}
+
+#[test]
+fn scheduled_tenant_bad_rows_and_unknown_classes() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let pim = Pim::new("akeneo7");
+    pim.message("ui_job", &format!(r#"{{"class":"{UI}""#), "{}", "NULL");
+    pim.message(
+        "ui_job",
+        r#"{"class":"App\\Message\\SomethingElse"}"#,
+        r#"{"id":1}"#,
+        "NULL",
+    );
+    pim.message(
+        "ui_job",
+        &format!(r#"{{"class":"{UI}"}}"#),
+        r#"{"job_execution_id":"not a number"}"#,
+        "NULL",
+    );
+    pim.message(
+        "ui_job",
+        &format!(r#"{{"class":"{SCHEDULED}","tenant_id":"tenant-7"}}"#),
+        r#"{"job_code":"nightly_export","options":{"env":"prod"}}"#,
+        "NULL",
+    );
+    let output = pim.consume(&["--limit", "1"], &[]);
+    assert_eq!(
+        exit_code(&output),
+        0,
+        "bad rows never stop the worker: {}",
+        stderr(&output)
+    );
+    assert_eq!(
+        pim.order(),
+        ["akeneo:batch:watchdog --quiet --job_code=nightly_export --env=prod"]
+    );
+    let (_, _, env) = pim.calls().remove(0);
+    assert!(
+        env.contains(&"APP_TENANT_ID=tenant-7".to_string()),
+        "{env:?}"
+    );
+    let log = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        log.contains("removed message 1 from ui_job: headers are not JSON"),
+        "{log}"
+    );
+    assert!(
+        log.contains("removed message 2 from ui_job: unknown message class App"),
+        "{log}"
+    );
+    assert!(
+        log.contains("removed message 3 from ui_job: body has no integer `job_execution_id`"),
+        "{log}"
+    );
+    assert_eq!(pim.remaining_messages(), 0);
+}
+
+#[test]
+fn soft_deleted_in_flight_and_redelivered_rows() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let pim = Pim::new("akeneo7");
+    let soft_new = pim.execution("a");
+    let soft_old = pim.execution("b");
+    let in_flight = pim.execution("c");
+    let stale = pim.execution("d");
+    let fresh = pim.execution("e");
+    pim.job_message("import_export_job", IMPORT, fresh, "{}");
+    for (execution, delivered) in [
+        (soft_new, "'9999-12-31 23:59:59'"),
+        (soft_old, "'9999-12-31'"),
+        (in_flight, "UTC_TIMESTAMP() - INTERVAL 1 HOUR"),
+        (stale, "UTC_TIMESTAMP() - INTERVAL 2 DAY"),
+    ] {
+        let headers = format!(r#"{{"class":"{IMPORT}"}}"#);
+        let body = format!(r#"{{"job_execution_id":{execution},"options":{{}}}}"#);
+        pim.message("import_export_job", &headers, &body, delivered);
+    }
+    let output = pim.consume(&["--time-limit", "2"], &[]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    let ran: Vec<String> = pim.order();
+    assert_eq!(
+        ran,
+        [
+            format!("akeneo:batch:watchdog --quiet --job_execution_id={fresh}"),
+            format!("akeneo:batch:watchdog --quiet --job_execution_id={stale}"),
+        ],
+        "only the due row and the one past the redeliver timeout"
+    );
+    let left = pim.query_i64("SELECT COUNT(*) FROM messenger_messages");
+    assert_eq!(
+        left, 1,
+        "soft-deleted rows were purged, the in-flight one kept"
+    );
+    let kept = pim
+        .query_text("SELECT body FROM messenger_messages")
+        .unwrap();
+    assert!(kept.contains(&format!(":{in_flight},")), "{kept}");
+}
+
+#[test]
+fn akeneo6_heartbeat_and_failure_fix_up() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let pim = Pim::new("akeneo6");
+    let crashing = pim.execution("csv_product_import");
+    let fine = pim.execution("csv_product_export");
+    pim.job_message("import_export_job", IMPORT, crashing, r#"{"env":"prod"}"#);
+    let mut command = pim.scratch.command(&["consume", "--limit", "1"]);
+    pim.fake_env(&mut command);
+    let mut worker = command
+        .env("FAKE_BEHAVIOUR", "crash-after-11")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Sample health_check_time while the 11 s job runs: written at the start, then at
+    // least every 5 s.
+    let mut seen: Vec<(Instant, String)> = Vec::new();
+    let started = Instant::now();
+    while worker.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(30) {
+        let sql = format!(
+            "SELECT CAST(health_check_time AS CHAR) FROM akeneo_batch_job_execution WHERE id = {crashing}"
+        );
+        if let Some(value) = pim.query_text(&sql)
+            && seen.last().is_none_or(|(_, last)| *last != value)
+        {
+            seen.push((Instant::now(), value));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(wait_exit(&mut worker, Duration::from_secs(10)), 0);
+    assert!(seen.len() >= 3, "heartbeats: {seen:?}");
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    assert!(
+        gaps.iter().all(|gap| *gap <= Duration::from_millis(5500)),
+        "gaps {gaps:?}"
+    );
+    assert_eq!(
+        pim.order(),
+        [format!(
+            "akeneo:batch:job --quiet csv_product_import {crashing} --env=prod"
+        )]
+    );
+    let status = pim.query_i64(&format!(
+        "SELECT status FROM akeneo_batch_job_execution WHERE id = {crashing}"
+    ));
+    let exit = pim.query_text(&format!(
+        "SELECT exit_code FROM akeneo_batch_job_execution WHERE id = {crashing}"
+    ));
+    assert_eq!(
+        (status, exit.as_deref()),
+        (6, Some("FAILED")),
+        "the fix-up marks it failed"
+    );
+
+    pim.job_message("import_export_job", IMPORT, fine, "{}");
+    let output = pim.consume(&["--limit", "1"], &[]);
+    assert_eq!(exit_code(&output), 0);
+    let status = pim.query_i64(&format!(
+        "SELECT status FROM akeneo_batch_job_execution WHERE id = {fine}"
+    ));
+    assert_eq!(status, 1, "a completed job is left as the job wrote it");
+}
+
+/// A PHP consumer as Symfony 5.4.14 runs it: plain FOR UPDATE, delivered_at = now, then the
+/// soft-delete ack (Akeneo acks on receipt). Returns the executions it took.
+async fn php_consumer(url: String, until: Instant) -> Vec<i64> {
+    let mut conn = sqlx::MySqlConnection::connect(&url).await.unwrap();
+    let mut taken = Vec::new();
+    while Instant::now() < until {
+        let _ = sqlx::query(
+            "DELETE FROM messenger_messages WHERE delivered_at = '9999-12-31 23:59:59'",
+        )
+        .execute(&mut conn)
+        .await;
+        let mut tx = conn.begin().await.unwrap();
+        let row: Option<(i64, String)> = sqlx::query_as(
+            "SELECT m.id, m.body FROM messenger_messages m
+             WHERE (m.delivered_at is null OR m.delivered_at < UTC_TIMESTAMP() - INTERVAL 1 DAY)
+               AND (m.available_at <= UTC_TIMESTAMP()) AND (m.queue_name = 'import_export_job')
+             ORDER BY available_at ASC LIMIT 1 FOR UPDATE",
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .unwrap();
+        let Some((id, body)) = row else {
+            tx.commit().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        sqlx::query("UPDATE messenger_messages SET delivered_at = UTC_TIMESTAMP() WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        sqlx::query(
+            "UPDATE messenger_messages SET delivered_at = '9999-12-31 23:59:59' WHERE id = ?",
+        )
+        .bind(id)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+        taken.push(value["job_execution_id"].as_i64().unwrap());
+    }
+    taken
+}
+
+#[test]
+fn beside_a_php_consumer_and_a_second_worker_no_message_twice() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    const MESSAGES: i64 = 150;
+    let pim = Pim::new("akeneo7");
+    let mut executions = Vec::new();
+    for n in 0..MESSAGES {
+        let id = pim.execution(&format!("job_{}", n % 5));
+        pim.job_message("import_export_job", IMPORT, id, "{}");
+        executions.push(id);
+    }
+    let spawn = |name: &str| {
+        let mut command = pim
+            .scratch
+            .command(&["consume", "--sleep", "50ms", "--host-id", name]);
+        pim.fake_env(&mut command);
+        command
+            .stdout(std::fs::File::create(pim.scratch.path(&format!("{name}.log"))).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut ours = [spawn("a"), spawn("b")];
+    let php_taken = block_on(php_consumer(
+        pim.scratch.url.clone(),
+        Instant::now() + Duration::from_secs(8),
+    ));
+    wait_until(Duration::from_secs(30), "the queue to drain", || {
+        pim.query_i64("SELECT COUNT(*) FROM messenger_messages WHERE delivered_at IS NULL") == 0
+    });
+    for worker in &mut ours {
+        send_signal(worker, Signal::SIGTERM);
+        assert_eq!(wait_exit(worker, Duration::from_secs(10)), 0);
+    }
+    let mut all: Vec<i64> = pim
+        .order()
+        .iter()
+        .map(|line| line.rsplit('=').next().unwrap().parse().unwrap())
+        .collect();
+    let ours_count = all.len();
+    all.extend(&php_taken);
+    all.sort();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(before, all.len(), "a message was taken twice");
+    assert_eq!(all, executions, "every message was taken");
+    assert!(
+        ours_count > 0 && !php_taken.is_empty(),
+        "both sides worked: ours {ours_count}, php {}",
+        php_taken.len()
+    );
+    for name in ["a", "b"] {
+        let log = pim.scratch.log_of(name);
+        assert!(!log.contains("eadlock"), "{name}: {log}");
+    }
+}
+
+#[test]
+fn instance_conf_selects_queues_and_status_shows_depth() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let pim = Pim::new("akeneo7");
+    std::fs::write(pim.scratch.path("4.conf"), "ui_job\n").unwrap();
+    let import = pim.execution("csv_product_import");
+    let ui = pim.execution("mass_edit");
+    pim.job_message("import_export_job", IMPORT, import, "{}");
+    pim.job_message("ui_job", UI, ui, "{}");
+    let status = pim.scratch.status_json();
+    let queues = status["queues"].as_array().unwrap();
+    assert_eq!(queues[0]["queue"], "ui_job");
+    assert_eq!(queues[0]["waiting"], 1);
+    assert_eq!(queues[1]["waiting"], 1);
+    let output = pim.consume(&["--instance", "4", "--time-limit", "1"], &[]);
+    assert_eq!(exit_code(&output), 0);
+    assert_eq!(
+        pim.order(),
+        [format!(
+            "akeneo:batch:watchdog --quiet --job_execution_id={ui}"
+        )]
+    );
+    assert_eq!(
+        pim.remaining_messages(),
+        1,
+        "the import is left for its own workers"
+    );
+    let refused = pim.scratch.run(&["push", "ui_job", "x"]);
+    assert_eq!(exit_code(&refused), 64);
+    assert!(
+        stderr(&refused).contains("transport = \"akeneo\""),
+        "{}",
+        stderr(&refused)
+    );
+}
