@@ -613,3 +613,66 @@ fn instance_conf_selects_queues_and_status_shows_depth() {
         stderr(&refused)
     );
 }
+
+/// Real Symfony Messenger code (Debian's packages) dispatches the messages; we consume them.
+#[test]
+fn messages_dispatched_by_real_symfony_messenger_are_consumed() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let php_ready = std::process::Command::new("php")
+        .args(["-r", "exit(is_file('/usr/share/php/Symfony/Component/Messenger/Bridge/Doctrine/autoload.php') ? 0 : 1);"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !php_ready {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "CI must run the Symfony Messenger test (scripts/test.sh installs php-symfony-messenger)"
+        );
+        eprintln!("\n!!! SKIPPED: php and php-symfony-doctrine-messenger are not installed !!!\n");
+        return;
+    }
+    let pim = Pim::new("akeneo7");
+    let import = pim.execution("csv_product_import");
+    let ui = pim.execution("mass_edit");
+    let plain = |class: &str| class.replace("\\\\", "\\");
+    let messages = serde_json::json!([
+        {"queue": "import_export_job", "class": plain(IMPORT), "body": {
+            "id": "9b2d6c1e-0b4a-4c57-9f0e-2c1d1b1a0f00", "job_execution_id": import,
+            "created_time": "2024-04-08T15:00:00+00:00", "updated_time": null,
+            "options": {"env": "prod", "email": ["a@b.c"]}}},
+        {"queue": "ui_job", "class": plain(UI), "body": {
+            "id": "1c2d6c1e-0b4a-4c57-9f0e-2c1d1b1a0f00", "job_execution_id": ui,
+            "created_time": "2024-04-08T15:00:00+00:00", "updated_time": null,
+            "options": {"env": "prod", "no-log": true}}}
+    ]);
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/symfony-dispatch.php"
+    );
+    let dispatched = std::process::Command::new("php")
+        .arg(fixture)
+        .arg(messages.to_string())
+        .env("DATABASE_URL", &pim.scratch.url)
+        .output()
+        .unwrap();
+    assert!(
+        dispatched.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&dispatched.stdout),
+        String::from_utf8_lossy(&dispatched.stderr)
+    );
+    assert_eq!(pim.remaining_messages(), 2);
+    let output = pim.consume(&["--limit", "2"], &[]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    assert_eq!(
+        pim.order(),
+        [
+            format!("akeneo:batch:watchdog --quiet --job_execution_id={ui} --env=prod --no-log"),
+            format!(
+                "akeneo:batch:watchdog --quiet --job_execution_id={import} --email=a@b.c --env=prod"
+            ),
+        ]
+    );
+    assert_eq!(pim.remaining_messages(), 0);
+}
