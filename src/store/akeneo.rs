@@ -23,7 +23,7 @@ use sqlx::mysql::MySqlPool;
 use super::mysql::{MysqlStore, classify, is_lock_conflict};
 use super::{
     ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStore, Lease, NewJob,
-    QueueCounts, Release, RescuedJob, SchemaVersion, StoreError, StoreResult, Timestamp,
+    OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError, StoreResult, Timestamp,
     WorkerIdentity, WorkerRecord,
 };
 use crate::akeneo::{AkeneoSettings, JobMessage, Launcher, Target};
@@ -419,18 +419,27 @@ impl JobStore for AkeneoStore {
         self.fleet.list_workers().await
     }
 
-    async fn rescue_orphans(
-        &self,
-        _rescue_after: Duration,
-        _now: Timestamp,
-    ) -> StoreResult<Vec<RescuedJob>> {
-        // Messages are acknowledged on receipt: there is nothing to take back (Akeneo's own
-        // heartbeat shows a dead job as failed), only stale worker rows to clear.
-        self.fleet.rescue_orphans(_rescue_after, _now).await
+    // Messages are acknowledged on receipt, so the Messenger side has nothing to take back
+    // (Akeneo's own heartbeat shows a dead job as failed); these clear stale worker rows.
+    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>> {
+        self.fleet.orphaned_jobs(rescue_after).await
     }
 
-    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64> {
-        self.fleet.prune_finished(before).await
+    async fn take_back_orphan(
+        &self,
+        job: &OrphanedJob,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Option<bool>> {
+        self.fleet.take_back_orphan(job, rescue_after, now).await
+    }
+
+    async fn forget_lost_workers(&self, rescue_after: Duration) -> StoreResult<()> {
+        self.fleet.forget_lost_workers(rescue_after).await
+    }
+
+    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
+        self.fleet.prune_batch(before, limit).await
     }
 }
 

@@ -235,6 +235,16 @@ pub struct RescuedJob {
     pub lost_worker: String,
 }
 
+/// A running job whose worker looks lost, as seen by a rescuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrphanedJob {
+    pub id: JobId,
+    /// The lease at the time it was seen; the take-back only applies if it is unchanged.
+    pub lease: i64,
+    /// `host/instance/pid` of the lost worker.
+    pub lost_worker: String,
+}
+
 /// What became of a job this worker gave up (interrupted by a stop, or fenced off).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
@@ -379,6 +389,23 @@ pub trait JobStore: Send + Sync {
 
     async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>>;
 
+    /// Running jobs whose worker's heartbeat is older than `rescue_after`, or whose worker
+    /// row is gone.
+    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>>;
+
+    /// Takes one orphaned job back if it is still orphaned and still at the lease seen:
+    /// `Some(true)` requeued, `Some(false)` failed as `worker lost`, `None` left alone (its
+    /// worker came back, or another rescuer was first).
+    async fn take_back_orphan(
+        &self,
+        job: &OrphanedJob,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Option<bool>>;
+
+    /// Deletes the rows of workers silent for `rescue_after` that hold no running job.
+    async fn forget_lost_workers(&self, rescue_after: Duration) -> StoreResult<()>;
+
     /// Takes back, exactly once, every running job whose worker's heartbeat is older than
     /// `rescue_after` (or whose worker row is gone), and deletes such workers' rows. A worker
     /// whose heartbeat is fresh keeps its job, however slow the job is.
@@ -386,10 +413,38 @@ pub trait JobStore: Send + Sync {
         &self,
         rescue_after: Duration,
         now: Timestamp,
-    ) -> StoreResult<Vec<RescuedJob>>;
+    ) -> StoreResult<Vec<RescuedJob>> {
+        let mut rescued = Vec::new();
+        for job in self.orphaned_jobs(rescue_after).await? {
+            if let Some(requeued) = self.take_back_orphan(&job, rescue_after, now).await? {
+                rescued.push(RescuedJob {
+                    id: job.id,
+                    requeued,
+                    lost_worker: job.lost_worker,
+                });
+            }
+        }
+        self.forget_lost_workers(rescue_after).await?;
+        Ok(rescued)
+    }
 
-    /// Deletes succeeded, failed and cancelled jobs that finished before `before`.
-    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64>;
+    /// Deletes at most `limit` succeeded, failed and cancelled jobs that finished before
+    /// `before`; returns how many.
+    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64>;
+
+    /// Deletes every succeeded, failed and cancelled job that finished before `before`, in
+    /// batches so no statement holds its locks for long.
+    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64> {
+        const BATCH: i64 = 5000;
+        let mut total = 0;
+        loop {
+            let pruned = self.prune_batch(before, BATCH).await?;
+            total += pruned;
+            if pruned < BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
 
     /// A stream of "a job was pushed" signals from the database itself, where it has one
     /// (PostgreSQL's LISTEN/NOTIFY). Polling remains the safety net.

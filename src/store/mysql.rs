@@ -17,11 +17,10 @@ use sqlx::{ConnectOptions, Executor, Row};
 use super::rows::{self, JOB_RECORD_COLUMNS};
 use super::{
     ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus, JobStore, Lease,
-    NewJob, QueueCounts, Release, RescuedJob, SchemaVersion, StoreError, StoreResult, Timestamp,
+    NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError, StoreResult, Timestamp,
     WORKER_LOST, WorkerIdentity, WorkerRecord, redact_url,
 };
 
-const PRUNE_BATCH: i64 = 5000;
 /// The database's clock in microseconds since the epoch; sessions run at time zone +00:00,
 /// so `NOW(6)` is UTC and the conversion is exact.
 const DB_NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)";
@@ -640,12 +639,8 @@ impl JobStore for MysqlStore {
             .map_err(|e| self.error(e))
     }
 
-    async fn rescue_orphans(
-        &self,
-        rescue_after: Duration,
-        now: Timestamp,
-    ) -> StoreResult<Vec<RescuedJob>> {
-        let candidates = sqlx::query(&format!(
+    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>> {
+        let rows = sqlx::query(&format!(
             "SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
              WHERE status = 'running' AND {}",
             orphaned(rescue_after)
@@ -653,22 +648,30 @@ impl JobStore for MysqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.error(e))?;
-        let mut rescued = Vec::new();
-        for row in candidates {
-            let id: i64 = row.get("id");
-            let lost_worker = rows::worker_of_job(&row).map_err(|e| self.error(e))?;
-            let lost = Holder::Lost { rescue_after };
-            if let Some(requeued) = self
-                .take_back(id, row.get("lease"), lost, WORKER_LOST, now)
-                .await?
-            {
-                rescued.push(RescuedJob {
-                    id,
-                    requeued,
-                    lost_worker,
-                });
-            }
-        }
+        rows.iter()
+            .map(|row| {
+                Ok(OrphanedJob {
+                    id: row.try_get("id")?,
+                    lease: row.try_get("lease")?,
+                    lost_worker: rows::worker_of_job(row)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(|e| self.error(e))
+    }
+
+    async fn take_back_orphan(
+        &self,
+        job: &OrphanedJob,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Option<bool>> {
+        let lost = Holder::Lost { rescue_after };
+        self.take_back(job.id, job.lease, lost, WORKER_LOST, now)
+            .await
+    }
+
+    async fn forget_lost_workers(&self, rescue_after: Duration) -> StoreResult<()> {
         let limit = rescue_after.as_micros() as i64;
         sqlx::query(&format!(
             "DELETE FROM pjq_workers WHERE heartbeat_at <= {DB_NOW} - {limit}
@@ -678,27 +681,21 @@ impl JobStore for MysqlStore {
         .execute(&self.pool)
         .await
         .map_err(|e| self.error(e))?;
-        Ok(rescued)
+        Ok(())
     }
 
-    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64> {
-        let mut total = 0;
-        loop {
-            let result = sqlx::query(
-                "DELETE FROM pjq_jobs
+    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
+        let result = sqlx::query(
+            "DELETE FROM pjq_jobs
                  WHERE finished_at < ? AND status IN ('succeeded', 'failed', 'cancelled')
                  LIMIT ?",
-            )
-            .bind(before.0)
-            .bind(PRUNE_BATCH)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-            total += result.rows_affected();
-            if result.rows_affected() < PRUNE_BATCH as u64 {
-                return Ok(total);
-            }
-        }
+        )
+        .bind(before.0)
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(result.rows_affected())
     }
 }
 

@@ -19,14 +19,12 @@ use sqlx::{ConnectOptions, Row};
 use super::rows::{self, JOB_RECORD_COLUMNS};
 use super::{
     ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus, JobStore, Lease,
-    NewJob, QueueCounts, Release, RescuedJob, SchemaVersion, StoreError, StoreResult, Timestamp,
+    NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError, StoreResult, Timestamp,
     WORKER_LOST, WorkerIdentity, WorkerRecord,
 };
 
 /// How long a statement waits for another process's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Rows deleted per statement when pruning, so the write lock is never held for long.
-const PRUNE_BATCH: i64 = 5000;
 /// The database's clock in microseconds since the epoch (for SQLite: this host's clock).
 const DB_NOW: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
 
@@ -559,13 +557,8 @@ impl JobStore for SqliteStore {
             .map_err(|e| self.error(e))
     }
 
-    async fn rescue_orphans(
-        &self,
-        rescue_after: Duration,
-        now: Timestamp,
-    ) -> StoreResult<Vec<RescuedJob>> {
-        let limit = rescue_after.as_micros() as i64;
-        let candidates = sqlx::query(&format!(
+    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>> {
+        let rows = sqlx::query(&format!(
             "SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
              WHERE status = 'running' AND {}",
             orphaned(rescue_after)
@@ -573,22 +566,31 @@ impl JobStore for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.error(e))?;
-        let mut rescued = Vec::new();
-        for row in candidates {
-            let id: i64 = row.get("id");
-            let lost_worker = rows::worker_of_job(&row).map_err(|e| self.error(e))?;
-            let lost = Holder::Lost { rescue_after };
-            if let Some(requeued) = self
-                .take_back(id, row.get("lease"), lost, WORKER_LOST, now)
-                .await?
-            {
-                rescued.push(RescuedJob {
-                    id,
-                    requeued,
-                    lost_worker,
-                });
-            }
-        }
+        rows.iter()
+            .map(|row| {
+                Ok(OrphanedJob {
+                    id: row.try_get("id")?,
+                    lease: row.try_get("lease")?,
+                    lost_worker: rows::worker_of_job(row)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(|e| self.error(e))
+    }
+
+    async fn take_back_orphan(
+        &self,
+        job: &OrphanedJob,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Option<bool>> {
+        let lost = Holder::Lost { rescue_after };
+        self.take_back(job.id, job.lease, lost, WORKER_LOST, now)
+            .await
+    }
+
+    async fn forget_lost_workers(&self, rescue_after: Duration) -> StoreResult<()> {
+        let limit = rescue_after.as_micros() as i64;
         sqlx::query(&format!(
             "DELETE FROM pjq_workers WHERE heartbeat_at <= {DB_NOW} - {limit}
                AND NOT EXISTS (SELECT 1 FROM pjq_jobs j
@@ -597,28 +599,22 @@ impl JobStore for SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(|e| self.error(e))?;
-        Ok(rescued)
+        Ok(())
     }
 
-    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64> {
-        let mut total = 0;
-        loop {
-            let result = sqlx::query(
-                "DELETE FROM pjq_jobs WHERE id IN (
+    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
+        let result = sqlx::query(
+            "DELETE FROM pjq_jobs WHERE id IN (
                     SELECT id FROM pjq_jobs
                     WHERE finished_at < ? AND status IN ('succeeded', 'failed', 'cancelled')
                     LIMIT ?)",
-            )
-            .bind(before.0)
-            .bind(PRUNE_BATCH)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-            total += result.rows_affected();
-            if result.rows_affected() < PRUNE_BATCH as u64 {
-                return Ok(total);
-            }
-        }
+        )
+        .bind(before.0)
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(result.rows_affected())
     }
 }
 
