@@ -50,9 +50,7 @@ impl Context {
 
     /// Opens the store for a one-shot command: no retries, the schema brought up to date.
     async fn open_store(&self) -> Result<Box<dyn JobStore>, Failure> {
-        let store = store::open_configured(&self.config, &self.database_url).await?;
-        store::prepare_schema(store.as_ref(), self.config.auto_migrate).await?;
-        Ok(store)
+        Ok(try_open(self).await?)
     }
 }
 
@@ -289,6 +287,7 @@ async fn open_store_patiently(
     }
 }
 
+/// Opens the configured store and brings (or checks) its schema.
 async fn try_open(context: &Context) -> Result<Box<dyn JobStore>, StoreError> {
     let store = store::open_configured(&context.config, &context.database_url).await?;
     store::prepare_schema(store.as_ref(), context.config.auto_migrate).await?;

@@ -372,33 +372,12 @@ fn sigterm_lets_the_running_job_finish(backend: Backend) {
 fn four_workers_run_2000_jobs_exactly_once(backend: Backend) {
     const JOBS: usize = 2000;
     let scratch = Scratch::new(backend);
-    let markers = scratch.path("markers");
-    std::fs::create_dir(&markers).unwrap();
-    // mkdir fails when the directory exists, so a job run twice fails and shows up.
-    scratch.write_config(&format!(
-        "[jobs.mark]\ncommand = [\"/bin/mkdir\", \"{}/{{id}}\"]",
-        markers.display()
-    ));
-    let queues = ["ui_job", "import_export_job", "data_maintenance_job"];
-    block_on(async {
-        let store = scratch.store().await;
-        for n in 0..JOBS {
-            store
-                .push(&new_job(queues[n % 3], "mark", "{}"))
-                .await
-                .unwrap();
-        }
-    });
+    let markers = seed_marker_jobs(&scratch, JOBS);
     let mut workers: Vec<_> = (0..4)
         .map(|n| scratch.spawn_consumer(&format!("w{n}"), &["--sleep", "50ms"]))
         .collect();
     wait_until(Duration::from_secs(240), "all jobs to finish", || {
-        let status = scratch.status_json();
-        status["queues"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|q| q["waiting"] == 0 && q["running"] == 0)
+        queues_drained(&scratch)
     });
     scratch.ok(&["stop-workers"]);
     for worker in &mut workers {

@@ -198,11 +198,7 @@ fn a_steady_ui_stream_keeps_lower_queues_waiting(backend: Backend) {
         std::thread::sleep(Duration::from_millis(20));
     }
     wait_until(Duration::from_secs(30), "everything to run", || {
-        scratch.status_json()["queues"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|q| q["waiting"] == 0 && q["running"] == 0)
+        queues_drained(&scratch)
     });
     send_signal(&consumer, Signal::SIGTERM);
     assert_eq!(wait_exit(&mut consumer, Duration::from_secs(5)), 0);
@@ -353,22 +349,8 @@ mod shared {
     fn eight_workers_on_two_hosts_run_20000_jobs_exactly_once(backend: Backend) {
         const JOBS: usize = 20_000;
         let scratch = Scratch::new(backend);
-        let markers = scratch.path("markers");
-        std::fs::create_dir(&markers).unwrap();
-        scratch.write_config(&format!(
-            "[jobs.mark]\ncommand = [\"/bin/mkdir\", \"{}/{{id}}\"]",
-            markers.display()
-        ));
+        let markers = seed_marker_jobs(&scratch, JOBS);
         let queues = ["ui_job", "import_export_job", "data_maintenance_job"];
-        block_on(async {
-            let store = scratch.store().await;
-            for n in 0..JOBS {
-                store
-                    .push(&new_job(queues[n % 3], "mark", "{}"))
-                    .await
-                    .unwrap();
-            }
-        });
         let mut workers: Vec<_> = (0..8)
             .map(|n| {
                 let host = if n % 2 == 0 { "host-a" } else { "host-b" };
@@ -376,12 +358,7 @@ mod shared {
             })
             .collect();
         wait_until(Duration::from_secs(600), "all jobs to finish", || {
-            std::fs::read_dir(&markers).unwrap().count() == JOBS
-                && scratch.status_json()["queues"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|q| q["waiting"] == 0 && q["running"] == 0)
+            std::fs::read_dir(&markers).unwrap().count() == JOBS && queues_drained(&scratch)
         });
         scratch.ok(&["stop-workers"]);
         for worker in &mut workers {

@@ -522,3 +522,35 @@ impl NotifySocket {
         found.unwrap()
     }
 }
+
+/// Stores `count` jobs of code `mark` spread over the three queues, with a config whose
+/// command makes one marker directory per job id; mkdir fails when the directory exists, so
+/// a job run twice fails and shows up. Returns the marker directory.
+pub fn seed_marker_jobs(scratch: &Scratch, count: usize) -> PathBuf {
+    let markers = scratch.path("markers");
+    std::fs::create_dir(&markers).unwrap();
+    scratch.write_config(&format!(
+        "[jobs.mark]\ncommand = [\"/bin/mkdir\", \"{}/{{id}}\"]",
+        markers.display()
+    ));
+    let queues = ["ui_job", "import_export_job", "data_maintenance_job"];
+    block_on(async {
+        let store = scratch.store().await;
+        for n in 0..count {
+            store
+                .push(&new_job(queues[n % 3], "mark", "{}"))
+                .await
+                .unwrap();
+        }
+    });
+    markers
+}
+
+/// Whether no job is waiting or running in any queue.
+pub fn queues_drained(scratch: &Scratch) -> bool {
+    scratch.status_json()["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|q| q["waiting"] == 0 && q["running"] == 0)
+}
