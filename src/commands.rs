@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::cli::{Cli, Command, ConsumeArgs, IdArgs, JobsArgs, OutputArgs, PushArgs, ShowArgs};
-use crate::config::Config;
-use crate::consumer::{Backoff, Consumer, ConsumerOptions, Reloader};
+use crate::config::{Config, Transport};
+use crate::consumer::{Backoff, Consumer, ConsumerOptions, Reloader, StopReason};
 use crate::exit::{ExitCode, Failure};
 use crate::instance::read_instance_queues;
 use crate::notify::Notifier;
@@ -161,6 +161,11 @@ async fn consume(
         )));
     }
     let queues = select_queues(config, args)?;
+    let context = &Context {
+        config: preflight(config.clone(), &notifier).await?,
+        database_url: context.database_url.clone(),
+    };
+    let config = &context.config;
     let signals = Signals::install().map_err(|error| {
         Failure::new(
             ExitCode::Software,
@@ -186,16 +191,61 @@ async fn consume(
         options,
         worker,
         signals,
-        notifier,
+        notifier.clone(),
         reloader,
     );
     let reason = consumer.run().await;
-    info!(
-        reason = reason.describe(),
-        "worker exits: {}",
-        reason.describe()
-    );
-    Ok(())
+    let described = reason.describe();
+    info!(reason = %described, "worker exits: {described}");
+    match reason {
+        StopReason::CannotLaunch(why) => {
+            notifier.status(&format!("Cannot launch jobs: {why}"));
+            Err(Failure::config(why))
+        }
+        // A graceful restart: the unit (RestartForceExitStatus=) and supervisor bring the
+        // worker back, as they do for Symfony's consumer after `messenger:stop-workers`.
+        StopReason::StopWorkersRequested => Err(Failure::new(
+            ExitCode::Restart,
+            "stop-workers requested: exiting so that the service manager restarts the worker",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// In Akeneo mode, checks that the PIM can run jobs before anything is claimed, and settles
+/// the launcher; a failure is a configuration error (exit 78), also said in STATUS.
+async fn preflight(mut config: Config, notifier: &Notifier) -> Result<Config, Failure> {
+    let Transport::Akeneo(settings) = &mut config.transport else {
+        return Ok(config);
+    };
+    notifier.status("Checking that the PIM can run jobs");
+    let result = {
+        let check = crate::akeneo::preflight::check(settings);
+        tokio::pin!(check);
+        loop {
+            tokio::select! {
+                result = &mut check => break result,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => notifier.watchdog(),
+            }
+        }
+    };
+    match result {
+        Ok(launcher) => {
+            info!(
+                launcher = launcher.name(),
+                "the PIM can run jobs: launching with {}",
+                launcher.name()
+            );
+            settings.detected_launcher = Some(launcher);
+            Ok(config)
+        }
+        Err(reason) => {
+            notifier.status(&format!("Cannot launch jobs: {reason}"));
+            Err(Failure::config(format!(
+                "preflight failed, taking no job: {reason}"
+            )))
+        }
+    }
 }
 
 /// Where a SIGHUP re-reads the configuration from: the same files and options as at start.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::akeneo::{AkeneoSettings, Launcher};
+use crate::akeneo::{AkeneoSettings, JOB_QUEUES, Launcher, LauncherChoice};
 use crate::exit::Failure;
 use crate::template::ArgvTemplate;
 use crate::units::{parse_duration, seconds_to_duration};
@@ -23,6 +23,9 @@ pub const DEFAULT_INSTANCE_DIR: &str = "/etc/pim_job_queue";
 pub const DEFAULT_QUEUES: [&str; 3] = ["ui_job", "import_export_job", "data_maintenance_job"];
 /// How long an idle worker sleeps between looks at the queues.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// The same in Akeneo mode: Symfony's `--sleep` default, so the PIM's database sees no more
+/// polling than with the PHP consumer.
+pub const DEFAULT_AKENEO_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a job's process group gets between SIGTERM and SIGKILL when it must end.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
 /// How often a worker refreshes its heartbeat (and looks for orphaned jobs).
@@ -115,6 +118,13 @@ struct RawAkeneo {
     php_binary: Option<PathBuf>,
     launcher: Option<String>,
     redeliver_timeout: Option<DurationValue>,
+    env: Option<String>,
+    debug: Option<bool>,
+    environment: Option<BTreeMap<String, String>>,
+    kill_grace: Option<DurationValue>,
+    allow_other_queues: Option<bool>,
+    max_failed_launches: Option<u32>,
+    failed_launch_window: Option<DurationValue>,
 }
 
 /// A duration written as a string (`"200ms"`, `"2h"`) or a number of seconds.
@@ -197,14 +207,26 @@ impl Config {
             .map_or(DEFAULT_HEARTBEAT_INTERVAL, |d| d.0);
         let rescue_after = raw.rescue_after.map_or(DEFAULT_RESCUE_AFTER, |d| d.0);
         check_fleet_timing(heartbeat_interval, rescue_after)?;
+        let allow_other_queues = raw
+            .akeneo
+            .as_ref()
+            .and_then(|a| a.allow_other_queues)
+            .unwrap_or(false);
         let transport = build_transport(raw.transport.as_deref(), raw.akeneo)?;
+        if matches!(transport, Transport::Akeneo(_)) && !allow_other_queues {
+            check_akeneo_queues(&queues)?;
+        }
+        let default_poll = match transport {
+            Transport::Akeneo(_) => DEFAULT_AKENEO_POLL_INTERVAL,
+            Transport::Native => DEFAULT_POLL_INTERVAL,
+        };
         Ok(Config {
             source,
             database_url: raw.database_url,
             instance_dir: raw
                 .instance_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_INSTANCE_DIR)),
-            poll_interval: raw.poll_interval.map_or(DEFAULT_POLL_INTERVAL, |d| d.0),
+            poll_interval: raw.poll_interval.map_or(default_poll, |d| d.0),
             queues,
             auto_migrate: raw.auto_migrate.unwrap_or(true),
             heartbeat_interval,
@@ -282,29 +304,79 @@ fn build_transport(name: Option<&str>, raw: Option<RawAkeneo>) -> Result<Transpo
                 .project_dir
                 .filter(|dir| dir.is_absolute())
                 .ok_or_else(|| Failure::config("`akeneo.project_dir` must be an absolute path"))?;
-            let launcher = match raw.launcher.as_deref().unwrap_or("akeneo7") {
-                "akeneo7" => Launcher::Watchdog,
-                "akeneo6" => Launcher::Direct,
+            let launcher = match raw.launcher.as_deref().unwrap_or("auto") {
+                "auto" => LauncherChoice::Auto,
+                "akeneo7" => LauncherChoice::Fixed(Launcher::Watchdog),
+                "akeneo6" => LauncherChoice::Fixed(Launcher::Direct),
                 other => {
                     return Err(Failure::config(format!(
-                        "`akeneo.launcher` = {other:?}: use \"akeneo7\" or \"akeneo6\""
+                        "`akeneo.launcher` = {other:?}: use \"auto\", \"akeneo7\" or \"akeneo6\""
                     )));
                 }
             };
+            let app_env = raw.env.unwrap_or_else(|| "prod".into());
+            if !is_valid_queue_name(&app_env) {
+                return Err(Failure::config(format!(
+                    "`akeneo.env` = {app_env:?} is not a Symfony environment name"
+                )));
+            }
+            let environment = raw.environment.unwrap_or_default();
+            check_variable_names(&environment, "akeneo.environment")?;
+            let max_failed_launches = raw.max_failed_launches.unwrap_or(3);
+            if max_failed_launches == 0 {
+                return Err(Failure::config(
+                    "`akeneo.max_failed_launches` must be 1 or more",
+                ));
+            }
             Ok(Transport::Akeneo(AkeneoSettings {
                 project_dir,
                 php_binary: raw
                     .php_binary
                     .unwrap_or_else(|| PathBuf::from("/usr/bin/php")),
                 launcher,
+                detected_launcher: None,
                 redeliver_timeout: raw
                     .redeliver_timeout
                     .map_or(Duration::from_secs(86_400), |d| d.0),
+                app_env,
+                app_debug: raw.debug,
+                environment,
+                kill_grace: raw.kill_grace.map_or(DEFAULT_KILL_GRACE, |d| d.0),
+                max_failed_launches,
+                failed_launch_window: raw
+                    .failed_launch_window
+                    .map_or(Duration::from_secs(30), |d| d.0),
             }))
         }
         other => Err(Failure::config(format!(
             "`transport` = {other:?}: use \"native\" or \"akeneo\""
         ))),
+    }
+}
+
+/// In Akeneo mode only the PIM's job queues may be consumed: the same table holds the
+/// webhook (`default`) and data-quality (`dqi_*`) queues, whose messages a job worker would
+/// set aside and never deliver.
+fn check_akeneo_queues(queues: &[String]) -> Result<(), Failure> {
+    match queues.iter().find(|q| !JOB_QUEUES.contains(&q.as_str())) {
+        Some(other) => Err(Failure::config(format!(
+            "`queues` names {other:?}, which is not one of Akeneo's job queues ({}); \
+             set `akeneo.allow_other_queues = true` if it really carries job messages",
+            JOB_QUEUES.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn check_variable_names(env: &BTreeMap<String, String>, table: &str) -> Result<(), Failure> {
+    match env
+        .keys()
+        .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        Some(bad) => Err(Failure::config(format!(
+            "`{table}` has an invalid variable name {bad:?}"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -381,14 +453,7 @@ fn build_job_spec(raw: &RawJob, table: &str) -> Result<JobSpec, Failure> {
         )));
     }
     let env = raw.env.clone().unwrap_or_default();
-    if let Some(bad) = env
-        .keys()
-        .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
-    {
-        return Err(Failure::config(format!(
-            "`{table}.env` has an invalid variable name {bad:?}"
-        )));
-    }
+    check_variable_names(&env, &format!("{table}.env"))?;
     Ok(JobSpec {
         command,
         working_directory: raw.working_directory.clone(),

@@ -10,11 +10,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::akeneo::restart_signal::RestartSignal;
+use crate::breaker::{FailedLaunch, LaunchBreaker};
 use crate::config::{Config, Transport};
 use crate::exit::Failure;
 use crate::fleet::{Contact, FleetTimings, Membership, clock};
@@ -57,23 +59,29 @@ pub struct ConsumerOptions {
 pub type Reloader = Box<dyn Fn() -> Result<(Config, Vec<String>), Failure>>;
 
 /// Why the consumer stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
     Signal,
     JobLimit,
     TimeLimit,
     MemoryLimit,
+    /// `pim-job-queue stop-workers`, or Symfony's `messenger:stop-workers` in Akeneo mode:
+    /// a graceful restart under systemd and supervisor.
     StopWorkersRequested,
+    /// The environment cannot run jobs (the Akeneo preflight failed after a reload or after
+    /// launches kept failing): a configuration problem for a person to fix.
+    CannotLaunch(String),
 }
 
 impl StopReason {
-    pub fn describe(self) -> &'static str {
+    pub fn describe(&self) -> String {
         match self {
-            StopReason::Signal => "stop signal",
-            StopReason::JobLimit => "job limit reached",
-            StopReason::TimeLimit => "time limit reached",
-            StopReason::MemoryLimit => "memory limit reached",
-            StopReason::StopWorkersRequested => "stop-workers requested",
+            StopReason::Signal => "stop signal".into(),
+            StopReason::JobLimit => "job limit reached".into(),
+            StopReason::TimeLimit => "time limit reached".into(),
+            StopReason::MemoryLimit => "memory limit reached".into(),
+            StopReason::StopWorkersRequested => "stop-workers requested".into(),
+            StopReason::CannotLaunch(reason) => format!("jobs cannot be launched: {reason}"),
         }
     }
 }
@@ -112,6 +120,13 @@ pub struct Consumer {
     backoff: Backoff,
     wake: WakeSources,
     last_ping: Instant,
+    /// Symfony's `messenger:stop-workers` signal, in Akeneo mode.
+    restart_signal: Option<RestartSignal>,
+    /// When this worker started, in seconds since the epoch, to compare with that signal.
+    started_at_unix: f64,
+    breaker: LaunchBreaker,
+    /// The Akeneo preflight must run again before the next claim (after a reload).
+    preflight_due: bool,
 }
 
 impl Consumer {
@@ -131,7 +146,6 @@ impl Consumer {
         };
         Consumer {
             store,
-            config,
             options,
             worker,
             signals,
@@ -144,6 +158,22 @@ impl Consumer {
             backoff: Backoff::default(),
             wake: WakeSources::default(),
             last_ping: Instant::now(),
+            restart_signal: match &config.transport {
+                Transport::Akeneo(settings) => Some(RestartSignal::new(&settings.cache_dir())),
+                Transport::Native => None,
+            },
+            started_at_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            breaker: match &config.transport {
+                Transport::Akeneo(settings) => {
+                    LaunchBreaker::new(settings.max_failed_launches, settings.failed_launch_window)
+                }
+                Transport::Native => LaunchBreaker::disabled(),
+            },
+            preflight_due: false,
+            config,
         }
     }
 
@@ -246,8 +276,11 @@ impl Consumer {
 
     /// One pass: check for a stop request, then claim and run a job or sleep.
     async fn next_step(&mut self, contact: &Contact) -> Result<Option<StopReason>, StoreError> {
-        if self.stop_requested_by_operator().await? {
+        if self.stop_requested_by_operator().await? || self.symfony_stop_requested() {
             return Ok(Some(StopReason::StopWorkersRequested));
+        }
+        if let Some(reason) = self.launching_blocked().await {
+            return Ok(reason);
         }
         // A job claimed now would be fenced at once: wait for the heartbeat to get through.
         if contact.last_ok().elapsed() >= self.timings.fence_after() {
@@ -273,6 +306,63 @@ impl Consumer {
             }
         }
         Ok(None)
+    }
+
+    /// `messenger:stop-workers` run in the PIM since this worker started.
+    fn symfony_stop_requested(&mut self) -> bool {
+        let started = self.started_at_unix;
+        let Some(signal) = self.restart_signal.as_mut() else {
+            return false;
+        };
+        match signal.requested_at() {
+            Some(requested) if requested > started => {
+                info!("messenger:stop-workers was run in the PIM: exiting to be restarted");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Keeps the worker from claiming while its launches cannot work. `Some(None)`: this
+    /// pass is spent waiting; `Some(Some(reason))`: stop; `None`: claim.
+    async fn launching_blocked(&mut self) -> Option<Option<StopReason>> {
+        if let Some(left) = self.breaker.blocked_for() {
+            if !left.is_zero() {
+                self.pause(left.min(self.heartbeat_slice()), StopLevel::Drain)
+                    .await;
+                return Some(None);
+            }
+            self.preflight_due = true;
+        }
+        if !self.preflight_due {
+            return None;
+        }
+        self.preflight_due = false;
+        match self.run_preflight().await {
+            Ok(()) => {
+                self.breaker.allow_probe();
+                self.notifier.status(&self.idle_status());
+                None
+            }
+            Err(reason) => Some(Some(StopReason::CannotLaunch(reason))),
+        }
+    }
+
+    /// The Akeneo preflight, with watchdog pings while PHP boots.
+    async fn run_preflight(&mut self) -> Result<(), String> {
+        let Transport::Akeneo(settings) = self.config.transport.clone() else {
+            return Ok(());
+        };
+        self.notifier.status("Checking that the PIM can run jobs");
+        let check = crate::akeneo::preflight::check(&settings);
+        tokio::pin!(check);
+        loop {
+            self.ping_watchdog_if_due();
+            tokio::select! {
+                result = &mut check => return result.map(drop),
+                _ = tokio::time::sleep(self.heartbeat_slice()) => {}
+            }
+        }
     }
 
     async fn stop_requested_by_operator(&mut self) -> Result<bool, StoreError> {
@@ -370,6 +460,15 @@ impl Consumer {
     }
 
     async fn wait_after_error(&mut self, error: &StoreError, contact: &Contact) {
+        if let StoreError::SchemaMissing(_) = error
+            && self.config.auto_migrate
+        {
+            warn!("{error}: creating them again");
+            match self.store.migrate().await {
+                Ok(_) => return,
+                Err(error) => warn!("could not create the job store's tables: {error}"),
+            }
+        }
         let delay = self.backoff.next_delay();
         warn!(
             attempt = self.backoff.attempts,
@@ -385,8 +484,16 @@ impl Consumer {
     async fn reload(&mut self) {
         self.notifier.reloading();
         match (self.reloader)() {
-            Ok((config, queues)) => {
+            Ok((mut config, queues)) => {
                 self.warn_about_restart_only_changes(&config);
+                if !same_transport(&config.transport, &self.config.transport) {
+                    warn!(
+                        "transport and [akeneo] changes take effect at the next restart; \
+                         keeping the running ones"
+                    );
+                }
+                config.transport = self.config.transport.clone();
+                self.preflight_due = matches!(config.transport, Transport::Akeneo(_));
                 if queues != self.options.queues {
                     info!(
                         "reloaded: now consuming {} (was {})",
@@ -434,17 +541,85 @@ impl Consumer {
             job_code = %job.code
         );
         async {
-            let outcome = match self.prepare_launch(&job) {
+            let (outcome, ran_for) = match self.prepare_launch(&job) {
                 Ok(launch) => self.execute(&job, &launch, contact).await,
                 Err(reason) => {
                     warn!("job failed before it started: {reason}");
-                    Outcome::Finished(failure_without_run(reason))
+                    (Outcome::Finished(failure_without_run(reason)), None)
                 }
             };
+            let failed_launch = self.failed_at_start(&job, &outcome, ran_for).await;
             self.record(&job, &outcome).await;
+            self.account_launch(&job, failed_launch).await;
         }
         .instrument(span)
         .await
+    }
+
+    /// Why this launch counts as failed at start, for the breaker: its process never
+    /// started, or it failed within the window before the job's system saw it start.
+    async fn failed_at_start(
+        &self,
+        job: &ClaimedJob,
+        outcome: &Outcome,
+        ran_for: Option<Duration>,
+    ) -> Option<Result<(), String>> {
+        if !self.breaker.is_enabled() {
+            return None;
+        }
+        let reason = match (outcome, ran_for) {
+            (Outcome::NotStarted(reason), _) => return Some(Err(reason.clone())),
+            (Outcome::Finished(completion), Some(ran_for)) => match &completion.result {
+                JobResult::Succeeded => return Some(Ok(())),
+                JobResult::Failed { .. } if !self.breaker.within_window(ran_for) => {
+                    return Some(Ok(()));
+                }
+                JobResult::Failed { reason, .. } => match completion.output.last() {
+                    Some(line) => format!("{reason}: {line}"),
+                    None => reason.clone(),
+                },
+            },
+            _ => return None,
+        };
+        match self.store.launch_took_effect(&job.lease).await {
+            Ok(Some(true)) => Some(Ok(())),
+            Ok(Some(false) | None) => Some(Err(reason)),
+            Err(error) => {
+                warn!("cannot tell whether the job started: {error}");
+                None
+            }
+        }
+    }
+
+    /// Feeds the breaker; when launches keep failing at start, claiming stops for a while
+    /// (and the environment is checked again before it resumes).
+    async fn account_launch(&mut self, job: &ClaimedJob, failed: Option<Result<(), String>>) {
+        let reason = match failed {
+            None => return,
+            Some(Ok(())) => return self.breaker.record_success(),
+            Some(Err(reason)) => reason,
+        };
+        warn!(
+            failed_launches = self.breaker.failures_in_a_row() + 1,
+            "launch failed at start: {reason}"
+        );
+        let trip = self.breaker.record_failure(FailedLaunch {
+            job: job.id,
+            reason,
+        });
+        match trip {
+            Some(trip) => {
+                let message = format!(
+                    "{}; not taking jobs for {}, then checking the PIM again",
+                    trip.describe(),
+                    format_duration(trip.closed_for)
+                );
+                error!("{message}");
+                self.notifier.status(&format!("Not taking jobs: {message}"));
+            }
+            // A launch whose program could not start leaves its job queued: do not hammer it.
+            None => self.pause(FIRST_BACKOFF, StopLevel::Drain).await,
+        }
     }
 
     /// Works out the argv and environment; an error fails the job, never the worker.
@@ -474,21 +649,23 @@ impl Consumer {
             remove_env: Vec::new(),
             timeout: spec.timeout,
             kill_grace: spec.kill_grace,
+            signal_leader_first: false,
         })
     }
 
+    /// Starts and watches the job; also returns how long its process ran.
     async fn execute(
         &mut self,
         job: &ClaimedJob,
         launch: &JobLaunch,
         contact: &Contact,
-    ) -> Outcome {
+    ) -> (Outcome, Option<Duration>) {
         let running = match runner::start(launch) {
             Ok(running) => running,
             Err(error) => {
                 let reason = format!("cannot start {}: {error}", launch.argv[0]);
-                warn!("job failed: {reason}");
-                return Outcome::Finished(failure_without_run(reason));
+                warn!("job did not start: {reason}");
+                return (Outcome::NotStarted(reason), None);
             }
         };
         info!(
@@ -505,7 +682,7 @@ impl Consumer {
         let report = self.watch(running, job, launch.kill_grace, contact).await;
         let outcome = outcome_of(&report);
         log_end(&report, &outcome);
-        outcome
+        (outcome, Some(report.duration))
     }
 
     /// Waits for the job while keeping the worker's duties: watchdog, STATUS, reloads, stop
@@ -622,6 +799,7 @@ impl Consumer {
                     .release(&job.lease, reason, Timestamp::now())
                     .await
                     .map(|release| (release != Release::NotHeld).then_some(release)),
+                Outcome::NotStarted(reason) => self.put_back_unstarted(job, reason).await,
             };
             match stored {
                 Ok(Some(Release::Requeued)) => {
@@ -654,8 +832,34 @@ impl Consumer {
         }
     }
 
+    /// A job whose process never started goes back where the store allows it (the Akeneo
+    /// message becomes visible again at once); elsewhere it fails with the reason.
+    async fn put_back_unstarted(
+        &self,
+        job: &ClaimedJob,
+        reason: &str,
+    ) -> Result<Option<Release>, StoreError> {
+        if self.store.release_unstarted(&job.lease, reason).await? {
+            info!("job put back in its queue: its process never started");
+            return Ok(Some(Release::Requeued));
+        }
+        let held = self
+            .store
+            .complete(&job.lease, &failure_without_run(reason.to_string()))
+            .await?;
+        Ok(held.then_some(Release::Failed))
+    }
+
     fn aborting(&self) -> bool {
         self.shutdown().level() >= StopLevel::Abort
+    }
+}
+
+/// Whether two transports are the same as configured (the detected launcher aside).
+fn same_transport(a: &Transport, b: &Transport) -> bool {
+    match (a, b) {
+        (Transport::Akeneo(a), Transport::Akeneo(b)) => a.as_configured() == b.as_configured(),
+        (a, b) => a == b,
     }
 }
 
@@ -706,6 +910,8 @@ enum Outcome {
     Finished(Completion),
     /// The worker ended it early; it goes back to its queue if it has attempts left.
     GivenUp(String),
+    /// Its process could not be started at all.
+    NotStarted(String),
 }
 
 /// A job's payload must be a JSON object; anything else (a row inserted by hand) fails it.
@@ -780,6 +986,7 @@ fn log_end(report: &RunReport, outcome: &Outcome) {
         Outcome::GivenUp(reason) => {
             warn!(duration = %duration, result = "interrupted", "job interrupted: {reason}")
         }
+        Outcome::NotStarted(reason) => warn!(result = "not started", "job not started: {reason}"),
     }
 }
 

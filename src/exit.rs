@@ -19,13 +19,18 @@ pub enum ExitCode {
     Unavailable = 69,
     /// A bug or an unexpected database answer.
     Software = 70,
-    /// A temporary failure; trying again later may work.
+    /// A temporary failure; trying again later may work. The daemon also exits with it when
+    /// stop-workers asks it to: the unit restarts it (`RestartForceExitStatus=75`).
     TempFail = 75,
     /// A configuration file, an instance conf or the schema version is wrong.
     Config = 78,
 }
 
 impl ExitCode {
+    /// The daemon's "restart me" exit, after stop-workers.
+    #[allow(non_upper_case_globals)]
+    pub const Restart: ExitCode = ExitCode::TempFail;
+
     pub fn code(self) -> i32 {
         self as i32
     }

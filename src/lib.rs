@@ -13,6 +13,7 @@
 //!   (sysexits-style exit codes shared by every failure path).
 
 pub mod akeneo;
+pub mod breaker;
 pub mod cli;
 pub mod commands;
 pub mod config;

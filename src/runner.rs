@@ -53,6 +53,10 @@ pub struct JobLaunch {
     pub remove_env: Vec<String>,
     pub timeout: Option<Duration>,
     pub kill_grace: Duration,
+    /// Send the first SIGTERM to the main process only, and to the whole group only if it
+    /// has not ended after half of `kill_grace`: a supervisor process (Akeneo's watchdog)
+    /// forwards the signal to its job itself, which a group signal would reach twice.
+    pub signal_leader_first: bool,
 }
 
 /// Why the job's process ended.
@@ -83,10 +87,36 @@ pub struct RunningJob {
     tail: Arc<Mutex<VecDeque<String>>>,
     readers: Vec<JoinHandle<()>>,
     timeout: Option<Duration>,
+    signal_leader_first: bool,
 }
 
 /// Starts the job. Its output is logged inside the caller's current tracing span.
 pub fn start(launch: &JobLaunch) -> io::Result<RunningJob> {
+    let mut command = command_for(launch);
+    let mut child = command.spawn()?;
+    let pid = child.id().expect("a just-spawned child has a pid");
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_TAIL_LINES)));
+    let span = tracing::Span::current();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let readers = vec![
+        tokio::spawn(read_lines(stdout, Stream::Stdout, tail.clone()).instrument(span.clone())),
+        tokio::spawn(read_lines(stderr, Stream::Stderr, tail.clone()).instrument(span)),
+    ];
+    Ok(RunningJob {
+        child,
+        group: Pid::from_raw(pid as i32),
+        started: Instant::now(),
+        tail,
+        readers,
+        timeout: launch.timeout,
+        signal_leader_first: launch.signal_leader_first,
+    })
+}
+
+/// The job's command: its own process group, a sanitized environment, and death with the
+/// worker. No shell.
+fn command_for(launch: &JobLaunch) -> Command {
     let mut command = Command::new(&launch.argv[0]);
     command
         .args(&launch.argv[1..])
@@ -118,24 +148,41 @@ pub fn start(launch: &JobLaunch) -> io::Result<RunningJob> {
             Ok(())
         });
     }
-    let mut child = command.spawn()?;
-    let pid = child.id().expect("a just-spawned child has a pid");
-    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_TAIL_LINES)));
-    let span = tracing::Span::current();
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let readers = vec![
-        tokio::spawn(read_lines(stdout, Stream::Stdout, tail.clone()).instrument(span.clone())),
-        tokio::spawn(read_lines(stderr, Stream::Stderr, tail.clone()).instrument(span)),
-    ];
-    Ok(RunningJob {
-        child,
-        group: Pid::from_raw(pid as i32),
-        started: Instant::now(),
-        tail,
-        readers,
-        timeout: launch.timeout,
-    })
+    command
+}
+
+/// What a short helper command (not a job) printed, for checks such as the Akeneo preflight.
+#[derive(Debug)]
+pub struct Captured {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `launch` to completion with the same isolation as a job, and returns its output;
+/// its process group is killed when `limit` runs out.
+pub async fn capture(launch: &JobLaunch, limit: Duration) -> io::Result<Captured> {
+    let child = command_for(launch).spawn()?;
+    let group = child.id().map(|pid| Pid::from_raw(pid as i32));
+    match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(output) => {
+            let output = output?;
+            Ok(Captured {
+                status: output.status,
+                stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            })
+        }
+        Err(_) => {
+            if let Some(group) = group {
+                let _ = killpg(group, Signal::SIGKILL);
+            }
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {}", humantime::format_duration(limit)),
+            ))
+        }
+    }
 }
 
 impl RunningJob {
@@ -190,10 +237,21 @@ impl RunningJob {
         }
     }
 
-    /// SIGTERM to the whole group, then SIGKILL after `grace`.
+    /// SIGTERM (to the main process first when it forwards signals itself, then to the whole
+    /// group), then SIGKILL to the group once `grace` has passed.
     pub async fn end_group(&mut self, grace: Duration) -> Option<ExitStatus> {
+        let mut left = grace;
+        if self.signal_leader_first {
+            let _ = nix::sys::signal::kill(self.group, Signal::SIGTERM);
+            let first = grace / 2;
+            if let Ok(status) = tokio::time::timeout(first, self.child.wait()).await {
+                return status.ok();
+            }
+            tracing::warn!("the job's main process is still running: SIGTERM to its group");
+            left = grace - first;
+        }
         let _ = killpg(self.group, Signal::SIGTERM);
-        match tokio::time::timeout(grace, self.child.wait()).await {
+        match tokio::time::timeout(left, self.child.wait()).await {
             Ok(status) => status.ok(),
             Err(_) => {
                 tracing::warn!(?grace, "job ignored SIGTERM: sending SIGKILL");

@@ -4,26 +4,29 @@
 //!
 //! Claims follow Symfony's query (queue, `delivered_at` null or older than the redeliver
 //! timeout, `available_at` due, oldest first) with `FOR UPDATE SKIP LOCKED` where the server
-//! has it, and acknowledge on receipt, as Akeneo does: the row is deleted in the same
-//! transaction that selects it, so no other consumer, PHP or ours, can take it again
-//! (at most once). Rows PHP consumers soft-deleted (`delivered_at` in year 9999) are never
-//! claimed and are purged, as Symfony does. All datetimes are UTC strings with second
-//! precision passed as parameters; the server's `NOW()` and session time zone are never
-//! used. Fleet features (worker registry, stop-workers) use this project's own `pjq_`
-//! tables in the same database.
+//! has it, and mark the row delivered as Symfony's `get()` does, so no other consumer, PHP or
+//! ours, takes it. The row is deleted (acknowledged) only once the job's process has really
+//! started; a launch that fails before that puts it back at once, as Symfony's reject-to-retry
+//! would, so a broken PHP setup cannot eat the queue. Rows that cannot be run are never
+//! deleted: they are set aside (`delivered_at` far in the future, which PHP consumers skip
+//! too), logged once and counted in `status`. Rows PHP consumers soft-deleted (`delivered_at`
+//! in year 9999) are never claimed and are purged, as Symfony does. All datetimes are UTC
+//! strings with second precision passed as parameters; the server's `NOW()` and session time
+//! zone are never used. Fleet features (worker registry, stop-workers) use this project's own
+//! `pjq_` tables in the same database.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use sqlx::Row;
 use sqlx::mysql::MySqlPool;
+use sqlx::{MySqlConnection, Row};
 
 use super::mysql::{MysqlStore, classify, is_lock_conflict};
 use super::{
-    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStore, Lease, NewJob,
-    OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError, StoreResult, Timestamp,
+    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobResult, JobStore, Lease,
+    NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError, StoreResult, Timestamp,
     WorkerIdentity, WorkerRecord,
 };
 use crate::akeneo::{AkeneoSettings, JobMessage, Launcher, Target};
@@ -33,14 +36,35 @@ const PURGE_EVERY: Duration = Duration::from_secs(10);
 /// Both sentinels Symfony 5.4 writes on MySQL: '9999-12-31' (5.4.7 to 5.4.11) and
 /// '9999-12-31 23:59:59' (5.4.12 and later).
 const SOFT_DELETED_FROM: &str = "9999-12-31 00:00:00";
+/// `delivered_at` of a row set aside: never due again (Symfony redelivers only rows
+/// delivered before now minus the redeliver timeout) and not a soft-delete sentinel, so
+/// neither consumer kind takes or purges it. `UPDATE ... SET delivered_at = NULL` releases it.
+const SET_ASIDE: &str = "9000-01-01 00:00:00";
 const LOCK_RETRIES: u32 = 10;
+/// Akeneo's BatchStatus values the worker reads or writes.
+const STARTING: i64 = 2;
+const FAILED: i64 = 6;
 
-/// A message taken off the queue (and already acknowledged).
-struct TakenMessage {
-    id: i64,
-    decoded: Result<JobMessage, String>,
-    /// The job instance code: looked up for an execution, given for a scheduled job.
-    code: String,
+/// What one claim transaction did with the row it locked.
+enum Taken {
+    /// Marked delivered by this worker at `delivered_at`; not acknowledged yet.
+    Job {
+        id: i64,
+        message: JobMessage,
+        /// The job instance code: looked up for an execution, given for a scheduled job.
+        code: String,
+        delivered_at: String,
+    },
+    /// Cannot be run: left in the table, out of every consumer's way.
+    SetAside { id: i64, reason: String },
+}
+
+/// A message this worker claimed and has not finished with.
+#[derive(Debug, Clone)]
+struct Claim {
+    execution: Option<i64>,
+    /// The `delivered_at` this worker wrote, which guards the acknowledgement and the release.
+    delivered_at: String,
 }
 
 pub struct AkeneoStore {
@@ -48,9 +72,8 @@ pub struct AkeneoStore {
     settings: AkeneoSettings,
     skip_locked: bool,
     last_purge: Mutex<Option<Instant>>,
-    /// Job executions claimed by this process, by message id, for the heartbeat and the
-    /// final fix-up of the Akeneo 6 launcher.
-    executions: Mutex<HashMap<JobId, i64>>,
+    /// Messages claimed by this process and not finished, by message id.
+    claims: Mutex<HashMap<JobId, Claim>>,
 }
 
 impl AkeneoStore {
@@ -65,7 +88,7 @@ impl AkeneoStore {
             fleet,
             settings,
             last_purge: Mutex::new(None),
-            executions: Mutex::default(),
+            claims: Mutex::default(),
         })
     }
 
@@ -107,8 +130,8 @@ impl AkeneoStore {
         }
     }
 
-    /// Claims and acknowledges the next due message of `queue`, retrying lock conflicts.
-    async fn take_message(&self, queue: &str) -> StoreResult<Option<TakenMessage>> {
+    /// Claims the next due message of `queue`, retrying lock conflicts.
+    async fn take_message(&self, queue: &str) -> StoreResult<Option<Taken>> {
         let mut attempt = 0;
         loop {
             match self.try_take_message(queue).await {
@@ -121,10 +144,10 @@ impl AkeneoStore {
         }
     }
 
-    /// One claim transaction: select the row, decode it, look up its job code, delete it
-    /// (the acknowledgement), commit. Any database error rolls everything back, so a
-    /// message is never acknowledged without being handed to the worker.
-    async fn try_take_message(&self, queue: &str) -> Result<Option<TakenMessage>, sqlx::Error> {
+    /// One claim transaction: lock the row, decode it, look up its execution, then mark it
+    /// delivered (a job) or set it aside (anything that cannot run), and commit. Any
+    /// database error rolls everything back.
+    async fn try_take_message(&self, queue: &str) -> Result<Option<Taken>, sqlx::Error> {
         let now = SystemTime::now();
         let redeliver_before = now - self.settings.redeliver_timeout;
         let lock = if self.skip_locked {
@@ -151,46 +174,93 @@ impl AkeneoStore {
         let id: i64 = row.try_get("id")?;
         let headers: String = row.try_get("headers")?;
         let body: String = row.try_get("body")?;
-        let decoded = JobMessage::decode(&headers, &body);
-        let code = match &decoded {
-            Ok(JobMessage {
-                target: Target::Execution(execution),
-                ..
-            }) => sqlx::query_scalar::<_, String>(
-                "SELECT job_instance.code FROM akeneo_batch_job_execution job_execution
-                 INNER JOIN akeneo_batch_job_instance job_instance
-                    ON job_instance.id = job_execution.job_instance_id
-                 WHERE job_execution.id = ?",
-            )
-            .bind(execution)
-            .fetch_optional(&mut *tx)
-            .await?
-            .unwrap_or_default(),
-            Ok(JobMessage {
-                target: Target::Scheduled(code),
-                ..
-            }) => code.clone(),
-            Err(_) => String::new(),
+        let taken = match JobMessage::decode(&headers, &body) {
+            Ok(message) => self.examine(&mut tx, id, message, now).await?,
+            Err(undecodable) => {
+                if let Some(execution) = undecodable.execution {
+                    let reason = format!(
+                        "pim-job-queue set aside message {id}: {}",
+                        undecodable.reason
+                    );
+                    fail_waiting_execution(&mut tx, execution, &reason).await?;
+                }
+                Taken::SetAside {
+                    id,
+                    reason: undecodable.reason,
+                }
+            }
         };
-        // Acknowledged on receipt, in the claiming transaction, as Akeneo does.
-        sqlx::query("DELETE FROM messenger_messages WHERE id = ?")
+        let delivered_at = match &taken {
+            Taken::Job { delivered_at, .. } => delivered_at.as_str(),
+            Taken::SetAside { .. } => SET_ASIDE,
+        };
+        sqlx::query("UPDATE messenger_messages SET delivered_at = ? WHERE id = ?")
+            .bind(delivered_at)
             .bind(id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(Some(TakenMessage { id, decoded, code }))
+        Ok(Some(taken))
     }
 
-    /// The execution behind a lease, when this worker must heartbeat and fix it up itself.
-    fn own_execution(&self, lease: &Lease) -> Option<i64> {
-        if self.settings.launcher != Launcher::Direct {
+    /// Looks up what a decoded message names; a message of a class this worker does not
+    /// know is run only when its execution is still waiting to start.
+    async fn examine(
+        &self,
+        tx: &mut MySqlConnection,
+        id: i64,
+        message: JobMessage,
+        now: SystemTime,
+    ) -> Result<Taken, sqlx::Error> {
+        let code = match &message.target {
+            Target::Execution(execution) => {
+                let found = execution_state(tx, *execution).await?;
+                let waiting = found
+                    .as_ref()
+                    .is_some_and(|(_, status)| *status == STARTING);
+                if !message.known_class && !waiting {
+                    return Ok(Taken::SetAside {
+                        id,
+                        reason: format!(
+                            "unknown message class {} names job execution {execution}, which is not waiting to start",
+                            message.class
+                        ),
+                    });
+                }
+                found.map(|(code, _)| code).unwrap_or_default()
+            }
+            Target::Scheduled(code) => code.clone(),
+        };
+        Ok(Taken::Job {
+            id,
+            message,
+            code,
+            delivered_at: utc_seconds(now),
+        })
+    }
+
+    fn claim_of(&self, lease: &Lease) -> Option<Claim> {
+        self.claims
+            .lock()
+            .expect("claims lock")
+            .get(&lease.job_id)
+            .cloned()
+    }
+
+    fn forget(&self, lease: &Lease) -> Option<Claim> {
+        self.claims
+            .lock()
+            .expect("claims lock")
+            .remove(&lease.job_id)
+    }
+
+    /// The execution behind a lease, when this worker must heartbeat it itself (Akeneo 6
+    /// has no watchdog).
+    fn heartbeat_execution(&self, lease: &Lease) -> Option<i64> {
+        if self.settings.resolved_launcher() != Some(Launcher::Direct) {
             return None;
         }
-        self.executions
-            .lock()
-            .expect("executions lock")
-            .get(&lease.job_id)
-            .copied()
+        self.claim_of(lease)?.execution
     }
 
     /// What Akeneo's watchdog does every 5 s: the PIM shows a job whose heartbeat is older
@@ -211,34 +281,81 @@ impl AkeneoStore {
     }
 
     /// What Akeneo's watchdog does when the job process ends: an execution still marked
-    /// running was never finished by the job, so it is failed (status 6, exit code FAILED).
-    async fn fail_if_unfinished(&self, execution: i64) -> StoreResult<()> {
+    /// running was never finished by the job, so it is failed (status 6, exit code FAILED),
+    /// with the worker's reason in the exit description. Paused executions are left alone.
+    async fn fail_if_unfinished(&self, execution: i64, reason: &str) -> StoreResult<()> {
         let result = sqlx::query(
             "UPDATE akeneo_batch_job_execution
-             SET status = 6, exit_code = 'FAILED', updated_time = ?
-             WHERE id = ? AND exit_code IN ('EXECUTING', 'UNKNOWN')",
+             SET status = ?, exit_code = 'FAILED', updated_time = ?,
+                 exit_description = CONCAT_WS('\n', NULLIF(exit_description, ''), ?)
+             WHERE id = ? AND exit_code IN ('EXECUTING', 'UNKNOWN') AND status NOT IN (9, 10)",
         )
+        .bind(FAILED)
         .bind(utc_seconds(SystemTime::now()))
+        .bind(format!("pim-job-queue: {reason}"))
         .bind(execution)
         .execute(self.pool())
         .await
         .map_err(|e| self.error(e))?;
         if result.rows_affected() > 0 {
-            tracing::warn!("job execution {execution} was left unfinished: marked failed");
+            tracing::warn!(
+                job_execution_id = execution,
+                "job execution {execution} was left unfinished ({reason}): marked failed"
+            );
         }
         Ok(())
     }
 
-    async fn finish(&self, lease: &Lease) -> StoreResult<()> {
-        if let Some(execution) = self.own_execution(lease) {
-            self.fail_if_unfinished(execution).await?;
+    /// Ends this worker's claim on a job that ran: the PIM is told the truth about an
+    /// execution the job left unfinished.
+    async fn finish(&self, lease: &Lease, reason: &str) -> StoreResult<()> {
+        if let Some(execution) = self.claim_of(lease).and_then(|claim| claim.execution) {
+            self.fail_if_unfinished(execution, reason).await?;
         }
-        self.executions
-            .lock()
-            .expect("executions lock")
-            .remove(&lease.job_id);
+        self.forget(lease);
         Ok(())
     }
+}
+
+/// The job instance code and status of an execution, if it exists.
+async fn execution_state(
+    tx: &mut MySqlConnection,
+    execution: i64,
+) -> Result<Option<(String, i64)>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT job_instance.code, CAST(job_execution.status AS SIGNED) AS status
+         FROM akeneo_batch_job_execution job_execution
+         INNER JOIN akeneo_batch_job_instance job_instance
+            ON job_instance.id = job_execution.job_instance_id
+         WHERE job_execution.id = ?",
+    )
+    .bind(execution)
+    .fetch_optional(&mut *tx)
+    .await?;
+    row.map(|row| Ok((row.try_get("code")?, row.try_get("status")?)))
+        .transpose()
+}
+
+/// Fails an execution whose message cannot be run, if it is still waiting to start, so the
+/// PIM does not show it as starting forever.
+async fn fail_waiting_execution(
+    tx: &mut MySqlConnection,
+    execution: i64,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE akeneo_batch_job_execution
+         SET status = ?, exit_code = 'FAILED', updated_time = ?, exit_description = ?
+         WHERE id = ? AND status = ?",
+    )
+    .bind(FAILED)
+    .bind(utc_seconds(SystemTime::now()))
+    .bind(reason)
+    .bind(execution)
+    .bind(STARTING)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 #[async_trait]
@@ -285,35 +402,41 @@ impl JobStore for AkeneoStore {
         self.purge_soft_deleted().await;
         for queue in queues {
             while let Some(taken) = self.take_message(queue).await? {
-                let message = taken.id;
-                let decoded = match taken.decoded {
-                    Ok(decoded) => decoded,
-                    Err(reason) => {
+                let (message_id, message, code, delivered_at) = match taken {
+                    Taken::SetAside { id, reason } => {
                         tracing::error!(
-                            message_id = message,
-                            "removed message {message} from {queue}: {reason}"
+                            message_id = id,
+                            "set aside message {id} of {queue}, which cannot be run: {reason} \
+                             (it stays in messenger_messages; `status` counts it)"
                         );
                         continue;
                     }
+                    Taken::Job {
+                        id,
+                        message,
+                        code,
+                        delivered_at,
+                    } => (id, message, code, delivered_at),
                 };
-                let id = match decoded.target {
-                    Target::Execution(execution) => {
-                        self.executions
-                            .lock()
-                            .expect("executions lock")
-                            .insert(message, execution);
-                        execution
-                    }
-                    Target::Scheduled(_) => message,
+                let (id, execution) = match message.target {
+                    Target::Execution(execution) => (execution, Some(execution)),
+                    Target::Scheduled(_) => (message_id, None),
                 };
+                self.claims.lock().expect("claims lock").insert(
+                    message_id,
+                    Claim {
+                        execution,
+                        delivered_at,
+                    },
+                );
                 return Ok(Some(ClaimedJob {
                     id,
                     queue: queue.clone(),
-                    code: taken.code,
-                    payload: decoded.to_payload().to_string(),
+                    code,
+                    payload: message.to_payload().to_string(),
                     attempts: 1,
                     lease: Lease {
-                        job_id: message,
+                        job_id: message_id,
                         token: worker.token.clone(),
                         lease: 0,
                     },
@@ -323,26 +446,72 @@ impl JobStore for AkeneoStore {
         Ok(None)
     }
 
+    /// The acknowledgement, once the job's process exists: from now on the message is gone,
+    /// as with Akeneo's ack-on-receipt, and the execution row is the job's record.
     async fn mark_started(&self, lease: &Lease, _now: Timestamp) -> StoreResult<bool> {
+        let Some(claim) = self.claim_of(lease) else {
+            return Ok(false);
+        };
+        let acknowledged =
+            sqlx::query("DELETE FROM messenger_messages WHERE id = ? AND delivered_at = ?")
+                .bind(lease.job_id)
+                .bind(&claim.delivered_at)
+                .execute(self.pool())
+                .await
+                .map_err(|e| self.error(e))?;
         self.touch(lease).await?;
-        Ok(true)
+        Ok(acknowledged.rows_affected() == 1)
     }
 
     async fn touch(&self, lease: &Lease) -> StoreResult<()> {
-        match self.own_execution(lease) {
+        match self.heartbeat_execution(lease) {
             Some(execution) => self.write_health_check(execution).await,
             None => Ok(()),
         }
     }
 
-    async fn complete(&self, lease: &Lease, _completion: &Completion) -> StoreResult<bool> {
-        self.finish(lease).await?;
+    /// A launch that never started gives its message back at once, untouched.
+    async fn release_unstarted(&self, lease: &Lease, _reason: &str) -> StoreResult<bool> {
+        let Some(claim) = self.forget(lease) else {
+            return Ok(true);
+        };
+        sqlx::query(
+            "UPDATE messenger_messages SET delivered_at = NULL WHERE id = ? AND delivered_at = ?",
+        )
+        .bind(lease.job_id)
+        .bind(&claim.delivered_at)
+        .execute(self.pool())
+        .await
+        .map_err(|e| self.error(e))?;
         Ok(true)
     }
 
-    async fn release(&self, lease: &Lease, _reason: &str, _now: Timestamp) -> StoreResult<Release> {
-        // The message was acknowledged on receipt: like Akeneo, never delivered twice.
-        self.finish(lease).await?;
+    /// Whether Akeneo saw the job start: an execution still STARTING after its process ended
+    /// was never picked up by `akeneo:batch:job` (PHP could not boot, the command is missing).
+    async fn launch_took_effect(&self, lease: &Lease) -> StoreResult<Option<bool>> {
+        let Some(execution) = self.claim_of(lease).and_then(|claim| claim.execution) else {
+            return Ok(None);
+        };
+        let mut conn = self.pool().acquire().await.map_err(|e| self.error(e))?;
+        let state = execution_state(&mut conn, execution)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(state.map(|(_, status)| status != STARTING))
+    }
+
+    async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool> {
+        let reason = match &completion.result {
+            JobResult::Succeeded => "the job exited without finishing its execution".to_string(),
+            JobResult::Failed { reason, .. } => format!("the job ended: {reason}"),
+        };
+        self.finish(lease, &reason).await?;
+        Ok(true)
+    }
+
+    async fn release(&self, lease: &Lease, reason: &str, _now: Timestamp) -> StoreResult<Release> {
+        // The message was acknowledged when the job started: like Akeneo, never run twice.
+        self.finish(lease, &format!("the worker ended the job: {reason}"))
+            .await?;
         Ok(Release::Failed)
     }
 
@@ -361,13 +530,15 @@ impl JobStore for AkeneoStore {
                 CAST(SUM(delivered_at IS NULL AND available_at <= ?) AS SIGNED) AS due,
                 CAST(SUM(delivered_at IS NULL AND available_at > ?) AS SIGNED) AS later,
                 CAST(SUM(delivered_at IS NOT NULL AND delivered_at >= ? AND delivered_at < ?)
-                     AS SIGNED) AS taken
+                     AS SIGNED) AS taken,
+                CAST(SUM(delivered_at = ?) AS SIGNED) AS set_aside
              FROM messenger_messages GROUP BY queue_name ORDER BY queue_name",
         )
         .bind(utc_seconds(now))
         .bind(utc_seconds(now))
         .bind(utc_seconds(now - self.settings.redeliver_timeout))
-        .bind(SOFT_DELETED_FROM)
+        .bind(SET_ASIDE)
+        .bind(SET_ASIDE)
         .fetch_all(self.pool())
         .await
         .map_err(|e| self.error(e))?;
@@ -378,6 +549,7 @@ impl JobStore for AkeneoStore {
                 waiting: row.get::<Option<i64>, _>("due").unwrap_or(0),
                 delayed: row.get::<Option<i64>, _>("later").unwrap_or(0),
                 running: row.get::<Option<i64>, _>("taken").unwrap_or(0),
+                set_aside: row.get::<Option<i64>, _>("set_aside").unwrap_or(0),
                 ..QueueCounts::default()
             })
             .collect())

@@ -190,6 +190,8 @@ pub struct QueueCounts {
     /// Waiting for their `--delay` to pass.
     pub delayed: i64,
     pub running: i64,
+    /// Messages the Akeneo transport cannot run, left in the PIM's table for a person.
+    pub set_aside: i64,
     pub succeeded: i64,
     pub failed: i64,
     pub cancelled: i64,
@@ -279,6 +281,10 @@ pub enum StoreError {
     SchemaOutdated { found: i64, latest: i64 },
     #[error("invalid database URL: {0}")]
     InvalidUrl(String),
+    /// A table of this project's schema is gone (a PIM reinstall or a staging refresh drops
+    /// tables it does not know); running the migrations again brings it back.
+    #[error("the job store's tables are missing: {0}")]
+    SchemaMissing(String),
     /// The operation does not exist for this store (for example `push` on the Akeneo
     /// transport, whose jobs the PIM queues).
     #[error("{0}")]
@@ -290,14 +296,17 @@ pub enum StoreError {
 impl StoreError {
     /// Whether waiting and trying again can help (a server restart, a lock held too long).
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::SchemaMissing(_)
+        )
     }
 }
 
 impl From<StoreError> for Failure {
     fn from(error: StoreError) -> Failure {
         let exit = match &error {
-            StoreError::Unavailable(_) => ExitCode::Unavailable,
+            StoreError::Unavailable(_) | StoreError::SchemaMissing(_) => ExitCode::Unavailable,
             StoreError::SchemaTooNew { .. }
             | StoreError::SchemaOutdated { .. }
             | StoreError::InvalidUrl(_) => ExitCode::Config,
@@ -342,6 +351,19 @@ pub trait JobStore: Send + Sync {
     /// heartbeat of their own (the Akeneo 6 launcher writes `health_check_time`).
     async fn touch(&self, _lease: &Lease) -> StoreResult<()> {
         Ok(())
+    }
+
+    /// Puts back a claimed job whose process never started (the program could not be
+    /// executed), as if it had not been claimed. False when this store fails such a job
+    /// instead, which the caller then records.
+    async fn release_unstarted(&self, _lease: &Lease, _reason: &str) -> StoreResult<bool> {
+        Ok(false)
+    }
+
+    /// Whether the job, now ended, got far enough for its own system to see it start;
+    /// `None` when the store cannot tell. Feeds the failed-launch circuit breaker.
+    async fn launch_took_effect(&self, _lease: &Lease) -> StoreResult<Option<bool>> {
+        Ok(None)
     }
 
     /// Records a running job's result. False (and nothing changed) if the lease is no longer

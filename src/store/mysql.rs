@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use sqlx::{ConnectOptions, Executor, Row};
+use sqlx::{ConnectOptions, Connection, Executor, Row};
 
 use super::rows::{self, JOB_RECORD_COLUMNS};
 use super::{
@@ -28,7 +28,17 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a claim is retried after a deadlock or lock-wait timeout before giving up.
 const LOCK_RETRIES: u32 = 10;
 /// Deadlock found; lock wait timeout exceeded.
-const LOCK_CONFLICT_CODES: [&str; 2] = ["1213", "1205"];
+const LOCK_CONFLICT_ERRORS: [u16; 2] = [1213, 1205];
+/// Server error numbers after which trying again later can work: too many connections
+/// (1040), server shutdown (1053), aborted connection (1152, 1184), network read/write
+/// errors (1158-1161), lock wait timeout (1205), deadlock (1213), query interrupted (1317),
+/// read-only server during a failover (1290, 1792, 1836), MariaDB's connection killed
+/// (1927), MySQL 8's idle disconnect (4031).
+const TRANSIENT_ERRORS: [u16; 16] = [
+    1040, 1053, 1152, 1158, 1159, 1160, 1161, 1184, 1205, 1213, 1290, 1317, 1792, 1836, 1927, 4031,
+];
+/// ER_NO_SUCH_TABLE.
+const NO_SUCH_TABLE: u16 = 1146;
 
 const MIGRATIONS: &[(i64, &[&str])] = &[(
     1,
@@ -97,16 +107,12 @@ impl MysqlStore {
             .timezone(Some("+00:00".to_string()))
             .charset("utf8mb4")
             .disable_statement_logging();
+        let isolation = session_isolation(&options, &location).await?;
         let pool = MySqlPoolOptions::new()
             .max_connections(3)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .after_connect(|connection, _| {
-                Box::pin(async move {
-                    connection
-                        .execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                        .await
-                        .map(drop)
-                })
+            .after_connect(move |connection, _| {
+                Box::pin(async move { connection.execute(isolation).await.map(drop) })
             })
             .connect_with(options)
             .await
@@ -699,27 +705,68 @@ impl JobStore for MysqlStore {
     }
 }
 
-pub(super) fn is_lock_conflict(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db)
-        if db.code().is_some_and(|code| LOCK_CONFLICT_CODES.contains(&code.as_ref())))
+/// READ COMMITTED, so a claim locks only the row it takes (no gap locks), except where the
+/// server's binary log is statement-based: InnoDB then rejects every write at READ
+/// COMMITTED (error 1665), and REPEATABLE READ with SKIP LOCKED still claims correctly.
+async fn session_isolation(
+    options: &MySqlConnectOptions,
+    location: &str,
+) -> StoreResult<&'static str> {
+    let mut probe = options
+        .connect()
+        .await
+        .map_err(|error| classify(error, location))?;
+    let (log_bin, format): (i64, String) =
+        sqlx::query_as("SELECT CAST(@@log_bin AS SIGNED), CAST(@@binlog_format AS CHAR)")
+            .fetch_one(&mut probe)
+            .await
+            .map_err(|error| classify(error, location))?;
+    let _ = probe.close().await;
+    if log_bin == 1 && format.eq_ignore_ascii_case("STATEMENT") {
+        tracing::warn!(
+            "{location}: binlog_format=STATEMENT rejects writes at READ COMMITTED; \
+             using REPEATABLE READ (claims stay correct with SKIP LOCKED; ROW or MIXED is better)"
+        );
+        Ok("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    } else {
+        Ok("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    }
 }
 
-/// Sorts MySQL failures into "try again later" and "something is wrong".
-pub(super) fn classify(error: sqlx::Error, location: &str) -> StoreError {
-    // Too many connections, server shutdown, lock wait timeout, deadlock, connection killed,
-    // server gone away, lost connection, read-only (failover in progress).
-    const TRANSIENT: [&str; 9] = [
-        "1040", "1053", "1205", "1213", "1927", "2006", "2013", "1290", "1836",
-    ];
-    let transient = match &error {
+/// The server's error number (sqlx's `code()` is the SQLSTATE on MySQL, not the number).
+fn error_number(error: &sqlx::Error) -> Option<u16> {
+    match error {
         sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| TRANSIENT.contains(&code.as_ref())),
-        other => super::is_connection_error(other),
-    };
-    if transient {
-        StoreError::Unavailable(format!("{location}: {error}"))
-    } else {
-        StoreError::Database(format!("{location}: {error}"))
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .map(|mysql| mysql.number()),
+        _ => None,
     }
+}
+
+pub(super) fn is_lock_conflict(error: &sqlx::Error) -> bool {
+    error_number(error).is_some_and(|number| LOCK_CONFLICT_ERRORS.contains(&number))
+}
+
+/// Sorts MySQL failures into "try again later", "our tables are gone" and "something is
+/// wrong", by the server's error number.
+pub(super) fn classify(error: sqlx::Error, location: &str) -> StoreError {
+    let kind = match error_number(&error) {
+        Some(number) if TRANSIENT_ERRORS.contains(&number) => ErrorKind::Transient,
+        Some(NO_SUCH_TABLE) if error.to_string().contains(".pjq_") => ErrorKind::SchemaMissing,
+        Some(_) => ErrorKind::Permanent,
+        None if super::is_connection_error(&error) => ErrorKind::Transient,
+        None => ErrorKind::Permanent,
+    };
+    let text = format!("{location}: {error}");
+    match kind {
+        ErrorKind::Transient => StoreError::Unavailable(text),
+        ErrorKind::SchemaMissing => StoreError::SchemaMissing(text),
+        ErrorKind::Permanent => StoreError::Database(text),
+    }
+}
+
+enum ErrorKind {
+    Transient,
+    SchemaMissing,
+    Permanent,
 }

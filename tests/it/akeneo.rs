@@ -11,14 +11,16 @@ use sqlx::Connection;
 
 use crate::support::*;
 
-const UI: &str = r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\UiJobExecutionMessage";
-const IMPORT: &str = r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\ImportJobExecutionMessage";
-const MAINTENANCE: &str =
+pub(crate) const UI: &str = r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\UiJobExecutionMessage";
+pub(crate) const IMPORT: &str =
+    r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\ImportJobExecutionMessage";
+pub(crate) const MAINTENANCE: &str =
     r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\DataMaintenanceJobExecutionMessage";
-const SCHEDULED: &str = r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\ScheduledJobMessage";
+pub(crate) const SCHEDULED: &str =
+    r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\ScheduledJobMessage";
 
 /// Akeneo's DDL (installer and 7.0 schema dump), trimmed to the columns that matter.
-const DDL: &[&str] = &[
+pub(crate) const DDL: &[&str] = &[
     "CREATE TABLE messenger_messages (
         `id` bigint(20) NOT NULL AUTO_INCREMENT,
         `body` longtext COLLATE utf8mb4_unicode_ci NOT NULL,
@@ -62,33 +64,63 @@ const DDL: &[&str] = &[
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
 ];
 
-/// The fake console: one file per call with cwd, argv and environment; a shared order
-/// file; and, for `akeneo:batch:job`, what `FAKE_BEHAVIOUR` says the job does to its row.
+/// The fake console. `list akeneo:batch --raw` answers as Symfony Console does (Akeneo 7
+/// has the watchdog, `FAKE_AKENEO=6` has not; `FAKE_LIST_FAILS` plays a PHP that cannot
+/// boot). Every other call leaves one file with cwd, argv and environment and a line in the
+/// shared order file; `akeneo:batch:job` and `akeneo:batch:watchdog --job_execution_id=N`
+/// then move the execution row as the real commands do, per `FAKE_BEHAVIOUR`:
+/// `boot-fails` exits 255 before touching the row, `crash-after-N` fails after N seconds,
+/// `hang` runs until signalled (the watchdog forwards SIGTERM to its job as SIGUSR1, so a
+/// SIGTERM the job gets directly shows in the `signals` file), anything else completes.
 const FAKE_CONSOLE: &str = r#"#!/bin/sh
 set -e
+if [ "$1" = "list" ]; then
+  if [ -n "$FAKE_LIST_FAILS" ]; then
+    echo "PHP Fatal error:  Uncaught RuntimeException: Unable to write in the cache directory (var/cache/prod)" >&2
+    exit 255
+  fi
+  echo "akeneo:batch:create-job   Create a job instance"
+  echo "akeneo:batch:job          Launch a registered job instance"
+  [ "$FAKE_AKENEO" = 6 ] || echo "akeneo:batch:watchdog     Launch a job execution and watch it"
+  exit 0
+fi
 call="$FAKE_CONSOLE_DIR/call.$$"
 { echo "cwd=$(pwd)"; for a in "$@"; do echo "arg=$a"; done; env | sed 's/^/env=/'; } > "$call"
 echo "$*" >> "$FAKE_CONSOLE_DIR/order"
-[ "$1" = "akeneo:batch:job" ] || exit 0
-id=$4
+case "$1 $3" in
+  "akeneo:batch:job "*) id=$4 ;;
+  "akeneo:batch:watchdog --job_execution_id="*) id=${3#--job_execution_id=} ;;
+  *) exit 0 ;;
+esac
+if [ "$FAKE_BEHAVIOUR" = boot-fails ]; then
+  echo 'Command "akeneo:batch:watchdog" is not defined.' >&2
+  exit 255
+fi
 sql() { mariadb -h 127.0.0.1 -P "$FAKE_DB_PORT" -u "$FAKE_DB_USER" -p"$FAKE_DB_PASSWORD" "$FAKE_DB_NAME" -e "$1"; }
 sql "UPDATE akeneo_batch_job_execution SET status = 3, exit_code = 'EXECUTING', pid = $$ WHERE id = $id"
 case "$FAKE_BEHAVIOUR" in
   crash-after-*) sleep "${FAKE_BEHAVIOUR#crash-after-}"; exit 1 ;;
+  hang)
+    signals="$FAKE_CONSOLE_DIR/signals"
+    sh -c "trap 'echo job-usr1 >> $signals; exit 0' USR1; trap 'echo job-term >> $signals; exit 0' TERM; while :; do sleep 0.1; done" &
+    job=$!
+    trap "echo watchdog-term >> $signals; kill -USR1 $job; wait $job; exit 0" TERM
+    wait $job
+    exit 0 ;;
   *) sql "UPDATE akeneo_batch_job_execution SET status = 1, exit_code = 'COMPLETED' WHERE id = $id" ;;
 esac
 "#;
 
 /// A PIM: its tables in a fresh MariaDB database, a project with the fake console, and a
 /// worker.toml selecting the Akeneo transport.
-struct Pim {
-    scratch: Scratch,
-    project: PathBuf,
-    calls: PathBuf,
+pub(crate) struct Pim {
+    pub(crate) scratch: Scratch,
+    pub(crate) project: PathBuf,
+    pub(crate) calls: PathBuf,
 }
 
 impl Pim {
-    fn new(launcher: &str) -> Pim {
+    pub(crate) fn new(launcher: &str) -> Pim {
         let scratch = Scratch::new(Backend::Mariadb);
         block_on(async {
             let mut conn = sqlx::MySqlConnection::connect(&scratch.url).await.unwrap();
@@ -99,24 +131,43 @@ impl Pim {
         let project = scratch.path("pim");
         let calls = scratch.path("calls");
         std::fs::create_dir_all(project.join("bin")).unwrap();
+        std::fs::create_dir_all(project.join("var")).unwrap();
         std::fs::create_dir_all(&calls).unwrap();
         std::fs::write(project.join("bin/console"), FAKE_CONSOLE).unwrap();
-        scratch.write_raw_config(&format!(
-            "database_url = \"{url}\"\ntransport = \"akeneo\"\npoll_interval = \"100ms\"\n\
-             wake_dir = \"{dir}/wake\"\ninstance_dir = \"{dir}\"\n\
-             [akeneo]\nproject_dir = \"{project}\"\nphp_binary = \"/bin/sh\"\nlauncher = \"{launcher}\"\n",
-            url = scratch.url,
-            dir = scratch.dir.path().display(),
-            project = project.display(),
-        ));
-        Pim {
+        // The "PHP binary" is a shell of the test's own, so a test can break it.
+        std::fs::copy("/bin/sh", scratch.path("php")).unwrap();
+        let pim = Pim {
             scratch,
             project,
             calls,
-        }
+        };
+        pim.configure("", &format!("launcher = \"{launcher}\""));
+        pim
     }
 
-    fn sql(&self, statement: &str) {
+    /// Rewrites worker.toml: `top` goes before the `[akeneo]` table, `akeneo` into it (its
+    /// own `php_binary` replaces the test's shell).
+    pub(crate) fn configure(&self, top: &str, akeneo: &str) {
+        let php = if akeneo.contains("php_binary") {
+            String::new()
+        } else {
+            format!("php_binary = \"{}\"\n", self.php().display())
+        };
+        self.scratch.write_raw_config(&format!(
+            "database_url = \"{url}\"\ntransport = \"akeneo\"\npoll_interval = \"100ms\"\n\
+             wake_dir = \"{dir}/wake\"\ninstance_dir = \"{dir}\"\n{top}\n\
+             [akeneo]\nproject_dir = \"{project}\"\n{php}{akeneo}\n",
+            url = self.scratch.url,
+            dir = self.scratch.dir.path().display(),
+            project = self.project.display(),
+        ));
+    }
+
+    pub(crate) fn php(&self) -> PathBuf {
+        self.scratch.path("php")
+    }
+
+    pub(crate) fn sql(&self, statement: &str) {
         block_on(async {
             let mut conn = sqlx::MySqlConnection::connect(&self.scratch.url)
                 .await
@@ -125,7 +176,7 @@ impl Pim {
         });
     }
 
-    fn query_i64(&self, statement: &str) -> i64 {
+    pub(crate) fn query_i64(&self, statement: &str) -> i64 {
         block_on(async {
             let mut conn = sqlx::MySqlConnection::connect(&self.scratch.url)
                 .await
@@ -137,7 +188,7 @@ impl Pim {
         })
     }
 
-    fn query_text(&self, statement: &str) -> Option<String> {
+    pub(crate) fn query_text(&self, statement: &str) -> Option<String> {
         block_on(async {
             let mut conn = sqlx::MySqlConnection::connect(&self.scratch.url)
                 .await
@@ -150,7 +201,7 @@ impl Pim {
     }
 
     /// A job instance and a STARTING execution of it, as the PIM creates before queueing.
-    fn execution(&self, code: &str) -> i64 {
+    pub(crate) fn execution(&self, code: &str) -> i64 {
         self.sql(&format!(
             "INSERT IGNORE INTO akeneo_batch_job_instance (code, job_name, type) VALUES ('{code}', '{code}', 'import')"
         ));
@@ -162,7 +213,7 @@ impl Pim {
     }
 
     /// A message as Symfony's Doctrine transport sends it (UTC, second precision).
-    fn message(&self, queue: &str, headers: &str, body: &str, delivered_at: &str) {
+    pub(crate) fn message(&self, queue: &str, headers: &str, body: &str, delivered_at: &str) {
         block_on(async {
             let mut conn = sqlx::MySqlConnection::connect(&self.scratch.url)
                 .await
@@ -180,7 +231,7 @@ impl Pim {
         });
     }
 
-    fn job_message(&self, queue: &str, class: &str, execution: i64, options: &str) {
+    pub(crate) fn job_message(&self, queue: &str, class: &str, execution: i64, options: &str) {
         let headers = format!(r#"{{"class":"{class}","correlation_id":"6f0c2a"}}"#);
         let body = format!(
             r#"{{"id":"9b2d6c1e-0b4a-4c57-9f0e-2c1d1b1a0f00","job_execution_id":{execution},"created_time":"2024-04-08T15:00:00+00:00","updated_time":null,"options":{options}}}"#
@@ -188,7 +239,7 @@ impl Pim {
         self.message(queue, &headers, &body, "NULL");
     }
 
-    fn consume(&self, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    pub(crate) fn consume(&self, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
         let mut all = vec!["consume"];
         all.extend_from_slice(args);
         let mut command = self.scratch.command(&all);
@@ -199,7 +250,7 @@ impl Pim {
         command.output().unwrap()
     }
 
-    fn fake_env(&self, command: &mut std::process::Command) {
+    pub(crate) fn fake_env(&self, command: &mut std::process::Command) {
         let url = &self.scratch.url;
         let database = url.rsplit('/').next().unwrap();
         command
@@ -212,7 +263,7 @@ impl Pim {
     }
 
     /// The commands run, in order, as "argv joined by spaces".
-    fn order(&self) -> Vec<String> {
+    pub(crate) fn order(&self) -> Vec<String> {
         std::fs::read_to_string(self.calls.join("order"))
             .unwrap_or_default()
             .lines()
@@ -221,7 +272,7 @@ impl Pim {
     }
 
     /// Every recorded call: (cwd, args, env lines).
-    fn calls(&self) -> Vec<(String, Vec<String>, Vec<String>)> {
+    pub(crate) fn calls(&self) -> Vec<(String, Vec<String>, Vec<String>)> {
         let mut calls = Vec::new();
         for entry in std::fs::read_dir(&self.calls).unwrap().flatten() {
             if !entry.file_name().to_string_lossy().starts_with("call.") {
@@ -238,7 +289,47 @@ impl Pim {
         calls
     }
 
-    fn remaining_messages(&self) -> i64 {
+    pub(crate) fn execution_status(&self, execution: i64) -> i64 {
+        self.query_i64(&format!(
+            "SELECT status FROM akeneo_batch_job_execution WHERE id = {execution}"
+        ))
+    }
+
+    pub(crate) fn exit_description(&self, execution: i64) -> String {
+        self.query_text(&format!(
+            "SELECT exit_description FROM akeneo_batch_job_execution WHERE id = {execution}"
+        ))
+        .unwrap_or_default()
+    }
+
+    /// Messages nobody has taken: still in the table, `delivered_at` empty.
+    pub(crate) fn undelivered_messages(&self) -> i64 {
+        self.query_i64("SELECT COUNT(*) FROM messenger_messages WHERE delivered_at IS NULL")
+    }
+
+    /// Spawns a consumer with the fake console's environment, its log in `<name>.log`.
+    pub(crate) fn spawn(
+        &self,
+        name: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> std::process::Child {
+        let log = std::fs::File::create(self.scratch.path(&format!("{name}.log"))).unwrap();
+        let mut all = vec!["consume"];
+        all.extend_from_slice(args);
+        let mut command = self.scratch.command(&all);
+        self.fake_env(&mut command);
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        command
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    pub(crate) fn remaining_messages(&self) -> i64 {
         self.query_i64("SELECT COUNT(*) FROM messenger_messages")
     }
 }
@@ -284,6 +375,10 @@ fn akeneo7_queue_order_argv_cwd_and_environment() {
     for (cwd, _, env) in pim.calls() {
         assert_eq!(cwd, pim.project.display().to_string());
         assert!(
+            env.contains(&"APP_ENV=prod".to_string()),
+            "the consumer's --env: {env:?}"
+        );
+        assert!(
             !env.iter().any(|e| e.starts_with("SYMFONY_DOTENV_VARS=")),
             "SYMFONY_DOTENV_VARS reached the job"
         );
@@ -292,7 +387,14 @@ fn akeneo7_queue_order_argv_cwd_and_environment() {
                 .any(|e| e.starts_with("PIM_JOB_QUEUE_DATABASE_URL="))
         );
     }
-    assert_eq!(pim.remaining_messages(), 0, "acknowledged on receipt");
+    assert_eq!(pim.remaining_messages(), 0, "acknowledged once started");
+    for execution in [ui, import, maintenance] {
+        assert_eq!(
+            pim.execution_status(execution),
+            1,
+            "the jobs finished their rows"
+        );
+    }
     let log = String::from_utf8_lossy(&output.stdout);
     assert!(
         log.contains(&format!("job_id={ui}")) && log.contains("job_code=mass_edit_product"),
@@ -348,18 +450,35 @@ fn scheduled_tenant_bad_rows_and_unknown_classes() {
     );
     let log = String::from_utf8_lossy(&output.stdout);
     assert!(
-        log.contains("removed message 1 from ui_job: headers are not JSON"),
+        log.contains("set aside message 1 of ui_job, which cannot be run: headers are not JSON"),
         "{log}"
     );
     assert!(
-        log.contains("removed message 2 from ui_job: unknown message class App"),
+        log.contains(
+            "set aside message 2 of ui_job, which cannot be run: unknown message class App"
+        ),
         "{log}"
     );
     assert!(
-        log.contains("removed message 3 from ui_job: body has no integer `job_execution_id`"),
+        log.contains("set aside message 3 of ui_job, which cannot be run: body has no integer `job_execution_id`"),
         "{log}"
     );
-    assert_eq!(pim.remaining_messages(), 0);
+    assert_eq!(
+        pim.remaining_messages(),
+        3,
+        "rows that cannot run are kept for a person, never deleted"
+    );
+    let status = pim.scratch.status_json();
+    let ui = &status["queues"].as_array().unwrap()[0];
+    assert_eq!(
+        (ui["queue"].as_str(), ui["set_aside"].as_i64()),
+        (Some("ui_job"), Some(3)),
+        "{status}"
+    );
+    // A second worker (or a PHP consumer) does not see them again.
+    let again = pim.consume(&["--time-limit", "1"], &[]);
+    assert!(!String::from_utf8_lossy(&again.stdout).contains("set aside"));
+    assert_eq!(pim.remaining_messages(), 3);
 }
 
 #[test]

@@ -129,8 +129,9 @@ fn stop_workers_stops_running_consumers_only(backend: Backend) {
     let said = scratch.ok(&["stop-workers"]);
     assert!(said.contains("Stop requested"), "{said}");
     let asked = Instant::now();
-    assert_eq!(wait_exit(&mut first, Duration::from_secs(5)), 0);
-    assert_eq!(wait_exit(&mut second, Duration::from_secs(5)), 0);
+    // 75: a graceful restart, which the unit's RestartForceExitStatus= turns into a restart.
+    assert_eq!(wait_exit(&mut first, Duration::from_secs(5)), 75);
+    assert_eq!(wait_exit(&mut second, Duration::from_secs(5)), 75);
     assert!(
         asked.elapsed() < Duration::from_secs(2),
         "took {:?}",
@@ -169,7 +170,7 @@ fn stop_workers_lets_the_running_job_finish(backend: Backend) {
         scratch.show(id)["status"] == "running"
     });
     scratch.ok(&["stop-workers"]);
-    assert_eq!(wait_exit(&mut consumer, Duration::from_secs(10)), 0);
+    assert_eq!(wait_exit(&mut consumer, Duration::from_secs(10)), 75);
     assert_eq!(scratch.show(id)["status"], "succeeded");
     assert_eq!(
         scratch.show(next)["status"],
@@ -381,7 +382,7 @@ fn four_workers_run_2000_jobs_exactly_once(backend: Backend) {
     });
     scratch.ok(&["stop-workers"]);
     for worker in &mut workers {
-        assert_eq!(wait_exit(worker, Duration::from_secs(10)), 0);
+        assert_eq!(wait_exit(worker, Duration::from_secs(10)), 75);
     }
     let status = scratch.status_json();
     let succeeded: i64 = status["queues"]

@@ -362,7 +362,7 @@ mod shared {
         });
         scratch.ok(&["stop-workers"]);
         for worker in &mut workers {
-            assert_eq!(wait_exit(worker, Duration::from_secs(20)), 0);
+            assert_eq!(wait_exit(worker, Duration::from_secs(20)), 75);
         }
         let status = scratch.status_json();
         let total = |field: &str| -> i64 {

@@ -4,6 +4,7 @@
 mod support;
 
 mod akeneo;
+mod akeneo_launch;
 mod cli;
 mod conformance;
 mod consume;
