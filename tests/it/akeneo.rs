@@ -96,7 +96,7 @@ if [ "$FAKE_BEHAVIOUR" = boot-fails ]; then
   echo 'Command "akeneo:batch:watchdog" is not defined.' >&2
   exit 255
 fi
-sql() { mariadb -h 127.0.0.1 -P "$FAKE_DB_PORT" -u "$FAKE_DB_USER" -p"$FAKE_DB_PASSWORD" "$FAKE_DB_NAME" -e "$1"; }
+sql() { mariadb -h 127.0.0.1 -P "$FAKE_DB_PORT" -u "$FAKE_DB_USER" ${FAKE_DB_PASSWORD:+-p"$FAKE_DB_PASSWORD"} "$FAKE_DB_NAME" -e "$1"; }
 sql "UPDATE akeneo_batch_job_execution SET status = 3, exit_code = 'EXECUTING', pid = $$ WHERE id = $id"
 case "$FAKE_BEHAVIOUR" in
   crash-after-*) sleep "${FAKE_BEHAVIOUR#crash-after-}"; exit 1 ;;
@@ -121,7 +121,11 @@ pub(crate) struct Pim {
 
 impl Pim {
     pub(crate) fn new(launcher: &str) -> Pim {
-        let scratch = Scratch::new(Backend::Mariadb);
+        Self::on(Scratch::new(Backend::Mariadb), launcher)
+    }
+
+    /// A PIM in the scratch's database.
+    pub(crate) fn on(scratch: Scratch, launcher: &str) -> Pim {
         block_on(async {
             let mut conn = sqlx::MySqlConnection::connect(&scratch.url).await.unwrap();
             for statement in DDL {
@@ -251,13 +255,18 @@ impl Pim {
     }
 
     pub(crate) fn fake_env(&self, command: &mut std::process::Command) {
+        // mysql://USER[:PASSWORD]@127.0.0.1:PORT/DATABASE
         let url = &self.scratch.url;
-        let database = url.rsplit('/').next().unwrap();
+        let rest = url.strip_prefix("mysql://").unwrap();
+        let (credentials, location) = rest.split_once('@').unwrap();
+        let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
+        let (address, database) = location.split_once('/').unwrap();
+        let port = address.rsplit(':').next().unwrap();
         command
             .env("FAKE_CONSOLE_DIR", &self.calls)
-            .env("FAKE_DB_PORT", "3306")
-            .env("FAKE_DB_USER", "pjq_test")
-            .env("FAKE_DB_PASSWORD", "pjq_test")
+            .env("FAKE_DB_PORT", port)
+            .env("FAKE_DB_USER", user)
+            .env("FAKE_DB_PASSWORD", password)
             .env("FAKE_DB_NAME", database)
             .env("SYMFONY_DOTENV_VARS", "APP_ENV,APP_DEBUG");
     }

@@ -387,3 +387,93 @@ fn dropped_tables_are_created_again() {
     send_signal(&worker, Signal::SIGTERM);
     assert_eq!(wait_exit(&mut worker, Duration::from_secs(10)), 0);
 }
+
+/// Symfony's own `messenger:stop-workers`, as Akeneo's runbooks run it, stops our workers
+/// after their job (exit 75, which the unit restarts); a request older than the worker does
+/// not.
+#[test]
+fn symfonys_stop_workers_is_honoured() {
+    if !Backend::Mariadb.available() || !php_has("Symfony/Component/Cache/autoload.php") {
+        return;
+    }
+    let pim = Pim::new("auto");
+    let stop_workers = || {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/symfony-stop-workers.php"
+        );
+        let output = std::process::Command::new("php")
+            .arg(fixture)
+            .arg(&pim.project)
+            .args(["prod", "hK1a+Qf0-Z"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", log_text(&output));
+    };
+    stop_workers();
+    // Symfony compares with the worker's start time, at microsecond precision; keep clear of it.
+    std::thread::sleep(Duration::from_millis(1100));
+    let execution = pim.execution("slow_export");
+    pim.job_message("import_export_job", IMPORT, execution, "{}");
+    let mut worker = pim.spawn(
+        "w",
+        &["--sleep", "100ms"],
+        &[("FAKE_BEHAVIOUR", "crash-after-2")],
+    );
+    wait_until(Duration::from_secs(20), "the job to start", || {
+        pim.execution_status(execution) == 3
+    });
+    let next = queued_import(&pim);
+    stop_workers();
+    let asked = Instant::now();
+    assert_eq!(wait_exit(&mut worker, Duration::from_secs(20)), 75);
+    assert!(
+        asked.elapsed() >= Duration::from_millis(500),
+        "the job was let finish"
+    );
+    let log = pim.scratch.log_of("w");
+    assert!(
+        log.contains("messenger:stop-workers was run in the PIM"),
+        "{log}"
+    );
+    assert_eq!(pim.order().len(), 1, "no job taken after the request");
+    assert_eq!(pim.execution_status(next), 2);
+}
+
+/// Whether PHP and a Debian PHP package file are there; under CI they must be.
+fn php_has(file: &str) -> bool {
+    let present = std::path::Path::new("/usr/share/php").join(file).is_file()
+        && std::process::Command::new("php")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !present {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "CI must run this test: scripts/test.sh installs php-cli and /usr/share/php/{file}"
+        );
+        eprintln!("\n!!! SKIPPED: php or /usr/share/php/{file} is missing !!!\n");
+    }
+    present
+}
+
+/// A server whose binary log is statement-based rejects every write at READ COMMITTED
+/// (error 1665): the worker sees it at start and claims at REPEATABLE READ instead.
+#[test]
+fn a_statement_based_binary_log_still_consumes() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let server = PrivateMariadb::start(&["--log-bin=binlog", "--binlog-format=STATEMENT"]);
+    let pim = Pim::on(Scratch::on_url(server.database("pim")), "auto");
+    let executions: Vec<i64> = (0..2).map(|_| queued_import(&pim)).collect();
+    let output = pim.consume(&["--limit", "2"], &[]);
+    let log = log_text(&output);
+    assert_eq!(exit_code(&output), 0, "{log}");
+    assert!(log.contains("binlog_format=STATEMENT"), "{log}");
+    assert!(!log.contains("1665"), "{log}");
+    for execution in executions {
+        assert_eq!(pim.execution_status(execution), 1, "{log}");
+    }
+    assert_eq!(pim.remaining_messages(), 0);
+}

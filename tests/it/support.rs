@@ -163,6 +163,19 @@ impl Scratch {
         scratch
     }
 
+    /// A scratch directory whose database is `url` (a server of the test's own).
+    pub fn on_url(url: String) -> Scratch {
+        let dir = tempfile::Builder::new().prefix("pjq-it").tempdir().unwrap();
+        let scratch = Scratch {
+            dir,
+            url,
+            backend: Backend::Mariadb,
+            database: None,
+        };
+        scratch.write_config("");
+        scratch
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -553,4 +566,98 @@ pub fn queues_drained(scratch: &Scratch) -> bool {
         .unwrap()
         .iter()
         .all(|q| q["waiting"] == 0 && q["running"] == 0)
+}
+
+/// A MariaDB server of the test's own, for server settings the shared one must not have
+/// (a statement-based binary log, say). Started from Debian's `mariadb-server` binaries in a
+/// fresh data directory on a free loopback port; killed when dropped.
+pub struct PrivateMariadb {
+    child: Child,
+    _dir: TempDir,
+    pub port: u16,
+}
+
+impl PrivateMariadb {
+    pub fn start(extra_args: &[&str]) -> PrivateMariadb {
+        let dir = tempfile::Builder::new()
+            .prefix("pjq-mariadb")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        let as_root = nix::unistd::geteuid().is_root();
+        let mut install = Command::new("mariadb-install-db");
+        install
+            .args([
+                "--no-defaults",
+                "--skip-test-db",
+                "--auth-root-authentication-method=normal",
+            ])
+            .arg(format!("--datadir={}", data.display()));
+        if as_root {
+            install.arg("--user=root");
+        }
+        let installed = install
+            .output()
+            .expect("mariadb-install-db (mariadb-server) runs");
+        assert!(
+            installed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&installed.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Command::new("mariadbd");
+        server
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", dir.path().join("sock").display()))
+            .arg(format!("--port={port}"))
+            .args(["--bind-address=127.0.0.1", "--skip-grant-tables"])
+            .args(extra_args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap());
+        if as_root {
+            server.arg("--user=root");
+        }
+        let child = server.spawn().expect("mariadbd runs");
+        let private = PrivateMariadb {
+            child,
+            _dir: dir,
+            port,
+        };
+        let url = private.url("mysql");
+        wait_until(
+            Duration::from_secs(30),
+            "the private MariaDB to answer",
+            || block_on(async { connect_any(&url).await.is_ok() }),
+        );
+        private
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// A new empty database on this server; returns its URL.
+    pub fn database(&self, name: &str) -> String {
+        let admin = self.url("mysql");
+        block_on(async {
+            let mut conn = connect_any(&admin).await.unwrap();
+            sqlx::query(&format!("CREATE DATABASE `{name}`"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        });
+        self.url(name)
+    }
+}
+
+impl Drop for PrivateMariadb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
