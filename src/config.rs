@@ -480,7 +480,7 @@ mod tests {
             instance_dir = "/etc/pim_job_queue"
             poll_interval = "200ms"
             [job]
-            command = ["/usr/bin/php", "/srv/pim/bin/console", "akeneo:batch:job", "--quiet", "{code}", "{id}"]
+            command = ["/usr/bin/php", "/srv/pim/bin/console", "app:import-feed", "--quiet", "{payload.file}"]
             working_directory = "/srv/pim"
             timeout = "2h"
             max_attempts = 1
@@ -551,6 +551,49 @@ mod tests {
         let error = parse("heartbeat_interval = \"5s\"\nrescue_after = \"10s\"").unwrap_err();
         assert!(error.message.contains("rescue_after"), "{}", error.message);
         assert_eq!(parse("").unwrap().retention, Some(DEFAULT_RETENTION));
+    }
+
+    #[test]
+    fn akeneo_settings_and_their_defaults() {
+        let config =
+            parse("transport = \"akeneo\"\n[akeneo]\nproject_dir = \"/home/akeneo/pim\"\n")
+                .unwrap();
+        let Transport::Akeneo(settings) = &config.transport else {
+            panic!("akeneo transport");
+        };
+        assert_eq!(settings.launcher, LauncherChoice::Auto);
+        assert_eq!(settings.app_env, "prod");
+        assert_eq!(settings.kill_grace, DEFAULT_KILL_GRACE);
+        assert_eq!(settings.max_failed_launches, 3);
+        assert_eq!(config.poll_interval, DEFAULT_AKENEO_POLL_INTERVAL);
+        let error = parse(
+            "transport = \"akeneo\"\n[akeneo]\nproject_dir = \"/p\"\nlauncher = \"akeneo8\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            error.message.contains("akeneo.launcher"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[test]
+    fn akeneo_mode_consumes_only_job_queues() {
+        let base = "transport = \"akeneo\"\nqueues = [\"ui_job\", \"dqi_launch\"]\n[akeneo]\nproject_dir = \"/p\"\n";
+        let error = parse(base).unwrap_err();
+        assert_eq!(error.exit, crate::exit::ExitCode::Config);
+        assert!(
+            error
+                .message
+                .contains("\"dqi_launch\", which is not one of Akeneo's job queues"),
+            "{}",
+            error.message
+        );
+        assert!(parse(&format!("{base}allow_other_queues = true\n")).is_ok());
+        assert!(
+            parse("queues = [\"ui_job\", \"dqi_launch\"]").is_ok(),
+            "native mode: any queue"
+        );
     }
 
     #[test]
