@@ -67,7 +67,9 @@ make_rootfs() {
   chmod 0755 "$ROOTFS/usr/sbin/policy-rc.d"
   # Leftovers of an earlier run.
   chroot "$ROOTFS" sh -c 'dpkg --purge pim-job-queue >/dev/null 2>&1; userdel akeneo 2>/dev/null; userdel intruder 2>/dev/null; true'
-  rm -rf "$ROOTFS/etc/systemd/system/pim_job_queue@.service.d"
+  rm -rf "$ROOTFS/etc/systemd/system/pim_job_queue@.service.d" \
+    "$ROOTFS/etc/systemd/system/pim_job_queue@.service" "$ROOTFS/usr/local/bin/pim_job_queue_launcher.sh" \
+    "$ROOTFS"/etc/systemd/system/*.wants/pim_job_queue@*.service
 }
 
 leader() { cat "$STATE/leader"; }
@@ -356,6 +358,8 @@ package_lifecycle() { # deb upgraded_deb
   check "9: purge leaves no state" refused cexec test -e /var/lib/pim_job_queue
 }
 
+. scripts/lib/e2e-akeneo.sh
+
 # ------------------------------------------------------------------ main
 
 deb=${1:-}
@@ -393,4 +397,7 @@ cexec systemctl stop 'pim_job_queue@*'
 write_config "$E2E_URL"
 run_checks "MariaDB over TCP"
 fleet_checks
+restart_checks
+akeneo_php_checks
 package_lifecycle "$deb" "$STATE/upgrade.deb"
+migration_checks

@@ -65,6 +65,8 @@ struct Claim {
     execution: Option<i64>,
     /// The `delivered_at` this worker wrote, which guards the acknowledgement and the release.
     delivered_at: String,
+    /// Whether the message was deleted because its job started.
+    acknowledged: bool,
 }
 
 pub struct AkeneoStore {
@@ -306,13 +308,45 @@ impl AkeneoStore {
         Ok(())
     }
 
-    /// Ends this worker's claim on a job that ran: the PIM is told the truth about an
-    /// execution the job left unfinished.
+    /// Ends this worker's claim: the PIM is told the truth about an execution the job left
+    /// unfinished, and a message whose job never started (its launch could not even be
+    /// prepared) is set aside rather than left to come back after the redeliver timeout.
     async fn finish(&self, lease: &Lease, reason: &str) -> StoreResult<()> {
-        if let Some(execution) = self.claim_of(lease).and_then(|claim| claim.execution) {
+        let Some(claim) = self.claim_of(lease) else {
+            return Ok(());
+        };
+        if !claim.acknowledged {
+            self.set_aside_claimed(lease.job_id, &claim, reason).await?;
+        } else if let Some(execution) = claim.execution {
             self.fail_if_unfinished(execution, reason).await?;
         }
         self.forget(lease);
+        Ok(())
+    }
+
+    async fn set_aside_claimed(&self, id: i64, claim: &Claim, reason: &str) -> StoreResult<()> {
+        let mut tx = self.pool().begin().await.map_err(|e| self.error(e))?;
+        let result = async {
+            sqlx::query(
+                "UPDATE messenger_messages SET delivered_at = ? WHERE id = ? AND delivered_at = ?",
+            )
+            .bind(SET_ASIDE)
+            .bind(id)
+            .bind(&claim.delivered_at)
+            .execute(&mut *tx)
+            .await?;
+            if let Some(execution) = claim.execution {
+                let reason = format!("pim-job-queue set aside message {id}: {reason}");
+                fail_waiting_execution(&mut tx, execution, &reason).await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        result.map_err(|e| self.error(e))?;
+        tracing::error!(
+            message_id = id,
+            "set aside message {id}, which cannot be run: {reason} (it stays in messenger_messages)"
+        );
         Ok(())
     }
 }
@@ -427,6 +461,7 @@ impl JobStore for AkeneoStore {
                     Claim {
                         execution,
                         delivered_at,
+                        acknowledged: false,
                     },
                 );
                 return Ok(Some(ClaimedJob {
@@ -459,6 +494,14 @@ impl JobStore for AkeneoStore {
                 .execute(self.pool())
                 .await
                 .map_err(|e| self.error(e))?;
+        if let Some(claim) = self
+            .claims
+            .lock()
+            .expect("claims lock")
+            .get_mut(&lease.job_id)
+        {
+            claim.acknowledged = true;
+        }
         self.touch(lease).await?;
         Ok(acknowledged.rows_affected() == 1)
     }

@@ -20,49 +20,7 @@ pub(crate) const SCHEDULED: &str =
     r"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\ScheduledJobMessage";
 
 /// Akeneo's DDL (installer and 7.0 schema dump), trimmed to the columns that matter.
-pub(crate) const DDL: &[&str] = &[
-    "CREATE TABLE messenger_messages (
-        `id` bigint(20) NOT NULL AUTO_INCREMENT,
-        `body` longtext COLLATE utf8mb4_unicode_ci NOT NULL,
-        `headers` longtext COLLATE utf8mb4_unicode_ci NOT NULL,
-        `queue_name` varchar(255) COLLATE utf8mb4_unicode_ci NOT NULL,
-        `created_at` datetime NOT NULL COMMENT '(DC2Type:datetime)',
-        `available_at` datetime NOT NULL COMMENT '(DC2Type:datetime)',
-        `delivered_at` datetime DEFAULT NULL COMMENT '(DC2Type:datetime)',
-        PRIMARY KEY (`id`),
-        KEY `IDX_75EA56E0FB7336F0` (`queue_name`),
-        KEY `IDX_75EA56E0E3BD61CE` (`available_at`),
-        KEY `IDX_75EA56E016BA31DB` (`delivered_at`)
-    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci ROW_FORMAT=DYNAMIC",
-    "CREATE TABLE akeneo_batch_job_instance (
-        id int NOT NULL AUTO_INCREMENT PRIMARY KEY,
-        code varchar(100) NOT NULL UNIQUE,
-        job_name varchar(50) NOT NULL,
-        type varchar(255) NOT NULL
-    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
-    "CREATE TABLE akeneo_batch_job_execution (
-        id int NOT NULL AUTO_INCREMENT PRIMARY KEY,
-        job_instance_id int NOT NULL,
-        pid int NULL,
-        user varchar(255) NULL,
-        status int NOT NULL,
-        start_time datetime NULL,
-        end_time datetime NULL,
-        create_time datetime NULL,
-        updated_time datetime NULL,
-        health_check_time datetime NULL,
-        exit_code varchar(255) NULL,
-        exit_description longtext NULL,
-        failure_exceptions longtext NULL,
-        log_file varchar(255) NULL,
-        raw_parameters json NOT NULL,
-        is_stoppable tinyint(1) NOT NULL DEFAULT 0,
-        step_count int NOT NULL DEFAULT 1,
-        is_visible tinyint(1) NOT NULL DEFAULT 1,
-        CONSTRAINT FK_job_instance FOREIGN KEY (job_instance_id)
-            REFERENCES akeneo_batch_job_instance (id) ON DELETE CASCADE
-    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
-];
+pub(crate) const DDL: &str = include_str!("../fixtures/akeneo-tables.sql");
 
 /// The fake console. `list akeneo:batch --raw` answers as Symfony Console does (Akeneo 7
 /// has the watchdog, `FAKE_AKENEO=6` has not; `FAKE_LIST_FAILS` plays a PHP that cannot
@@ -128,7 +86,7 @@ impl Pim {
     pub(crate) fn on(scratch: Scratch, launcher: &str) -> Pim {
         block_on(async {
             let mut conn = sqlx::MySqlConnection::connect(&scratch.url).await.unwrap();
-            for statement in DDL {
+            for statement in DDL.split(';').filter(|s| s.contains("CREATE")) {
                 sqlx::query(statement).execute(&mut conn).await.unwrap();
             }
         });
@@ -601,48 +559,58 @@ fn akeneo6_heartbeat_and_failure_fix_up() {
 }
 
 /// A PHP consumer as Symfony 5.4.14 runs it: plain FOR UPDATE, delivered_at = now, then the
-/// soft-delete ack (Akeneo acks on receipt). Returns the executions it took.
+/// soft-delete ack (Akeneo acks on receipt). A deadlock rolls the attempt back and tries
+/// again, as the Doctrine transport's retry of DBAL's RetryableException does. Returns the
+/// executions it took.
 async fn php_consumer(url: String, until: Instant) -> Vec<i64> {
     let mut conn = sqlx::MySqlConnection::connect(&url).await.unwrap();
     let mut taken = Vec::new();
     while Instant::now() < until {
-        let _ = sqlx::query(
-            "DELETE FROM messenger_messages WHERE delivered_at = '9999-12-31 23:59:59'",
-        )
-        .execute(&mut conn)
-        .await;
-        let mut tx = conn.begin().await.unwrap();
-        let row: Option<(i64, String)> = sqlx::query_as(
-            "SELECT m.id, m.body FROM messenger_messages m
-             WHERE (m.delivered_at is null OR m.delivered_at < UTC_TIMESTAMP() - INTERVAL 1 DAY)
-               AND (m.available_at <= UTC_TIMESTAMP()) AND (m.queue_name = 'import_export_job')
-             ORDER BY available_at ASC LIMIT 1 FOR UPDATE",
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .unwrap();
-        let Some((id, body)) = row else {
-            tx.commit().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        sqlx::query("UPDATE messenger_messages SET delivered_at = UTC_TIMESTAMP() WHERE id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        sqlx::query(
-            "UPDATE messenger_messages SET delivered_at = '9999-12-31 23:59:59' WHERE id = ?",
-        )
-        .bind(id)
-        .execute(&mut conn)
-        .await
-        .unwrap();
-        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
-        taken.push(value["job_execution_id"].as_i64().unwrap());
+        match php_get_and_ack(&mut conn).await {
+            Ok(Some(execution)) => taken.push(execution),
+            Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(error) if is_deadlock(&error) => {}
+            Err(error) => panic!("PHP consumer: {error}"),
+        }
     }
     taken
+}
+
+fn is_deadlock(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().is_some_and(|e| e.number() == 1213))
+}
+
+/// One `get()` and `ack()` of Symfony's Doctrine connection; the execution taken, if any.
+async fn php_get_and_ack(conn: &mut sqlx::MySqlConnection) -> Result<Option<i64>, sqlx::Error> {
+    let _ =
+        sqlx::query("DELETE FROM messenger_messages WHERE delivered_at = '9999-12-31 23:59:59'")
+            .execute(&mut *conn)
+            .await;
+    let mut tx = conn.begin().await?;
+    let row: Option<(i64, String)> = sqlx::query_as(
+        "SELECT m.id, m.body FROM messenger_messages m
+         WHERE (m.delivered_at is null OR m.delivered_at < UTC_TIMESTAMP() - INTERVAL 1 DAY)
+           AND (m.available_at <= UTC_TIMESTAMP()) AND (m.queue_name = 'import_export_job')
+         ORDER BY available_at ASC LIMIT 1 FOR UPDATE",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((id, body)) = row else {
+        tx.commit().await?;
+        return Ok(None);
+    };
+    sqlx::query("UPDATE messenger_messages SET delivered_at = UTC_TIMESTAMP() WHERE id = ?")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    sqlx::query("UPDATE messenger_messages SET delivered_at = '9999-12-31 23:59:59' WHERE id = ?")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+    Ok(value["job_execution_id"].as_i64())
 }
 
 #[test]

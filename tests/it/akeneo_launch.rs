@@ -477,3 +477,71 @@ fn a_statement_based_binary_log_still_consumes() {
     }
     assert_eq!(pim.remaining_messages(), 0);
 }
+
+/// What systemd is told (`STATUS=`, shown by `systemctl status`) when the PIM cannot run
+/// jobs: at start, the preflight's reason and no READY; after launches keep failing, why the
+/// worker stopped claiming.
+#[test]
+fn systemd_hears_why_no_job_is_taken() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let pim = Pim::new("akeneo7");
+    queued_import(&pim);
+    let socket = NotifySocket::new();
+    let mut command = pim.scratch.command(&["consume", "--time-limit", "5"]);
+    pim.fake_env(&mut command);
+    let output = command
+        .env("NOTIFY_SOCKET", &socket.path)
+        .env("FAKE_AKENEO", "6")
+        .output()
+        .unwrap();
+    assert_eq!(exit_code(&output), 78);
+    socket.wait_for("STATUS=Cannot launch jobs: `akeneo.launcher = \"akeneo7\"` but this PIM has no akeneo:batch:watchdog", Duration::from_secs(5));
+    assert!(
+        !socket.messages().iter().any(|m| m.contains("READY=1")),
+        "{:?}",
+        socket.messages()
+    );
+
+    let socket = NotifySocket::new();
+    for _ in 0..2 {
+        queued_import(&pim);
+    }
+    let mut command = pim.scratch.command(&["consume", "--time-limit", "4"]);
+    pim.fake_env(&mut command);
+    let output = command
+        .env("NOTIFY_SOCKET", &socket.path)
+        .env("FAKE_BEHAVIOUR", "boot-fails")
+        .output()
+        .unwrap();
+    assert_eq!(exit_code(&output), 0, "{}", log_text(&output));
+    socket.wait_for(
+        "STATUS=Not taking jobs: 3 launches in a row failed at start",
+        Duration::from_secs(5),
+    );
+}
+
+/// A message whose launch cannot even be prepared (a scheduled job on Akeneo 6, which has no
+/// watchdog to create its execution) is set aside, not left in flight nor deleted.
+#[test]
+fn a_message_that_cannot_be_launched_is_set_aside() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let pim = Pim::new("akeneo6");
+    pim.message(
+        "ui_job",
+        r#"{"class":"Akeneo\\Tool\\Component\\BatchQueue\\Queue\\ScheduledJobMessage"}"#,
+        r#"{"job_code":"nightly_export","options":{}}"#,
+        "NULL",
+    );
+    let output = pim.consume(&["--time-limit", "2"], &[]);
+    let log = log_text(&output);
+    assert_eq!(exit_code(&output), 0, "{log}");
+    assert!(log.contains("Akeneo 6 has no watchdog"), "{log}");
+    assert!(log.contains("set aside message"), "{log}");
+    assert_eq!(pim.remaining_messages(), 1);
+    let status = pim.scratch.status_json();
+    assert_eq!(status["queues"][0]["set_aside"], 1, "{status}");
+}
