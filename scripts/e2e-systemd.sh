@@ -7,6 +7,7 @@
 #
 #   scripts/e2e-systemd.sh [DEB]     (root; builds the .deb with scripts/build-deb.sh if no DEB)
 #
+# E2E_ONLY=akeneo runs only the Akeneo parts (a shortcut while working on them; CI runs all).
 # Env: ROOTFS (default /var/tmp/pjq-e2e-rootfs), MIRROR (default: the first URI apt uses).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -160,7 +161,7 @@ is() { [ "$("${@:2}")" = "$1" ]; }
 job_is() { is "$2" job_field "$1" status; }
 as_user() { cexec su "$1" -c "$2" </dev/null; }
 refused() { ! "$@" >/dev/null 2>&1; }
-journal() { cexec journalctl --no-pager -q -o cat "$@"; }
+journal() { cexec journalctl --no-pager -q -o cat --boot "$@"; }
 journal_has() { journal "${@:2}" | grep -F -- "$1" >/dev/null; }
 status_shows() { cexec systemctl --no-pager status "$1" | grep -F -- "$2" >/dev/null; }
 restarted() { [ "$(prop "$1" NRestarts)" -ge 1 ]; }
@@ -388,6 +389,14 @@ cp "$deb" "$ROOTFS/var/tmp/pim-job-queue.deb"
 check "apt installs $(basename "$deb")" capt install -y /var/tmp/pim-job-queue.deb
 check "the sudoers file is 0440 root:root" is "440 root:root" cexec stat -c '%a %U:%G' /etc/sudoers.d/pim_job_queue
 check "worker.toml is not world-readable" is "640 root:pim-job-queue" cexec stat -c '%a %U:%G' /etc/pim_job_queue/worker.toml
+
+if [ "${E2E_ONLY:-}" = akeneo ]; then # a developer's shortcut: only the Akeneo parts
+  akeneo_php_checks
+  cexec systemctl stop 'pim_job_queue@*'
+  capt purge -y pim-job-queue
+  migration_checks
+  exit 0
+fi
 
 write_config ""
 run_checks "the default SQLite store"
