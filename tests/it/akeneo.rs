@@ -201,15 +201,22 @@ impl Pim {
         self.message(queue, &headers, &body, "NULL");
     }
 
-    pub(crate) fn consume(&self, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    /// `pim-job-queue consume ARGS` with the fake console's environment plus `envs`.
+    pub(crate) fn consume_command(
+        &self,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> std::process::Command {
         let mut all = vec!["consume"];
         all.extend_from_slice(args);
         let mut command = self.scratch.command(&all);
         self.fake_env(&mut command);
-        for (key, value) in envs {
-            command.env(key, value);
-        }
-        command.output().unwrap()
+        command.envs(envs.iter().copied());
+        command
+    }
+
+    pub(crate) fn consume(&self, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+        self.consume_command(args, envs).output().unwrap()
     }
 
     pub(crate) fn fake_env(&self, command: &mut std::process::Command) {
@@ -282,14 +289,7 @@ impl Pim {
         envs: &[(&str, &str)],
     ) -> std::process::Child {
         let log = std::fs::File::create(self.scratch.path(&format!("{name}.log"))).unwrap();
-        let mut all = vec!["consume"];
-        all.extend_from_slice(args);
-        let mut command = self.scratch.command(&all);
-        self.fake_env(&mut command);
-        for (key, value) in envs {
-            command.env(key, value);
-        }
-        command
+        self.consume_command(args, envs)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

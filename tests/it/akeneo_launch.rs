@@ -489,11 +489,9 @@ fn systemd_hears_why_no_job_is_taken() {
     let pim = Pim::new("akeneo7");
     queued_import(&pim);
     let socket = NotifySocket::new();
-    let mut command = pim.scratch.command(&["consume", "--time-limit", "5"]);
-    pim.fake_env(&mut command);
-    let output = command
+    let output = pim
+        .consume_command(&["--time-limit", "5"], &[("FAKE_AKENEO", "6")])
         .env("NOTIFY_SOCKET", &socket.path)
-        .env("FAKE_AKENEO", "6")
         .output()
         .unwrap();
     assert_eq!(exit_code(&output), 78);
@@ -508,11 +506,9 @@ fn systemd_hears_why_no_job_is_taken() {
     for _ in 0..2 {
         queued_import(&pim);
     }
-    let mut command = pim.scratch.command(&["consume", "--time-limit", "4"]);
-    pim.fake_env(&mut command);
-    let output = command
+    let output = pim
+        .consume_command(&["--time-limit", "4"], &[("FAKE_BEHAVIOUR", "boot-fails")])
         .env("NOTIFY_SOCKET", &socket.path)
-        .env("FAKE_BEHAVIOUR", "boot-fails")
         .output()
         .unwrap();
     assert_eq!(exit_code(&output), 0, "{}", log_text(&output));
