@@ -87,12 +87,46 @@ holds_for() { # seconds command...
 semaphore_exists() { cexec ipcs -s | awk -v id="$1" '$2 == id {found = 1} END {exit !found}'; }
 reader_sees() { cexec su -s /bin/sh nobody -c "cat '$1'" >/dev/null 2>&1; }
 
+# A drop-in with only the given settings (an older README's advice, say) instead of the
+# shipped profile.
+partial_drop_in() {
+  cexec sh -c "mkdir -p /etc/systemd/system/pim_job_queue@.service.d; rm -f /etc/systemd/system/pim_job_queue@.service.d/*.conf;
+               printf '[Service]\n%s\n' '$1' > /etc/systemd/system/pim_job_queue@.service.d/partial.conf"
+  cexec systemctl daemon-reload
+}
+# `systemctl status` of a failed unit exits 3: keep its text, not its status.
+failed_status_shows() { { cexec systemctl --no-pager --full status "$1" || true; } | grep -F -- "$2" >/dev/null; }
+message_waits() { is 1 pim_sql "SELECT COUNT(*) FROM messenger_messages WHERE delivered_at IS NULL"; }
+
+# The sandbox without the profile: the PIM under /home is hidden (ProtectHome=yes), or var/ is
+# read-only (ProtectSystem=strict): the preflight refuses before READY and nothing is taken.
+sandbox_refusals() {
+  local id
+  id=$(queue_pim_job import_export_job csv_product_export)
+  partial_drop_in $'User=www-data\nGroup=www-data'
+  check "11: without the profile, start fails" refused cexec systemctl start pim_job_queue@1
+  check "11: exit 78" is 78 prop pim_job_queue@1 ExecMainStatus
+  check "11: no restart loop" is 0 prop pim_job_queue@1 NRestarts
+  check "11: systemctl status names ProtectHome" failed_status_shows pim_job_queue@1 "ProtectHome=yes hides /home"
+  cexec systemctl reset-failed pim_job_queue@1
+  partial_drop_in $'User=www-data\nGroup=www-data\nProtectHome=read-only'
+  check "11: with /home visible but var/ read-only, start fails" refused cexec systemctl start pim_job_queue@1
+  check "11: systemctl status says var/ is not writable" failed_status_shows pim_job_queue@1 "/var is not writable by this worker"
+  cexec systemctl reset-failed pim_job_queue@1
+  check "11: the message is still queued" message_waits
+  check "11: its execution still waits to start" execution_is "$id" 2
+  cexec rm -f /etc/systemd/system/pim_job_queue@.service.d/partial.conf
+  pim_sql "DELETE FROM messenger_messages; DELETE FROM akeneo_batch_job_execution"
+}
+
 akeneo_php_checks() {
   log "== a real PHP job as www-data under the unit and examples/akeneo.conf"
   cexec systemctl stop 'pim_job_queue@*'
   install_pim
-  write_akeneo_config
+  write_akeneo_config --no-drop-in
   cexec sh -c 'printf "import_export_job\n" > /etc/pim_job_queue/1.conf'
+  sandbox_refusals
+  write_akeneo_config
   # Another www-data process's SysV semaphore, as PHP-FPM holds them.
   local semaphore
   semaphore=$(cexec su -s /bin/sh www-data -c 'ipcmk -S 1' | awk '{print $NF}')
