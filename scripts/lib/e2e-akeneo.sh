@@ -217,7 +217,9 @@ EOF
   cexec systemctl daemon-reload
 }
 
-php_consumers() { cexec pgrep -f 'messenger:consume --env=prod' | sort | tr '\n' ' '; }
+# The PHP processes only: the launcher's transient `su -c` and `sh -c` carry the same words in
+# their argv for a moment after each start.
+php_consumers() { cexec pgrep -f '^php [^ ]*bin/console messenger:consume --env=prod' | sort | tr '\n' ' '; }
 serves() { is "Idle, waiting for jobs on $2" prop "pim_job_queue@$1" StatusText; }
 fragment_is_ours() {
   case "$(prop pim_job_queue@1 FragmentPath)" in
