@@ -318,6 +318,38 @@ sudo_checks() {
   cexec systemctl stop pim_job_queue@2
 }
 
+# The wake-up directory, attacked by a real local user (`intruder`, made by sudo_checks).
+wake_dir_of_store() { cexec sh -c 'for d in /run/pim_job_queue/*/; do echo "${d%/}"; done' | head -n 1; }
+sockets_in() { cexec sh -c "ls $1/*.sock 2>/dev/null | wc -l"; }
+wake_checks() {
+  log "== the wake-up directory against a local user"
+  cexec systemctl start pim_job_queue@2
+  local dir
+  dir=$(wake_dir_of_store)
+  check "14: /run/pim_job_queue is 0755, the service user's" is "755 pim-job-queue" cexec stat -c '%a %U' /run/pim_job_queue
+  check "14: the database's directory too" is "755 pim-job-queue" cexec stat -c '%a %U' "$dir"
+  check "14: the worker's socket is there" is 1 sockets_in "$dir"
+  check "14: intruder cannot make a directory in the base" refused as_user intruder "mkdir /run/pim_job_queue/x"
+  check "14: nor plant a symlink as a socket" refused as_user intruder "ln -s /etc/shadow $dir/evil.sock"
+  check "14: nor delete the worker's socket" refused as_user intruder "rm $dir/*.sock"
+  check "14: which any user may send a wake-up to (0666)" is 666 cexec sh -c "stat -c %a $dir/*.sock"
+  # The takeover as it worked before: the base was 1777 and the database's directory name is
+  # predictable, so after a reboot a user could make it first.
+  cexec systemctl stop pim_job_queue@2
+  cexec rm -rf "$dir"
+  cexec chmod 1777 /run/pim_job_queue
+  check "14: (stand-in: intruder makes the directory first)" as_user intruder "mkdir -m 0777 $dir"
+  cexec systemctl start pim_job_queue@2
+  check "14: the start made the base 0755 again" is "755 pim-job-queue" cexec stat -c '%a %U' /run/pim_job_queue
+  check "14: the worker refuses the intruder's directory" journal_has "not used for wake-ups" -u pim_job_queue@2
+  check "14: and binds nothing in it" is 0 sockets_in "$dir"
+  local job
+  job=$(push ui_job hello)
+  wait_for "14: jobs still run, by polling (job $job)" 15 job_is "$job" succeeded
+  cexec systemctl stop pim_job_queue@2
+  cexec rm -rf "$dir"
+}
+
 fleet_checks() { # with the MariaDB store: a worker on the host is a second "host"
   log "== several hosts on one MariaDB database"
   local host_config=$STATE/host-worker.toml
@@ -401,6 +433,7 @@ fi
 write_config ""
 run_checks "the default SQLite store"
 sudo_checks
+wake_checks
 cexec systemctl stop 'pim_job_queue@*'
 
 write_config "$E2E_URL"

@@ -21,14 +21,11 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     /// The job store, e.g. sqlite:///var/lib/pim_job_queue/jobs.sqlite; overrides the config.
-    /// Prefer the variable or the config file for URLs with passwords: argv is public.
-    #[arg(
-        long,
-        global = true,
-        env = "PIM_JOB_QUEUE_DATABASE_URL",
-        hide_env_values = true,
-        value_name = "URL"
-    )]
+    /// Without it: the systemd credential `database_url`, then $PIM_JOB_QUEUE_DATABASE_URL,
+    /// then (outside systemd, when readable) /etc/pim_job_queue/database_url and
+    /// /etc/pim_job_queue/environment, then `database_url` in the config. Prefer those for
+    /// URLs with passwords: argv is public.
+    #[arg(long, global = true, value_name = "URL")]
     pub database_url: Option<String>,
 
     /// Where instance conf files (NAME.conf) live; overrides `instance_dir`.

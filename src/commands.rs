@@ -14,6 +14,7 @@ use crate::consumer::{Backoff, Consumer, ConsumerOptions, Reloader, StopReason};
 use crate::exit::{ExitCode, Failure};
 use crate::instance::read_instance_queues;
 use crate::notify::Notifier;
+use crate::secrets::{self, UrlSource};
 use crate::signals::{Shutdown, Signals, StopLevel};
 use crate::store::{
     self, ChangeOutcome, JobFilter, JobRecord, JobStatus, JobStore, NewJob, QueueCounts,
@@ -26,25 +27,39 @@ use crate::wake::WakeDir;
 pub struct Context {
     pub config: Config,
     pub database_url: String,
+    /// Where `database_url` came from, said by `status` and at start.
+    pub url_source: UrlSource,
 }
 
 impl Context {
-    /// Reads the config and settles the database URL: option or variable, then config, then
-    /// the default SQLite file.
+    /// Reads the config and settles the database URL: the option, then the unit's
+    /// credential or variable (see [`secrets::url_from_outside_config`]), then the config,
+    /// then the default SQLite file.
     pub fn load(cli: &Cli) -> Result<Context, Failure> {
         let mut config = Config::load(cli.config.as_deref())?;
         if let Some(dir) = &cli.conf_dir {
             config.instance_dir = dir.clone();
         }
-        let database_url = cli
+        let (database_url, url_source) = match cli
             .database_url
             .clone()
             .filter(|url| !url.trim().is_empty())
-            .or_else(|| config.database_url.clone())
-            .unwrap_or_else(store::default_database_url);
+        {
+            Some(url) => (url, UrlSource::Option),
+            None => match secrets::url_from_outside_config(config.is_the_packaged_one())
+                .map_err(Failure::config)?
+            {
+                Some(found) => found,
+                None => match config.database_url.clone() {
+                    Some(url) => (url, UrlSource::Config),
+                    None => (store::default_database_url(), UrlSource::Default),
+                },
+            },
+        };
         Ok(Context {
             config,
             database_url,
+            url_source,
         })
     }
 
@@ -164,6 +179,7 @@ async fn consume(
     let context = &Context {
         config: preflight(config.clone(), &notifier).await?,
         database_url: context.database_url.clone(),
+        url_source: context.url_source.clone(),
     };
     let config = &context.config;
     let signals = Signals::install().map_err(|error| {
@@ -311,7 +327,11 @@ async fn open_store_patiently(
     loop {
         match try_open(context).await {
             Ok(store) => {
-                info!("job store ready: {}", store.location());
+                info!(
+                    "job store ready: {} (from {})",
+                    store.location(),
+                    context.url_source
+                );
                 return Ok(Some(store));
             }
             Err(error) if error.is_transient() => {
@@ -340,7 +360,9 @@ async fn open_store_patiently(
 /// Opens the configured store and brings (or checks) its schema.
 async fn try_open(context: &Context) -> Result<Box<dyn JobStore>, StoreError> {
     let store = store::open_configured(&context.config, &context.database_url).await?;
-    store::prepare_schema(store.as_ref(), context.config.auto_migrate).await?;
+    store::prepare_schema(store.as_ref(), context.config.auto_migrate)
+        .await
+        .map_err(|error| error.without_secrets_of(&context.database_url))?;
     Ok(store)
 }
 
@@ -387,6 +409,7 @@ async fn status(context: &Context, args: &OutputArgs) -> Result<(), Failure> {
         let running: Vec<Value> = running.iter().map(|job| running_json(job, now)).collect();
         let report = json!({
             "database": store.location(),
+            "database_from": context.url_source.to_string(),
             "queues": counts,
             "running": running,
             "workers": workers,
@@ -394,7 +417,11 @@ async fn status(context: &Context, args: &OutputArgs) -> Result<(), Failure> {
         println!("{report:#}");
         return Ok(());
     }
-    println!("Database: {}\n", store.location());
+    println!(
+        "Database: {} (from {})\n",
+        store.location(),
+        context.url_source
+    );
     println!(
         "{:<24} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
         "QUEUE", "WAITING", "DELAYED", "RUNNING", "FAILED", "SUCCEEDED", "CANCELLED"

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::akeneo::{AkeneoSettings, JOB_QUEUES, Launcher, LauncherChoice};
 use crate::exit::Failure;
+use crate::secrets::scrub;
 use crate::template::ArgvTemplate;
 use crate::units::{parse_duration, seconds_to_duration};
 
@@ -149,6 +150,29 @@ impl<'de> Deserialize<'de> for DurationValue {
     }
 }
 
+/// A TOML error as `FILE:LINE:COLUMN: message`, without the source line toml would quote
+/// (a typo on the `database_url` line would put the password in the journal) and with any
+/// secret the message itself quotes removed.
+fn toml_error(name: &str, text: &str, error: &toml::de::Error) -> String {
+    let mut place = String::new();
+    let mut key = String::new();
+    if let Some(span) = error.span() {
+        let start = span.start.min(text.len());
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line = text[..start].matches('\n').count() + 1;
+        let column = text[line_start..start].chars().count() + 1;
+        place = format!(":{line}:{column}");
+        // The key the error is about, from the text before the value (never the value).
+        if let Some((name, _)) = text[line_start..start].split_once('=') {
+            key = format!("`{}`: ", name.trim());
+        }
+    }
+    format!(
+        "{name}{place}: {key}{}",
+        scrub(error.message().trim(), text)
+    )
+}
+
 impl Config {
     /// Reads the config: the named file (which must exist), or else the default path if it
     /// exists, or else the built-in defaults.
@@ -173,9 +197,10 @@ impl Config {
     pub fn from_toml(text: &str, path: Option<&Path>) -> Result<Config, Failure> {
         let name = path.map_or("config".into(), |p| p.display().to_string());
         let raw: RawConfig = toml::from_str(text)
-            .map_err(|error| Failure::config(format!("{name}: {}", error.to_string().trim())))?;
-        Self::from_raw(raw, path.map(Path::to_path_buf))
-            .map_err(|failure| Failure::config(format!("{name}: {}", failure.message)))
+            .map_err(|error| Failure::config(toml_error(&name, text, &error)))?;
+        Self::from_raw(raw, path.map(Path::to_path_buf)).map_err(|failure| {
+            Failure::config(format!("{name}: {}", scrub(&failure.message, text)))
+        })
     }
 
     fn from_raw(raw: RawConfig, source: Option<PathBuf>) -> Result<Config, Failure> {
@@ -242,6 +267,13 @@ impl Config {
             default_job,
             per_code,
         })
+    }
+
+    /// Whether this is the packaged config (or none): the installation the service runs.
+    pub fn is_the_packaged_one(&self) -> bool {
+        self.source
+            .as_deref()
+            .is_none_or(|path| path == Path::new(DEFAULT_CONFIG_PATH))
     }
 
     /// How to run jobs of `code`, or why they cannot run.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::akeneo::restart_signal::RestartSignal;
 use crate::breaker::{FailedLaunch, LaunchBreaker};
@@ -91,6 +91,25 @@ impl StopReason {
 struct WakeSources {
     socket: Option<WakeSocket>,
     listener: Option<Box<dyn PushListener>>,
+    /// The last idle ended on a same-host datagram, not yet followed by a claim.
+    woken_by_socket: bool,
+    /// Until then the socket is not listened to: a datagram that found nothing to claim
+    /// costs at most one claim attempt per poll interval (any local user can send them).
+    socket_muted_until: Option<Instant>,
+}
+
+impl WakeSources {
+    /// After a claim: a wake-up that found nothing mutes the socket for `poll_interval`.
+    fn note_claim(&mut self, found_a_job: bool, poll_interval: Duration) {
+        if std::mem::take(&mut self.woken_by_socket) && !found_a_job {
+            self.socket_muted_until = Some(Instant::now() + poll_interval);
+        }
+    }
+
+    fn socket_muted(&self) -> bool {
+        self.socket_muted_until
+            .is_some_and(|until| Instant::now() < until)
+    }
 }
 
 /// What woke the job-watching loop.
@@ -260,7 +279,11 @@ impl Consumer {
             .inspect_err(|error| warn!("no database notifications ({error}); polling"))
             .ok()
             .flatten();
-        WakeSources { socket, listener }
+        WakeSources {
+            socket,
+            listener,
+            ..WakeSources::default()
+        }
     }
 
     fn poll_interval(&self) -> Duration {
@@ -292,6 +315,8 @@ impl Consumer {
             .store
             .claim(&self.options.queues, &self.worker, Timestamp::now())
             .await?;
+        self.wake
+            .note_claim(claimed.is_some(), self.poll_interval());
         match claimed {
             Some(job) => {
                 contact.set_current_job(Some(job.id));
@@ -301,6 +326,7 @@ impl Consumer {
                 self.notifier.status(&self.idle_status());
             }
             None => {
+                debug!("no job due");
                 self.notifier.status(&self.idle_status());
                 self.idle().await;
             }
@@ -425,13 +451,19 @@ impl Consumer {
         }
         let mut listener_failed = None;
         let mut reload = false;
+        let socket = match self.wake.socket_muted() {
+            true => None,
+            false => self.wake.socket.as_ref(),
+        };
+        let mut woken_by_socket = false;
         tokio::select! {
             _ = tokio::time::sleep(nap) => {}
             _ = self.signals.shutdown.reached(StopLevel::Drain) => {}
             _ = self.signals.reload.notified() => reload = true,
-            _ = woken(self.wake.socket.as_ref()) => {}
+            _ = woken(socket) => woken_by_socket = true,
             pushed = pushed(self.wake.listener.as_mut()) => listener_failed = pushed.err(),
         }
+        self.wake.woken_by_socket = woken_by_socket;
         if reload {
             self.reload().await;
         }

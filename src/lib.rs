@@ -24,6 +24,7 @@ pub mod instance;
 pub mod logging;
 pub mod notify;
 pub mod runner;
+pub mod secrets;
 pub mod signals;
 pub mod store;
 pub mod template;

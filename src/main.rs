@@ -36,7 +36,9 @@ fn main() {
         return;
     }
     let is_daemon = matches!(cli.command, Command::Consume(_));
-    if !is_daemon {
+    if is_daemon {
+        hide_from_jobs();
+    } else {
         restore_default_sigpipe();
     }
     let target = if is_daemon {
@@ -72,6 +74,15 @@ fn main() {
             eprintln!("pim-job-queue: {}", failure.message);
         }
         std::process::exit(failure.exit.code());
+    }
+}
+
+/// A job runs as the worker's user, so it could read the worker's `/proc/PID/environ` (the
+/// database URL the worker withholds from it) or attach a debugger. Not dumpable, those
+/// files belong to root. A child's own exec makes it dumpable again: jobs are unaffected.
+fn hide_from_jobs() {
+    if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("pim-job-queue: cannot set PR_SET_DUMPABLE: {error}");
     }
 }
 

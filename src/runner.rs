@@ -40,6 +40,7 @@ const WITHHELD_ENV: &[&str] = &[
     "LISTEN_PID",
     "LISTEN_FDNAMES",
     "PIM_JOB_QUEUE_DATABASE_URL",
+    "CREDENTIALS_DIRECTORY",
 ];
 
 /// Everything needed to start one job.

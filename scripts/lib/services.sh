@@ -79,6 +79,12 @@ DO \$\$ BEGIN
   ELSE
     ALTER ROLE pjq_test LOGIN CREATEDB PASSWORD '$PJQ_TEST_PASSWORD';
   END IF;
+  -- The secrets test gives this role random passwords (a role may change its own).
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pjq_secret') THEN
+    CREATE ROLE pjq_secret LOGIN PASSWORD '$PJQ_TEST_PASSWORD';
+  ELSE
+    ALTER ROLE pjq_secret LOGIN PASSWORD '$PJQ_TEST_PASSWORD';
+  END IF;
 END \$\$;
 SQL
   mariadb_admin <<SQL

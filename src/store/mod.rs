@@ -294,6 +294,20 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The error with the secrets of `url` removed from its text: a driver's message may
+    /// quote what it parsed out of the URL (MySQL's "Unknown database '...'").
+    pub fn without_secrets_of(self, url: &str) -> StoreError {
+        let scrub = |text: String| crate::secrets::scrub_url_secrets(&text, url);
+        match self {
+            StoreError::Unavailable(text) => StoreError::Unavailable(scrub(text)),
+            StoreError::InvalidUrl(text) => StoreError::InvalidUrl(scrub(text)),
+            StoreError::SchemaMissing(text) => StoreError::SchemaMissing(scrub(text)),
+            StoreError::Unsupported(text) => StoreError::Unsupported(scrub(text)),
+            StoreError::Database(text) => StoreError::Database(scrub(text)),
+            other => other,
+        }
+    }
+
     /// Whether waiting and trying again can help (a server restart, a lock held too long).
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -543,8 +557,15 @@ fn is_connection_error(error: &sqlx::Error) -> bool {
     )
 }
 
-/// Opens the store a database URL names, without touching the schema.
+/// Opens the store a database URL names, without touching the schema. Errors never carry
+/// the URL's secrets.
 pub async fn open(url: &str) -> StoreResult<Box<dyn JobStore>> {
+    open_backend(url)
+        .await
+        .map_err(|error| error.without_secrets_of(url))
+}
+
+async fn open_backend(url: &str) -> StoreResult<Box<dyn JobStore>> {
     let scheme = url.split(':').next().unwrap_or("");
     match scheme {
         "sqlite" => Ok(Box::new(sqlite::SqliteStore::open(url).await?)),
@@ -573,9 +594,10 @@ pub async fn open_configured(
                     redact_url(url)
                 )));
             }
-            Ok(Box::new(
-                akeneo::AkeneoStore::open(url, settings.clone()).await?,
-            ))
+            let store = akeneo::AkeneoStore::open(url, settings.clone())
+                .await
+                .map_err(|error| error.without_secrets_of(url))?;
+            Ok(Box::new(store))
         }
     }
 }
@@ -630,38 +652,11 @@ pub fn default_database_url() -> String {
     format!("sqlite://{}", default_database_path().display())
 }
 
-/// A URL with its password replaced, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{tail}")
-        }
-        None => url.to_string(),
-    }
-}
+pub use crate::secrets::redact_url;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_never_show() {
-        assert_eq!(
-            redact_url("mysql://akeneo:s3cret@db:3306/pim"),
-            "mysql://akeneo:***@db:3306/pim"
-        );
-        assert_eq!(
-            redact_url("sqlite:///var/x.sqlite"),
-            "sqlite:///var/x.sqlite"
-        );
-        assert_eq!(redact_url("postgres://db/pim"), "postgres://db/pim");
-    }
 
     #[test]
     fn timestamps_print_in_utc() {

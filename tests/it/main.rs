@@ -10,4 +10,6 @@ mod conformance;
 mod consume;
 mod fleet;
 mod instance;
+mod secrets;
 mod systemd;
+mod wake;
