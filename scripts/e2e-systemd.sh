@@ -306,6 +306,8 @@ sudo_checks() {
     "systemctl start pim_job_queue@a-..-..-etc-shadow" \
     "systemctl start pim_job_queue@a\\\\x2fb" \
     "systemctl start pim_job_queue@1.timer" \
+    "systemctl start pim_job_queue@-h" \
+    "systemctl start pim_job_queue@--help" \
     "systemctl start debug-shell.service" \
     "/bin/sh -c id"; do
     # `sudo -l COMMAND` asks the policy without running anything, so a refusal here is the

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::store::JobStatus;
-use crate::units::{parse_byte_size, parse_duration};
+use crate::units::{parse_byte_size, parse_duration, parse_poll_interval};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -84,9 +84,13 @@ pub struct PushArgs {
     pub queue: String,
     /// The job's code (Akeneo's job instance code).
     pub code: String,
-    /// The job's payload, a JSON object.
-    #[arg(long, value_name = "JSON", default_value = "{}")]
-    pub payload: String,
+    /// The job's payload, a JSON object (at most 1 MiB).
+    #[arg(long, value_name = "JSON", conflicts_with = "payload_file")]
+    pub payload: Option<String>,
+    /// Read the payload from FILE, or from standard input with `-`: for payloads too large
+    /// for a command line.
+    #[arg(long, value_name = "FILE")]
+    pub payload_file: Option<PathBuf>,
     /// Run no earlier than this long from now (seconds, or e.g. 5m).
     #[arg(long, value_name = "SECONDS", value_parser = parse_duration)]
     pub delay: Option<Duration>,
@@ -111,7 +115,7 @@ pub struct ConsumeArgs {
     pub memory_limit: Option<u64>,
     /// How long to sleep when every queue is empty (seconds, or e.g. 200ms); overrides
     /// `poll_interval`.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_poll_interval)]
     pub sleep: Option<Duration>,
     /// The host name recorded on claimed jobs (default: this machine's host name).
     #[arg(long, value_name = "NAME")]

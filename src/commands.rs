@@ -1,7 +1,7 @@
 //! What each subcommand does. Each returns `Ok` or a [`Failure`] that carries its exit code;
 //! `main` turns that into the process's exit.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +17,8 @@ use crate::notify::Notifier;
 use crate::secrets::{self, UrlSource};
 use crate::signals::{Shutdown, Signals, StopLevel};
 use crate::store::{
-    self, ChangeOutcome, JobFilter, JobRecord, JobStatus, JobStore, NewJob, QueueCounts,
-    StoreError, Timestamp, WorkerIdentity,
+    self, ChangeOutcome, JobFilter, JobRecord, JobStatus, JobStore, MAX_PAYLOAD_BYTES, NewJob,
+    QueueCounts, StoreError, Timestamp, WorkerIdentity,
 };
 use crate::units::format_duration;
 use crate::wake::WakeDir;
@@ -119,6 +119,57 @@ pub fn generate_assets(dir: &std::path::Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The payload of `push`, from `--payload`, `--payload-file FILE` or `--payload-file -`,
+/// checked: a JSON object of at most [`MAX_PAYLOAD_BYTES`].
+fn read_payload(args: &PushArgs) -> Result<String, Failure> {
+    let (text, source) = match (&args.payload, &args.payload_file) {
+        (Some(text), _) => (text.clone(), "--payload".to_string()),
+        (None, Some(path)) => (read_payload_file(path)?, path.display().to_string()),
+        (None, None) => ("{}".to_string(), "--payload".to_string()),
+    };
+    if text.len() > MAX_PAYLOAD_BYTES {
+        return Err(Failure::data(format!(
+            "the payload from {source} is {} bytes; at most {MAX_PAYLOAD_BYTES} (1 MiB) are \
+             accepted: store large data elsewhere and pass its location",
+            text.len()
+        )));
+    }
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(map)) => Ok(Value::Object(map).to_string()),
+        Ok(_) => Err(Failure::data(format!(
+            "the payload from {source} must be a JSON object, e.g. '{{\"a\": 1}}'"
+        ))),
+        Err(error) => Err(Failure::data(format!(
+            "the payload from {source} is not valid JSON: {error}"
+        ))),
+    }
+}
+
+/// Reads at most one byte more than the limit, so a huge file is refused without being
+/// read whole.
+fn read_payload_file(path: &Path) -> Result<String, Failure> {
+    use std::io::Read;
+    let limit = MAX_PAYLOAD_BYTES as u64 + 1;
+    let mut bytes = Vec::new();
+    let read = if path == Path::new("-") {
+        std::io::stdin().lock().take(limit).read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(path).and_then(|file| file.take(limit).read_to_end(&mut bytes))
+    };
+    read.map_err(|error| {
+        Failure::new(
+            ExitCode::NoInput,
+            format!("cannot read the payload from {}: {error}", path.display()),
+        )
+    })?;
+    String::from_utf8(bytes).map_err(|_| {
+        Failure::data(format!(
+            "the payload from {} is not UTF-8 text",
+            path.display()
+        ))
+    })
+}
+
 async fn push(context: &Context, args: &PushArgs) -> Result<(), Failure> {
     if !context.config.knows_queue(&args.queue) {
         return Err(Failure::data(format!(
@@ -130,19 +181,7 @@ async fn push(context: &Context, args: &PushArgs) -> Result<(), Failure> {
     if args.code.trim().is_empty() {
         return Err(Failure::data("the job code is empty"));
     }
-    let payload = match serde_json::from_str::<Value>(&args.payload) {
-        Ok(Value::Object(map)) => Value::Object(map).to_string(),
-        Ok(_) => {
-            return Err(Failure::data(
-                "--payload must be a JSON object, e.g. '{\"a\": 1}'",
-            ));
-        }
-        Err(error) => {
-            return Err(Failure::data(format!(
-                "--payload is not valid JSON: {error}"
-            )));
-        }
-    };
+    let payload = read_payload(args)?;
     let store = context.open_store().await?;
     let now = Timestamp::now();
     let id = store
@@ -529,12 +568,12 @@ async fn jobs(context: &Context, args: &JobsArgs) -> Result<(), Failure> {
         println!(
             "{:>8}  {:<22} {:<30} {:<10} {:>8}  {:<20}  {}",
             job.id,
-            job.queue,
-            job.code,
+            printable(&job.queue),
+            printable(&job.code),
             job.status,
             job.attempts,
             job.created_at.to_string(),
-            job.reason.as_deref().unwrap_or("")
+            printable(job.reason.as_deref().unwrap_or(""))
         );
     }
     Ok(())
@@ -552,18 +591,18 @@ async fn show(context: &Context, args: &ShowArgs) -> Result<(), Failure> {
     }
     let optional = |t: Option<Timestamp>| t.map_or("-".into(), |t| t.to_string());
     println!("Job #{}", job.id);
-    println!("  queue:     {}", job.queue);
-    println!("  code:      {}", job.code);
+    println!("  queue:     {}", printable(&job.queue));
+    println!("  code:      {}", printable(&job.code));
     println!("  status:    {}", job.status);
     println!("  attempts:  {}", job.attempts);
-    println!("  payload:   {}", job.payload);
+    println!("  payload:   {}", printable(&job.payload));
     println!("  created:   {}", job.created_at);
     println!("  available: {}", job.available_at);
     println!("  claimed:   {}", optional(job.claimed_at));
     println!("  started:   {}", optional(job.started_at));
     println!("  finished:  {}", optional(job.finished_at));
     if job.worker_host.is_some() {
-        println!("  worker:    {}", worker_of(&job));
+        println!("  worker:    {}", printable(&worker_of(&job)));
     }
     if let Some(code) = job.exit_code {
         println!("  exit code: {code}");
@@ -572,15 +611,31 @@ async fn show(context: &Context, args: &ShowArgs) -> Result<(), Failure> {
         println!("  signal:    {signal}");
     }
     if let Some(reason) = &job.reason {
-        println!("  reason:    {reason}");
+        println!("  reason:    {}", printable(reason));
     }
     if !job.output.is_empty() {
         println!("  output (last {} lines):", job.output.len());
         for line in &job.output {
-            println!("    {line}");
+            println!("    {}", printable(line));
         }
     }
     Ok(())
+}
+
+/// Text from a job (its output, reason, code, payload) made safe for a terminal: control
+/// characters are shown escaped, so output cannot move the cursor, retitle the window or
+/// hide lines from the operator reading it.
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| match c {
+            '\t' => "\t".to_string(),
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 async fn retry(context: &Context, args: &IdArgs) -> Result<(), Failure> {

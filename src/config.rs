@@ -14,7 +14,7 @@ use crate::akeneo::{AkeneoSettings, JOB_QUEUES, Launcher, LauncherChoice};
 use crate::exit::Failure;
 use crate::secrets::scrub;
 use crate::template::ArgvTemplate;
-use crate::units::{parse_duration, seconds_to_duration};
+use crate::units::{MIN_POLL_INTERVAL, format_duration, parse_duration, seconds_to_duration};
 
 /// Where the packaged config lives; reading it is optional, naming another file is not.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pim_job_queue/worker.toml";
@@ -110,6 +110,7 @@ struct RawJob {
     kill_grace: Option<DurationValue>,
     max_attempts: Option<u32>,
     env: Option<BTreeMap<String, String>>,
+    allow_option_values: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -143,7 +144,7 @@ impl<'de> Deserialize<'de> for DurationValue {
         }
         let parsed = match Written::deserialize(deserializer)? {
             Written::Text(text) => parse_duration(&text),
-            Written::Integer(seconds) => Ok(Duration::from_secs(seconds)),
+            Written::Integer(seconds) => seconds_to_duration(seconds as f64),
             Written::Float(seconds) => seconds_to_duration(seconds),
         };
         parsed.map(DurationValue).map_err(serde::de::Error::custom)
@@ -251,7 +252,7 @@ impl Config {
             instance_dir: raw
                 .instance_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_INSTANCE_DIR)),
-            poll_interval: raw.poll_interval.map_or(default_poll, |d| d.0),
+            poll_interval: check_poll_interval(raw.poll_interval.map_or(default_poll, |d| d.0))?,
             queues,
             auto_migrate: raw.auto_migrate.unwrap_or(true),
             heartbeat_interval,
@@ -456,6 +457,16 @@ fn validate_queue_list(queues: Vec<String>) -> Result<Vec<String>, Failure> {
 }
 
 /// `[jobs.CODE]` keys replace `[job]` keys; `env` tables are merged, the per-code value winning.
+fn check_poll_interval(interval: Duration) -> Result<Duration, Failure> {
+    if interval < MIN_POLL_INTERVAL {
+        return Err(Failure::config(format!(
+            "`poll_interval` must be at least {}: polling without a pause would spin on the database",
+            format_duration(MIN_POLL_INTERVAL)
+        )));
+    }
+    Ok(interval)
+}
+
 fn merge_job(base: &RawJob, over: &RawJob) -> RawJob {
     let mut env = base.env.clone().unwrap_or_default();
     env.extend(over.env.clone().unwrap_or_default());
@@ -469,6 +480,7 @@ fn merge_job(base: &RawJob, over: &RawJob) -> RawJob {
         kill_grace: over.kill_grace.or(base.kill_grace),
         max_attempts: over.max_attempts.or(base.max_attempts),
         env: Some(env),
+        allow_option_values: over.allow_option_values.or(base.allow_option_values),
     }
 }
 
@@ -476,8 +488,9 @@ fn build_job_spec(raw: &RawJob, table: &str) -> Result<JobSpec, Failure> {
     let command = raw.command.as_deref().ok_or_else(|| {
         Failure::config(format!("`{table}.command` is missing (and [job] has none)"))
     })?;
-    let command =
-        ArgvTemplate::parse(command, &format!("{table}.command")).map_err(Failure::config)?;
+    let command = ArgvTemplate::parse(command, &format!("{table}.command"))
+        .map_err(Failure::config)?
+        .allowing_option_values(raw.allow_option_values.unwrap_or(false));
     let max_attempts = raw.max_attempts.unwrap_or(1);
     if max_attempts == 0 {
         return Err(Failure::config(format!(

@@ -40,6 +40,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// least every 5 s.
 const STATUS_REFRESH: Duration = Duration::from_secs(4);
 
+/// Payloads up to this size are also in `PIM_JOB_PAYLOAD`; all are on `PIM_JOB_PAYLOAD_FILE`.
+const ENV_PAYLOAD_LIMIT: usize = 64 * 1024;
+
 /// What the operator asked of this consumer run.
 #[derive(Debug, Clone)]
 pub struct ConsumerOptions {
@@ -673,15 +676,28 @@ impl Consumer {
         env.insert("PIM_JOB_ID".into(), job.id.to_string());
         env.insert("PIM_JOB_QUEUE".into(), job.queue.clone());
         env.insert("PIM_JOB_CODE".into(), job.code.clone());
-        env.insert("PIM_JOB_PAYLOAD".into(), Value::Object(payload).to_string());
+        let payload = Value::Object(payload).to_string();
+        // The environment of a process holds 128 KiB per variable: a larger payload (a row
+        // written by other means) is only on the descriptor, or the job could not start.
+        let mut remove_env = Vec::new();
+        if payload.len() <= ENV_PAYLOAD_LIMIT {
+            env.insert("PIM_JOB_PAYLOAD".into(), payload.clone());
+        } else {
+            remove_env.push("PIM_JOB_PAYLOAD".into());
+        }
+        env.insert(
+            "PIM_JOB_PAYLOAD_FILE".into(),
+            format!("/dev/fd/{}", runner::PAYLOAD_FD),
+        );
         Ok(JobLaunch {
             argv,
             working_directory: spec.working_directory.clone(),
             env,
-            remove_env: Vec::new(),
+            remove_env,
             timeout: spec.timeout,
             kill_grace: spec.kill_grace,
             signal_leader_first: false,
+            payload_on_fd: Some(payload),
         })
     }
 

@@ -26,9 +26,11 @@ pub enum QueueOrigin {
 }
 
 /// Checks an instance name before any file is opened: it comes from a unit's `%i`, which a
-/// user with sudo rights chooses, so it must not be able to name a path.
+/// user with sudo rights chooses, so it must not be able to name a path, nor read as an
+/// option anywhere it is passed on (hence no leading `-`; the sudo rules agree).
 pub fn validate_instance_name(name: &str) -> Result<(), Failure> {
     let valid = (1..=64).contains(&name.len())
+        && !name.starts_with('-')
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
@@ -36,7 +38,7 @@ pub fn validate_instance_name(name: &str) -> Result<(), Failure> {
         Ok(())
     } else {
         Err(Failure::config(format!(
-            "invalid instance name {name:?}: use 1 to 64 of A-Z a-z 0-9 _ -"
+            "invalid instance name {name:?}: use 1 to 64 of A-Z a-z 0-9 _ -, not starting with -"
         )))
     }
 }

@@ -8,12 +8,14 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::sys::memfd::MemFdCreateFlag;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -58,7 +60,13 @@ pub struct JobLaunch {
     /// has not ended after half of `kill_grace`: a supervisor process (Akeneo's watchdog)
     /// forwards the signal to its job itself, which a group signal would reach twice.
     pub signal_leader_first: bool,
+    /// Text the job can read on file descriptor [`PAYLOAD_FD`] (the payload, which may be
+    /// too large for the environment).
+    pub payload_on_fd: Option<String>,
 }
+
+/// The descriptor a job reads its payload from: `PIM_JOB_PAYLOAD_FILE=/dev/fd/3`.
+pub const PAYLOAD_FD: i32 = 3;
 
 /// Why the job's process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,8 +101,17 @@ pub struct RunningJob {
 
 /// Starts the job. Its output is logged inside the caller's current tracing span.
 pub fn start(launch: &JobLaunch) -> io::Result<RunningJob> {
+    let payload = launch
+        .payload_on_fd
+        .as_deref()
+        .map(payload_fd)
+        .transpose()?;
     let mut command = command_for(launch);
+    if let Some(payload) = &payload {
+        pass_as_payload_fd(&mut command, payload);
+    }
     let mut child = command.spawn()?;
+    drop(payload); // the child has its own copy now
     let pid = child.id().expect("a just-spawned child has a pid");
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_TAIL_LINES)));
     let span = tracing::Span::current();
@@ -150,6 +167,38 @@ fn command_for(launch: &JobLaunch) -> Command {
         });
     }
     command
+}
+
+/// An anonymous in-memory file holding `text`, positioned at its start.
+fn payload_fd(text: &str) -> io::Result<OwnedFd> {
+    use std::io::{Seek, Write};
+    let fd = nix::sys::memfd::memfd_create(c"pim-job-payload", MemFdCreateFlag::MFD_CLOEXEC)
+        .map_err(io::Error::from)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(text.as_bytes())?;
+    file.rewind()?;
+    Ok(OwnedFd::from(file))
+}
+
+/// Makes `payload` the child's descriptor [`PAYLOAD_FD`] (dup2 clears close-on-exec; when it
+/// already has that number, the flag is cleared instead).
+fn pass_as_payload_fd(command: &mut Command, payload: &OwnedFd) {
+    let raw = payload.as_raw_fd();
+    // SAFETY: dup2 and fcntl are async-signal-safe system calls; nothing here allocates.
+    unsafe {
+        command.pre_exec(move || {
+            if raw == PAYLOAD_FD {
+                nix::fcntl::fcntl(
+                    raw,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )
+                .map_err(io::Error::from)?;
+            } else {
+                nix::unistd::dup2(raw, PAYLOAD_FD).map_err(io::Error::from)?;
+            }
+            Ok(())
+        });
+    }
 }
 
 /// What a short helper command (not a job) printed, for checks such as the Akeneo preflight.
@@ -294,32 +343,94 @@ async fn read_lines(
     tail: Arc<Mutex<VecDeque<String>>>,
 ) {
     let mut reader = BufReader::new(pipe);
-    let mut buffer = Vec::new();
+    let mut line = LineBuffer::default();
     loop {
-        buffer.clear();
-        match reader.read_until(b'\n', &mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+        let completed = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(chunk) => {
+                let completed = line.feed(chunk);
+                let read = chunk.len();
+                reader.consume(read);
+                completed
+            }
+        };
+        for text in completed {
+            record_line(text, stream, &tail);
         }
-        let line = clean_line(&buffer);
-        match stream {
-            Stream::Stdout => tracing::info!(stream = "stdout", "{line}"),
-            Stream::Stderr => tracing::warn!(stream = "stderr", "{line}"),
-        }
-        let mut tail = tail.lock().expect("tail lock");
-        if tail.len() == OUTPUT_TAIL_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(line);
+    }
+    if let Some(text) = line.finish() {
+        record_line(text, stream, &tail);
     }
 }
 
-/// One output line as text: the newline dropped, invalid UTF-8 replaced, length capped.
-fn clean_line(bytes: &[u8]) -> String {
-    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-    let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
-    let mut line = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_LINE_BYTES)]).into_owned();
-    if bytes.len() > MAX_LINE_BYTES {
+fn record_line(line: String, stream: Stream, tail: &Mutex<VecDeque<String>>) {
+    match stream {
+        Stream::Stdout => tracing::info!(stream = "stdout", "{line}"),
+        Stream::Stderr => tracing::warn!(stream = "stderr", "{line}"),
+    }
+    let mut tail = tail.lock().expect("tail lock");
+    if tail.len() == OUTPUT_TAIL_LINES {
+        tail.pop_front();
+    }
+    tail.push_back(line);
+}
+
+/// Splits output into lines as a terminal shows them, holding at most [`MAX_LINE_BYTES`]
+/// of one line whatever the job writes: a multi-gigabyte line costs no memory, and a lone
+/// `\r` (a progress bar) starts the line over instead of growing it.
+#[derive(Default)]
+struct LineBuffer {
+    bytes: Vec<u8>,
+    truncated: bool,
+    carriage_return: bool,
+}
+
+impl LineBuffer {
+    /// Takes in a chunk of output; returns the lines it completed.
+    fn feed(&mut self, chunk: &[u8]) -> Vec<String> {
+        let mut completed = Vec::new();
+        for &byte in chunk {
+            match byte {
+                b'\n' => {
+                    completed.push(self.take());
+                }
+                b'\r' => self.carriage_return = true,
+                _ => {
+                    if std::mem::take(&mut self.carriage_return) {
+                        self.bytes.clear();
+                        self.truncated = false;
+                    }
+                    if self.bytes.len() < MAX_LINE_BYTES {
+                        self.bytes.push(byte);
+                    } else {
+                        self.truncated = true;
+                    }
+                }
+            }
+        }
+        completed
+    }
+
+    /// What is left when the pipe closes.
+    fn finish(mut self) -> Option<String> {
+        (!self.bytes.is_empty()).then(|| self.take())
+    }
+
+    fn take(&mut self) -> String {
+        let line = clean_line(&self.bytes, self.truncated);
+        self.bytes.clear();
+        self.truncated = false;
+        self.carriage_return = false;
+        line
+    }
+}
+
+/// One output line as text: invalid UTF-8 and NUL bytes replaced (PostgreSQL's text cannot
+/// hold a NUL, and a result that cannot be written would leave the job running), a cut
+/// marked.
+fn clean_line(bytes: &[u8], truncated: bool) -> String {
+    let mut line = String::from_utf8_lossy(bytes).replace('\0', "\u{fffd}");
+    if truncated {
         line.push_str(" […]");
     }
     line
@@ -329,12 +440,44 @@ fn clean_line(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    fn lines_of(chunks: &[&[u8]]) -> Vec<String> {
+        let mut buffer = LineBuffer::default();
+        let mut lines: Vec<String> = chunks.iter().flat_map(|c| buffer.feed(c)).collect();
+        lines.extend(buffer.finish());
+        lines
+    }
+
     #[test]
     fn lines_are_cleaned() {
-        assert_eq!(clean_line(b"hello\r\n"), "hello");
-        assert_eq!(clean_line(b"caf\xc3\xa9\n"), "café");
-        assert_eq!(clean_line(b"bad \xff byte"), "bad \u{fffd} byte");
-        let long = vec![b'x'; MAX_LINE_BYTES + 10];
-        assert!(clean_line(&long).ends_with(" […]"));
+        assert_eq!(lines_of(&[b"hello\r\n"]), ["hello"]);
+        assert_eq!(lines_of(&[b"caf\xc3", b"\xa9\n"]), ["café"]);
+        assert_eq!(lines_of(&[b"bad \xff byte"]), ["bad \u{fffd} byte"]);
+        assert_eq!(lines_of(&[b"a\0b\n"]), ["a\u{fffd}b"]);
+    }
+
+    #[test]
+    fn a_line_is_capped_while_it_is_read() {
+        let mut buffer = LineBuffer::default();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..64 {
+            assert!(buffer.feed(&chunk).is_empty());
+        }
+        assert!(
+            buffer.bytes.len() <= MAX_LINE_BYTES,
+            "64 MiB held in {} bytes",
+            buffer.bytes.len()
+        );
+        let lines = buffer.feed(b"\nnext\n");
+        assert!(lines[0].ends_with(" […]") && lines[0].len() < MAX_LINE_BYTES + 10);
+        assert_eq!(lines[1], "next");
+    }
+
+    #[test]
+    fn a_carriage_return_starts_the_line_over() {
+        assert_eq!(
+            lines_of(&[b" 10%\r 20%\r", b"100%\ndone\n"]),
+            ["100%", "done"]
+        );
+        assert_eq!(lines_of(&[b"0%\r50%\r99%"]), ["99%"]);
     }
 }

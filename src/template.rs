@@ -5,6 +5,13 @@
 //! configuration error at start-up rather than a failed job at 3 a.m. Rendering substitutes
 //! inside single argv elements only: no shell ever sees the result, so a payload value cannot
 //! inject a second command or split into extra arguments.
+//!
+//! Nor can it change what the command does: argv[0] is always literal (the program is the
+//! config's choice), and a placeholder that starts an element may not produce a value that
+//! starts with `-`, which the program would read as an option (`find {payload.dir}` with
+//! `-delete`). Written `--name={payload.x}` the value is an option's value and may start with
+//! anything; `allow_option_values = true` lifts the rule for a command that wants options
+//! from its payload.
 
 use serde_json::{Map, Value};
 
@@ -26,6 +33,8 @@ enum Segment {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArgvTemplate {
     args: Vec<ArgTemplate>,
+    /// Whether a placeholder may produce a whole argument that starts with `-`.
+    allow_option_values: bool,
 }
 
 /// The facts about one job that a template may refer to.
@@ -42,19 +51,77 @@ impl ArgvTemplate {
         if argv.is_empty() || argv[0].trim().is_empty() {
             return Err(format!("`{key}` must be a non-empty argv array"));
         }
-        let args = argv
+        let args: Vec<ArgTemplate> = argv
             .iter()
             .enumerate()
             .map(|(index, arg)| {
                 parse_arg(arg).map_err(|error| format!("`{key}[{index}]` ({arg:?}): {error}"))
             })
             .collect::<Result<_, _>>()?;
-        Ok(ArgvTemplate { args })
+        if args[0].has_placeholder() {
+            return Err(format!(
+                "`{key}[0]` ({:?}) is the program and must be literal: no placeholder",
+                argv[0]
+            ));
+        }
+        Ok(ArgvTemplate {
+            args,
+            allow_option_values: false,
+        })
     }
 
-    /// Renders the argv for one job. A payload field that is missing or null is an error.
+    /// Lets placeholders produce whole arguments that start with `-` (options).
+    pub fn allowing_option_values(mut self, allow: bool) -> Self {
+        self.allow_option_values = allow;
+        self
+    }
+
+    /// Renders the argv for one job. A payload field that is missing or null, or a value
+    /// that would turn into an option, is an error that fails the job.
     pub fn render(&self, job: &JobFacts<'_>) -> Result<Vec<String>, String> {
-        self.args.iter().map(|arg| render_arg(arg, job)).collect()
+        self.args
+            .iter()
+            .enumerate()
+            .map(|(index, arg)| {
+                let value = render_arg(arg, job)?;
+                if !self.allow_option_values
+                    && arg.starts_with_placeholder()
+                    && value.starts_with('-')
+                {
+                    return Err(format!(
+                        "argument {index} ({}) would start with `-` and be read as an option; \
+                         write the element as `--name={}` or set allow_option_values = true",
+                        arg.first_placeholder_text(),
+                        arg.first_placeholder_text()
+                    ));
+                }
+                Ok(value)
+            })
+            .collect()
+    }
+}
+
+impl ArgTemplate {
+    fn has_placeholder(&self) -> bool {
+        self.0.iter().any(|s| !matches!(s, Segment::Literal(_)))
+    }
+
+    /// Whether the first character of the rendered element comes from a placeholder.
+    fn starts_with_placeholder(&self) -> bool {
+        self.0
+            .first()
+            .is_some_and(|s| !matches!(s, Segment::Literal(_)))
+    }
+
+    /// The first placeholder as written, for messages.
+    fn first_placeholder_text(&self) -> String {
+        match self.0.iter().find(|s| !matches!(s, Segment::Literal(_))) {
+            Some(Segment::Id) => "{id}".into(),
+            Some(Segment::Queue) => "{queue}".into(),
+            Some(Segment::Code) => "{code}".into(),
+            Some(Segment::PayloadField(path)) => format!("{{payload.{}}}", path.join(".")),
+            _ => String::new(),
+        }
     }
 }
 
@@ -182,11 +249,11 @@ mod tests {
     #[test]
     fn nested_fields_numbers_and_objects_render() {
         let out = render(
-            &["{payload.a.b}", "{payload.n}", "{payload.o}"],
+            &["echo", "{payload.a.b}", "{payload.n}", "{payload.o}"],
             json!({"a": {"b": "deep"}, "n": 7, "o": {"k": true}}),
         )
         .unwrap();
-        assert_eq!(out, ["deep", "7", r#"{"k":true}"#]);
+        assert_eq!(out, ["echo", "deep", "7", r#"{"k":true}"#]);
     }
 
     #[test]
@@ -194,6 +261,40 @@ mod tests {
         let error = render(&["x", "{payload.file}"], json!({})).unwrap_err();
         assert!(error.contains("payload field `file`"), "{error}");
         assert!(render(&["x", "{payload.file}"], json!({"file": null})).is_err());
+    }
+
+    #[test]
+    fn a_value_that_would_be_an_option_fails_the_job() {
+        let error = render(&["find", "{payload.dir}"], json!({"dir": "-delete"})).unwrap_err();
+        assert!(
+            error.contains("{payload.dir}") && error.contains("option"),
+            "{error}"
+        );
+        let out = render(&["find", "--name={payload.dir}"], json!({"dir": "-x"})).unwrap();
+        assert_eq!(out, ["find", "--name=-x"]);
+        let out = render(&["find", "{payload.dir}"], json!({"dir": "a-b"})).unwrap();
+        assert_eq!(out, ["find", "a-b"]);
+        let template = ArgvTemplate::parse(&argv(&["find", "{payload.dir}"]), "k")
+            .unwrap()
+            .allowing_option_values(true);
+        let payload = json!({"dir": "-delete"}).as_object().unwrap().clone();
+        let facts = JobFacts {
+            id: 1,
+            queue: "q",
+            code: "c",
+            payload: &payload,
+        };
+        assert_eq!(template.render(&facts).unwrap(), ["find", "-delete"]);
+    }
+
+    #[test]
+    fn the_program_is_always_literal() {
+        let error = ArgvTemplate::parse(&argv(&["{payload.bin}", "x"]), "job.command").unwrap_err();
+        assert!(
+            error.contains("job.command[0]") && error.contains("literal"),
+            "{error}"
+        );
+        assert!(ArgvTemplate::parse(&argv(&["/bin/{code}"]), "k").is_err());
     }
 
     #[test]

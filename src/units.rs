@@ -2,27 +2,64 @@
 
 use std::time::Duration;
 
+/// The longest duration anything takes: ten years. Longer ones are typing errors, and would
+/// overflow the clocks they are added to (a `--delay` that wraps around runs the job at once).
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
 /// Parses a duration: a bare number is seconds (as Symfony Messenger's `--sleep` and
 /// `--time-limit` take it), anything else is humantime syntax such as `200ms`, `2h` or `1h 30m`.
+/// At most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if let Ok(seconds) = text.parse::<f64>() {
         return seconds_to_duration(seconds);
     }
-    humantime::parse_duration(text).map_err(|error| {
+    let duration = humantime::parse_duration(text).map_err(|error| {
         format!("`{text}` is not a duration ({error}); write e.g. 30, 200ms, 5s, 2h or 7d")
-    })
+    })?;
+    within_bounds(duration, text)
 }
 
-/// Converts a number of seconds, refusing negative and non-finite values.
-pub fn seconds_to_duration(seconds: f64) -> Result<Duration, String> {
-    if seconds.is_finite() && seconds >= 0.0 {
-        Ok(Duration::from_secs_f64(seconds))
-    } else {
-        Err(format!(
-            "`{seconds}` is not a duration: it must be zero or more seconds"
-        ))
+/// Parses a pause between polls: a duration, but not zero (polling without a pause would
+/// spin on the database).
+pub fn parse_poll_interval(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration < MIN_POLL_INTERVAL {
+        return Err(format!(
+            "`{}` is too short a pause between polls: at least {}",
+            text.trim(),
+            format_duration(MIN_POLL_INTERVAL)
+        ));
     }
+    Ok(duration)
+}
+
+/// The shortest pause between polls.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Converts a number of seconds, refusing negative, non-finite and too long values.
+pub fn seconds_to_duration(seconds: f64) -> Result<Duration, String> {
+    if !(seconds.is_finite() && seconds >= 0.0) {
+        return Err(format!(
+            "`{seconds}` is not a duration: it must be zero or more seconds"
+        ));
+    }
+    if seconds > MAX_DURATION.as_secs_f64() {
+        return Err(too_long(&seconds.to_string()));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn within_bounds(duration: Duration, text: &str) -> Result<Duration, String> {
+    if duration > MAX_DURATION {
+        Err(too_long(text))
+    } else {
+        Ok(duration)
+    }
+}
+
+fn too_long(text: &str) -> String {
+    format!("`{text}` is too long: durations are at most 10 years (3650d)")
 }
 
 /// Parses a byte size: a bare number is bytes; `K`, `M`, `G` (optionally followed by `B` or
@@ -83,6 +120,28 @@ mod tests {
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        for text in [
+            "1e20",
+            "300000y",
+            "10000y",
+            "3651d",
+            "1e308",
+            "18446744073709551616",
+        ] {
+            let error = parse_duration(text).unwrap_err();
+            assert!(error.contains("too long"), "{text}: {error}");
+        }
+        assert_eq!(parse_duration("3650d").unwrap(), MAX_DURATION);
+        assert!(parse_poll_interval("0").is_err());
+        assert!(parse_poll_interval("1ms").is_err());
+        assert_eq!(
+            parse_poll_interval("0.1").unwrap(),
+            Duration::from_millis(100)
+        );
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub fn launch(
         // Master's watchdog forwards SIGTERM to the job and waits for it; a signal to the
         // whole group would reach the job twice.
         signal_leader_first: launcher == Launcher::Watchdog,
+        payload_on_fd: None,
     })
 }
 

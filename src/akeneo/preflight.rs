@@ -96,6 +96,7 @@ async fn list_batch_commands(settings: &AkeneoSettings) -> Result<Vec<String>, S
         timeout: None,
         kill_grace: settings.kill_grace,
         signal_leader_first: false,
+        payload_on_fd: None,
     };
     let shown = launch.argv.join(" ");
     let captured = runner::capture(&launch, LIST_LIMIT)

@@ -37,7 +37,8 @@ impl Timestamp {
     }
 
     pub fn plus(self, duration: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(duration.as_micros() as i64))
+        let micros = i64::try_from(duration.as_micros()).unwrap_or(i64::MAX);
+        Timestamp(self.0.saturating_add(micros))
     }
 
     /// How long after `earlier` this is; zero if it is not later.
@@ -48,10 +49,20 @@ impl Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // RFC 3339 stops at year 9999; a row written by other means may lie beyond.
+        const LAST_RFC3339_MICROS: i64 = 253_402_300_799_000_000;
+        if self.0 > LAST_RFC3339_MICROS {
+            return f.write_str("after 9999-12-31T23:59:59Z");
+        }
         let time = UNIX_EPOCH + Duration::from_micros(self.0.max(0) as u64);
         write!(f, "{}", humantime::format_rfc3339_seconds(time))
     }
 }
+
+/// The largest payload `push` accepts: a job's payload names its work, it does not carry
+/// bulk data (MySQL's default `max_allowed_packet` is 16 MiB, the environment of a process
+/// about 2 MiB in all and 128 KiB per variable).
+pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
 
 /// Where a job is in its life. Only `waiting` jobs are claimed; only `running` jobs complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -291,6 +302,10 @@ pub enum StoreError {
     Unsupported(String),
     #[error("database error: {0}")]
     Database(String),
+    /// This user may not write the store (a SQLite file created by root for a worker that
+    /// runs as the service user): waiting does not help, an operator must fix the owner.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl StoreError {
@@ -304,6 +319,7 @@ impl StoreError {
             StoreError::SchemaMissing(text) => StoreError::SchemaMissing(scrub(text)),
             StoreError::Unsupported(text) => StoreError::Unsupported(scrub(text)),
             StoreError::Database(text) => StoreError::Database(scrub(text)),
+            StoreError::PermissionDenied(text) => StoreError::PermissionDenied(scrub(text)),
             other => other,
         }
     }
@@ -326,6 +342,7 @@ impl From<StoreError> for Failure {
             | StoreError::InvalidUrl(_) => ExitCode::Config,
             StoreError::Database(_) => ExitCode::Software,
             StoreError::Unsupported(_) => ExitCode::Usage,
+            StoreError::PermissionDenied(_) => ExitCode::NoPerm,
         };
         Failure::new(exit, error.to_string())
     }

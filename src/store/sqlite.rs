@@ -6,6 +6,7 @@
 //! statement, and SQLite takes the write lock before that statement reads anything, so two
 //! processes can never claim the same row.
 
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -94,7 +95,7 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT)
             .disable_statement_logging();
         let path = options.get_filename().display().to_string();
-        create_parent_dir(options.get_filename())?;
+        create_store_file(options.get_filename())?;
         let pool = SqlitePoolOptions::new()
             .max_connections(2)
             .connect_with(options)
@@ -618,14 +619,75 @@ impl JobStore for SqliteStore {
     }
 }
 
-fn create_parent_dir(file: &Path) -> StoreResult<()> {
-    match file.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => std::fs::create_dir_all(dir)
-            .map_err(|error| {
-                StoreError::Unavailable(format!("cannot create {}: {error}", dir.display()))
-            }),
-        _ => Ok(()),
+/// Creates a missing store file before SQLite opens it, so that it gets the right owner and
+/// mode: readable by its owner only (0600, in new directories of 0700), and, when root
+/// creates it in a directory that belongs to another user (the service's state directory),
+/// owned by that user, whose workers must write it. SQLite itself gives its `-wal`/`-shm`
+/// files the owner of the database when it runs as root.
+fn create_store_file(file: &Path) -> StoreResult<()> {
+    if file.as_os_str().is_empty() || file == Path::new(":memory:") || file.exists() {
+        return Ok(());
     }
+    let cannot = |what: &Path, error: std::io::Error| {
+        let message = format!("cannot create {}: {error}", what.display());
+        if error.kind() == std::io::ErrorKind::PermissionDenied {
+            StoreError::PermissionDenied(message)
+        } else {
+            StoreError::Unavailable(message)
+        }
+    };
+    let dir = file.parent().filter(|dir| !dir.as_os_str().is_empty());
+    if let Some(dir) = dir
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|error| cannot(dir, error))?;
+    }
+    let created = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+    {
+        Ok(created) => created,
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(error) => return Err(cannot(file, error)),
+    };
+    if nix::unistd::geteuid().is_root()
+        && let Some(owner) = dir.and_then(|dir| std::fs::metadata(dir).ok())
+        && owner.uid() != 0
+    {
+        std::os::unix::fs::fchown(&created, Some(owner.uid()), Some(owner.gid()))
+            .map_err(|error| cannot(file, error))?;
+    }
+    Ok(())
+}
+
+/// Why SQLite cannot write `path`, when it is a matter of permissions: the file, or the
+/// directory its journal files go in, is not writable by this user.
+fn permission_problem(path: &str) -> Option<String> {
+    let file = Path::new(path);
+    let dir = file
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let me = nix::unistd::geteuid();
+    for target in [file, dir] {
+        if target.exists() && nix::unistd::access(target, nix::unistd::AccessFlags::W_OK).is_err() {
+            let owner = std::fs::metadata(target).map(|m| m.uid()).unwrap_or(0);
+            return Some(format!(
+                "{} is not writable by this user (uid {me}; it belongs to uid {owner}): \
+                 a worker cannot use this job store until its owner is fixed, e.g. \
+                 `chown -R <service user> {}`",
+                target.display(),
+                dir.display()
+            ));
+        }
+    }
+    None
 }
 
 /// Sorts SQLite failures into "try again later" and "something is wrong".
@@ -639,6 +701,17 @@ fn classify(error: sqlx::Error, path: &str) -> StoreError {
             .is_some_and(|code| TRANSIENT.contains(&(code & 0xff))),
         other => super::is_connection_error(other),
     };
+    let primary = match &error {
+        sqlx::Error::Database(db) => db.code().and_then(|code| code.parse::<i64>().ok()),
+        _ => None,
+    }
+    .map(|code| code & 0xff);
+    // READONLY and CANTOPEN are lasting when the file belongs to someone else.
+    if matches!(primary, Some(8 | 14))
+        && let Some(problem) = permission_problem(path)
+    {
+        return StoreError::PermissionDenied(format!("{problem} ({error})"));
+    }
     if transient {
         StoreError::Unavailable(format!("{path}: {error}"))
     } else {

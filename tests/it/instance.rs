@@ -4,9 +4,11 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// Runs `consume --instance NAME --limit N` and returns (exit code, combined output).
+/// Runs `consume --instance=NAME --limit N`, as the unit passes `%i`, and returns (exit
+/// code, combined output).
 fn consume_instance(scratch: &Scratch, name: &str, limit: &str) -> (i32, String) {
-    let output = scratch.run(&["consume", "--instance", name, "--limit", limit]);
+    let instance = format!("--instance={name}");
+    let output = scratch.run(&["consume", &instance, "--limit", limit]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -105,6 +107,10 @@ fn invalid_instance_names_exit_78_before_any_file_is_read() {
         "a b",
         &"9".repeat(65),
         "pim_job_queue@1",
+        // `--instance %i` made these a clap error (64) and a restart loop.
+        "-h",
+        "--limit",
+        "-1",
     ] {
         let (code, log) = consume_instance(&scratch, name, "1");
         assert_eq!(code, 78, "{name:?}: {log}");

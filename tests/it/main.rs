@@ -9,6 +9,7 @@ mod cli;
 mod conformance;
 mod consume;
 mod fleet;
+mod hostile;
 mod instance;
 mod secrets;
 mod systemd;
