@@ -11,6 +11,7 @@ mod consume;
 mod fleet;
 mod hostile;
 mod instance;
+mod properties;
 mod secrets;
 mod systemd;
 mod wake;
