@@ -124,6 +124,7 @@ on_exit() {
     log "journal of the pim_job_queue units:"
     cexec journalctl --no-pager -o short-precise -u 'pim_job_queue@*' -n 150 || true
     cexec systemctl --no-pager list-units 'pim_job_queue@*' --all || true
+    cexec systemctl --no-pager status -l -n 20 'pim_job_queue@*' || true
   fi
   [ -n "${HOST_WORKER:-}" ] && kill "$HOST_WORKER" 2>/dev/null
   shutdown_container
@@ -325,6 +326,7 @@ wake_dir_of_store() { cexec sh -c 'for d in /run/pim_job_queue/*/; do echo "${d%
 sockets_in() { cexec sh -c "ls $1/*.sock 2>/dev/null | wc -l"; }
 wake_checks() {
   log "== the wake-up directory against a local user"
+  cexec systemctl stop 'pim_job_queue@*'
   cexec systemctl start pim_job_queue@2
   local dir
   dir=$(wake_dir_of_store)
@@ -373,24 +375,83 @@ fleet_checks() { # with the MariaDB store: a worker on the host is a second "hos
 
 package_lifecycle() { # deb upgraded_deb
   log "== upgrade, remove, purge"
+  # Native jobs again, without the Akeneo drop-in of the checks before.
+  cexec rm -rf /etc/systemd/system/pim_job_queue@.service.d
+  write_config "$E2E_URL"
+  cexec chgrp pim-job-queue /etc/pim_job_queue/worker.toml
   cexec systemctl start pim_job_queue@1 pim_job_queue@2
   local one two
   one=$(prop pim_job_queue@1 MainPID)
   two=$(prop pim_job_queue@2 MainPID)
   cp "$2" "$ROOTFS/var/tmp/upgrade.deb"
+  # A job that outlasts the upgrade: apt must not wait for it (stop_grace could be 30 min).
+  local draining before
+  draining=$(push ui_job hello 12)
+  wait_for "9: job $draining running before the upgrade" 15 job_is "$draining" running
+  before=$(date +%s)
   check "9: apt installs the higher version" capt install -y /var/tmp/upgrade.deb
+  check "9: without waiting for the running job ($(($(date +%s) - before)) s)" test $(($(date +%s) - before)) -lt 10
+  check "9: and says the instances are draining" grep -F "each finishes its running job first" "$STATE/apt.log"
   check "9: the new version is installed" is "$UPGRADED_VERSION" cexec dpkg-query -W -f='${Version}' pim-job-queue
-  check "9: instance 1 restarted" test "$(prop pim_job_queue@1 MainPID)" != "$one"
-  check "9: instance 2 restarted" test "$(prop pim_job_queue@2 MainPID)" != "$two"
-  check "9: instance 1 still active" is active prop pim_job_queue@1 ActiveState
-  check "9: instance 2 still active" is active prop pim_job_queue@2 ActiveState
+  wait_for "9: the running job finished, succeeded" 30 job_is "$draining" succeeded
+  wait_for "9: instance 1 restarted" 30 test "$(prop pim_job_queue@1 MainPID)" != "$one"
+  wait_for "9: instance 2 restarted" 30 test "$(prop pim_job_queue@2 MainPID)" != "$two"
+  wait_for "9: instance 1 active again" 30 is active prop pim_job_queue@1 ActiveState
+  wait_for "9: instance 2 active again" 30 is active prop pim_job_queue@2 ActiveState
   check "9: apt remove" capt remove -y pim-job-queue
-  check "9: remove stopped instance 1" refused cexec systemctl is-active --quiet pim_job_queue@1
-  check "9: remove stopped instance 2" refused cexec systemctl is-active --quiet pim_job_queue@2
+  wait_for "9: remove stopped instance 1" 30 refused cexec systemctl is-active --quiet pim_job_queue@1
+  wait_for "9: remove stopped instance 2" 30 refused cexec systemctl is-active --quiet pim_job_queue@2
+  check "9: remove took the sudo grant away" refused cexec test -e /etc/sudoers.d/pim_job_queue
+  check "9: the rules themselves are kept (conffile)" cexec test -e /etc/pim_job_queue/sudoers
+  check "9: akeneo may no longer start instances" refused as_user akeneo "sudo -n -l systemctl start pim_job_queue@2"
   check "9: apt purge" capt purge -y pim-job-queue
   check "9: purge leaves no config" refused cexec test -e /etc/pim_job_queue
   check "9: purge leaves no sudo rules" refused cexec test -e /etc/sudoers.d/pim_job_queue
   check "9: purge leaves no state" refused cexec test -e /var/lib/pim_job_queue
+}
+
+# The package's users and sudo rules against what a machine may already have.
+debug_lines() { grep -c "Bus " || true; }
+akeneo_debug_lines() {
+  as_user akeneo 'SYSTEMD_LOG_LEVEL=debug sudo -n systemctl --no-pager status pim_job_queue@2 2>&1' | debug_lines
+}
+packaging_checks() {
+  log "== postinst on existing ordinary users, the sudo rules' lifecycle"
+  # As a site may have them: made by hand, ordinary (uid/gid >= 1000), not system ones.
+  cexec sh -c 'userdel pim-job-queue 2>/dev/null; groupdel pim-job-queue 2>/dev/null; groupdel pim-job-queue-ops 2>/dev/null;
+               useradd -U -u 1500 -m pim-job-queue && groupadd -g 1501 pim-job-queue-ops'
+  check "15: apt installs over an ordinary user and group of the same names" capt install -y /var/tmp/pim-job-queue.deb
+  check "15: and says it reuses them" grep -F "reusing the existing user pim-job-queue" "$STATE/apt.log"
+  check "15: the service user is the existing one" is 1500 cexec id -u pim-job-queue
+  cexec adduser --quiet akeneo pim-job-queue-ops
+  check "15: the checked copy of the rules is live" is "440 root:root" cexec stat -c '%a %U:%G' /etc/sudoers.d/pim_job_queue
+  check "15: akeneo may start instances" as_user akeneo "sudo -n -l systemctl start pim_job_queue@2"
+
+  # A site's env_keep must not reach the rules' commands: SYSTEMD_LOG_LEVEL=debug would make
+  # systemctl print its D-Bus traffic (as it does for root, the control).
+  cexec sh -c 'printf "Defaults env_keep += \"SYSTEMD_LOG_LEVEL SYSTEMD_PAGER\"\n" > /etc/sudoers.d/site && chmod 0440 /etc/sudoers.d/site'
+  check "15: (control: the variable makes systemctl talk)" test "$(cexec env SYSTEMD_LOG_LEVEL=debug systemctl --no-pager status pim_job_queue@2 2>&1 | debug_lines)" -gt 0
+  check "15: a site's env_keep does not reach the rules' commands" is 0 akeneo_debug_lines
+  cexec rm -f /etc/sudoers.d/site
+
+  # Rules this sudo cannot parse are never live; they come back when sudo can parse them
+  # (here: fixed, then sudo reinstalled, which runs the package's trigger).
+  cexec cp /etc/pim_job_queue/sudoers /var/tmp/sudoers.good
+  cexec sh -c 'echo "this is not sudoers syntax" >> /etc/pim_job_queue/sudoers'
+  check "15: dpkg-reconfigure with rules sudo cannot parse" cexec dpkg-reconfigure pim-job-queue
+  check "15: no grant is live" refused cexec test -e /etc/sudoers.d/pim_job_queue
+  check "15: the rejected copy is set aside" cexec test -e /etc/sudoers.d/pim_job_queue.disabled
+  check "15: sudo still works for root" cexec sudo -n true
+  check "15: akeneo gets nothing" refused as_user akeneo "sudo -n -l systemctl start pim_job_queue@2"
+  cexec cp /var/tmp/sudoers.good /etc/pim_job_queue/sudoers
+  check "15: sudo reinstalled (the package's trigger runs)" capt install -y --reinstall sudo
+  check "15: the rules are back" is "440 root:root" cexec stat -c '%a %U:%G' /etc/sudoers.d/pim_job_queue
+  check "15: nothing is left aside" refused cexec test -e /etc/sudoers.d/pim_job_queue.disabled
+  check "15: akeneo may start instances again" as_user akeneo "sudo -n -l systemctl start pim_job_queue@2"
+  check "15: apt purge" capt purge -y pim-job-queue
+  check "15: purge deletes the rules" refused cexec sh -c 'ls /etc/sudoers.d/*pim_job_queue* /etc/pim_job_queue/sudoers 2>/dev/null | grep .'
+  # Back to a machine without them, so the next run starts from system users again.
+  cexec sh -c 'userdel -r pim-job-queue 2>/dev/null; groupdel pim-job-queue 2>/dev/null; groupdel pim-job-queue-ops 2>/dev/null; true'
 }
 
 . scripts/lib/e2e-akeneo.sh
@@ -444,4 +505,5 @@ fleet_checks
 restart_checks
 akeneo_php_checks
 package_lifecycle "$deb" "$STATE/upgrade.deb"
+packaging_checks
 migration_checks

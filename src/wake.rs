@@ -74,6 +74,7 @@ impl WakeDir {
             make_trusted_dir(base)?;
         }
         make_trusted_dir(&self.dir)?;
+        self.remove_stale_sockets();
         let path = self.dir.join(format!("{name}.sock"));
         let socket = bind_world_writable(&path)?;
         socket.set_nonblocking(true)?;
@@ -97,6 +98,24 @@ impl WakeDir {
         self.sockets_owned_by(owner)
             .filter(|path| sender.send_to(b"!", path).is_ok())
             .count()
+    }
+
+    /// Removes the sockets of this user's workers that died without cleaning up (killed by
+    /// the watchdog, `kill -9`): nobody listens on them any more, so a send is refused.
+    fn remove_stale_sockets(&self) {
+        let Ok(sender) = std::os::unix::net::UnixDatagram::unbound() else {
+            return;
+        };
+        let _ = sender.set_nonblocking(true);
+        let me = nix::unistd::geteuid().as_raw();
+        for path in self.sockets_owned_by(me) {
+            let refused = sender
+                .send_to(b"", &path)
+                .is_err_and(|error| error.kind() == io::ErrorKind::ConnectionRefused);
+            if refused {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
     }
 
     /// The real sockets (no symlinks) named `*.sock` here that `owner` owns, boundedly.
@@ -142,15 +161,16 @@ impl Drop for WakeSocket {
     }
 }
 
-/// Creates `dir` (mode 0755) unless it exists, then checks it can be trusted. A directory of
-/// this user's with a mode that lets others write (left by an older release) is tightened
-/// through its descriptor, never by path.
+/// Creates `dir` unless it exists, then checks it can be trusted. Its mode is set through
+/// its descriptor, never by path: 0755 when this worker made it (whatever the umask, so that
+/// pushers of other users reach the sockets), and tightened to 0755 when it is this user's
+/// but lets others write (left so by an older release).
 fn make_trusted_dir(dir: &Path) -> io::Result<()> {
-    match std::fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
-        Ok(()) => {}
-        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+    let created = match std::fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
+        Ok(()) => true,
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => false,
         Err(error) => return Err(error),
-    }
+    };
     let directory = open_directory(dir)?;
     let meta = directory.metadata()?;
     let me = nix::unistd::geteuid().as_raw();
@@ -164,6 +184,10 @@ fn make_trusted_dir(dir: &Path) -> io::Result<()> {
         ));
     }
     let mode = meta.mode() & 0o7777;
+    if created && meta.uid() == me && mode != DIR_MODE {
+        directory.set_permissions(std::fs::Permissions::from_mode(DIR_MODE))?;
+        return Ok(());
+    }
     if mode & WRITABLE_BY_OTHERS != 0 {
         if meta.uid() != me {
             return Err(untrusted(
@@ -267,6 +291,21 @@ mod tests {
 
     use super::*;
 
+    /// Sets the process umask for one test (as the unit's UMask=0027 does), then restores it.
+    struct UmaskGuard(Mode);
+
+    impl UmaskGuard {
+        fn set(bits: u32) -> UmaskGuard {
+            UmaskGuard(nix::sys::stat::umask(Mode::from_bits_truncate(bits)))
+        }
+    }
+
+    impl Drop for UmaskGuard {
+        fn drop(&mut self) {
+            nix::sys::stat::umask(self.0);
+        }
+    }
+
     #[test]
     fn the_hash_is_stable_and_separates_databases() {
         assert_eq!(stable_hash(""), 0xcbf2_9ce4_8422_2325);
@@ -279,6 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_push_wakes_a_bound_socket() {
+        let _umask = UmaskGuard::set(0o027);
         let base = tempfile::tempdir().unwrap();
         let dir = WakeDir::for_store(Some(&base.path().join("wake")), "postgres://db/pim");
         let socket = dir.bind("w-1").unwrap();
@@ -296,11 +336,12 @@ mod tests {
     #[tokio::test]
     async fn the_umask_of_the_worker_is_left_alone() {
         let base = tempfile::tempdir().unwrap();
-        let before = nix::sys::stat::umask(Mode::from_bits_truncate(0o027));
+        let guard = UmaskGuard::set(0o027);
         let dir = WakeDir::for_store(Some(base.path()), "sqlite:///x");
         let _socket = dir.bind("w-1").unwrap();
-        let after = nix::sys::stat::umask(before);
-        assert_eq!(after.bits(), 0o027);
+        let during = nix::sys::stat::umask(Mode::from_bits_truncate(0o027));
+        assert_eq!(during.bits(), 0o027);
+        drop(guard);
     }
 
     #[tokio::test]
@@ -346,11 +387,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dead_workers_socket_is_cleared_away() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = WakeDir::for_store(Some(base.path()), "sqlite:///x");
+        let _first = dir.bind("w-first").unwrap();
+        // As after SIGKILL: the file stays, nobody listens.
+        let dead_path = dir.path().join("w-dead.sock");
+        drop(std::os::unix::net::UnixDatagram::bind(&dead_path).unwrap());
+        assert!(dead_path.exists());
+        let live = dir.bind("w-live").unwrap();
+        assert!(!dead_path.exists(), "the stale socket is removed");
+        assert!(live.path().exists());
+    }
+
+    #[tokio::test]
     async fn push_tries_a_bounded_number_of_sockets() {
         let base = tempfile::tempdir().unwrap();
         let dir = WakeDir::for_store(Some(base.path()), "sqlite:///x");
+        let _first = dir.bind("w-first").unwrap();
         let sockets: Vec<_> = (0..MAX_WAKE_TARGETS + 20)
-            .map(|n| dir.bind(&format!("w-{n}")).unwrap())
+            .map(|n| {
+                std::os::unix::net::UnixDatagram::bind(dir.path().join(format!("w-{n}.sock")))
+                    .unwrap()
+            })
             .collect();
         assert_eq!(dir.wake_all(), MAX_WAKE_TARGETS);
         drop(sockets);
