@@ -383,12 +383,19 @@ impl Consumer {
             return Ok(());
         };
         self.notifier.status("Checking that the PIM can run jobs");
-        let check = crate::akeneo::preflight::check(&settings);
-        tokio::pin!(check);
+        self.while_pinging(crate::akeneo::preflight::check(&settings))
+            .await
+            .map(drop)
+    }
+
+    /// Awaits `work` while pinging the watchdog: ending a job (kill_grace), draining its
+    /// output or booting PHP can take longer than systemd waits between pings.
+    async fn while_pinging<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(work);
         loop {
             self.ping_watchdog_if_due();
             tokio::select! {
-                result = &mut check => return result.map(drop),
+                result = &mut work => return result,
                 _ = tokio::time::sleep(self.heartbeat_slice()) => {}
             }
         }
@@ -767,25 +774,30 @@ impl Consumer {
             };
             match event {
                 JobEvent::Exited(status) => {
-                    return running.finish(RunningJob::ending_of(status), status).await;
+                    let ending = RunningJob::ending_of(status);
+                    return self.while_pinging(running.finish(ending, status)).await;
                 }
                 JobEvent::TimedOut => {
                     warn!("job timed out: ending its process group");
-                    let status = running.end_group(kill_grace).await;
-                    return running.finish(Ending::TimedOut, status).await;
+                    let status = self.while_pinging(running.end_group(kill_grace)).await;
+                    return self.while_pinging(running.finish(Ending::TimedOut, status)).await;
                 }
                 JobEvent::Interrupt(reason, grace) => {
                     warn!("ending the job's process group: {reason}");
                     self.notifier.extend_timeout(grace + STATUS_REFRESH);
-                    let status = running.end_group(grace).await;
-                    return running
-                        .finish(Ending::Interrupted(reason.into()), status)
-                        .await;
+                    let status = self.while_pinging(running.end_group(grace)).await;
+                    let ending = Ending::Interrupted(reason.into());
+                    return self.while_pinging(running.finish(ending, status)).await;
                 }
                 JobEvent::Tick => {
                     self.keep_alive_while_running(job, &running, stop_deadline);
-                    if let Err(error) = self.store.touch(&job.lease).await {
-                        warn!("could not refresh the job's heartbeat: {error}");
+                    // Bounded: a black-holed connection must not hold up the fence, the
+                    // timeout, stop handling and the watchdog, which this loop also serves.
+                    let touch = tokio::time::timeout(self.heartbeat_slice(), self.store.touch(&job.lease));
+                    match touch.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => warn!("could not refresh the job's heartbeat: {error}"),
+                        Err(_) => warn!("refreshing the job's heartbeat did not answer in time"),
                     }
                 }
                 JobEvent::Reload => self.reload().await,

@@ -190,6 +190,35 @@ fn stop_grace_exceeded_requeues_the_job_with_attempts_left() {
     assert_eq!(job["reason"], "the stop grace period ran out (requeued)");
 }
 
+/// Ending a job that ignores SIGTERM takes `kill_grace`; systemd must keep hearing from the
+/// worker meanwhile, or it kills the worker mid-kill (a 3 s grace, a 1 s watchdog).
+#[test]
+fn the_watchdog_is_pinged_while_a_job_is_being_ended() {
+    let scratch = Scratch::new(Backend::Sqlite);
+    scratch.write_config(
+        "[jobs.stubborn]\ncommand = [\"/bin/sh\", \"-c\", \"trap '' TERM; sleep 30\"]\ntimeout = \"1s\"\nkill_grace = \"3s\"",
+    );
+    let socket = NotifySocket::new();
+    let mut consumer = notified_consumer(&scratch, &socket, &["--limit", "1"], Some("1000000"));
+    socket.wait_for("READY=1", Duration::from_secs(10));
+    let id = scratch.push("ui_job", "stubborn");
+    let running = socket.wait_for(&format!("STATUS=Running job {id}"), Duration::from_secs(5));
+    assert_eq!(wait_exit(&mut consumer, Duration::from_secs(20)), 0);
+    assert_eq!(scratch.show(id)["reason"], "timeout");
+    let timed = socket.timed();
+    let pings: Vec<Instant> = timed[running..]
+        .iter()
+        .filter(|(_, m)| m == "WATCHDOG=1\n")
+        .map(|(at, _)| *at)
+        .collect();
+    let longest_gap = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    assert!(
+        pings.len() >= 4 && longest_gap < Duration::from_millis(1000),
+        "{} pings over the 4 s of the job, longest gap {longest_gap:?}",
+        pings.len()
+    );
+}
+
 #[test]
 fn a_second_sigterm_ends_the_job_at_once() {
     let scratch = Scratch::new(Backend::Sqlite);
