@@ -321,6 +321,7 @@ impl Consumer {
         self.wake
             .note_claim(claimed.is_some(), self.poll_interval());
         match claimed {
+            Some(job) if self.shutdown().is_stopping() => self.give_back_claim(&job).await,
             Some(job) => {
                 contact.set_current_job(Some(job.id));
                 self.process(job, contact).await;
@@ -709,12 +710,23 @@ impl Consumer {
     }
 
     /// Starts and watches the job; also returns how long its process ran.
+    ///
+    /// A native job's start is recorded *before* its process is spawned: a job whose start
+    /// is not recorded has certainly not run, which is what lets a rescue (or a give-back)
+    /// run it again with its attempt refunded. If the record cannot be written, the job is
+    /// not started but given back. (The Akeneo store records the start after the exec: its
+    /// start acknowledges the PIM's message, which must wait for a process that runs.)
     async fn execute(
         &mut self,
         job: &ClaimedJob,
         launch: &JobLaunch,
         contact: &Contact,
     ) -> (Outcome, Option<Duration>) {
+        let start_recorded_first = matches!(self.config.transport, Transport::Native);
+        if start_recorded_first && let Some(not_started) = self.record_start_before_spawn(job).await
+        {
+            return (not_started, None);
+        }
         let running = match runner::start(launch) {
             Ok(running) => running,
             Err(error) => {
@@ -729,10 +741,12 @@ impl Consumer {
             "job started"
         );
         self.notifier.status(&running_status(job, Duration::ZERO));
-        match self.store.mark_started(&job.lease, Timestamp::now()).await {
-            Ok(true) => {}
-            Ok(false) => warn!("job is no longer held by this worker"),
-            Err(error) => warn!("could not record the job's start: {error}"),
+        if !start_recorded_first {
+            match self.store.mark_started(&job.lease, Timestamp::now()).await {
+                Ok(true) => {}
+                Ok(false) => warn!("job is no longer held by this worker"),
+                Err(error) => warn!("could not record the job's start: {error}"),
+            }
         }
         let report = self.watch(running, job, launch.kill_grace, contact).await;
         let outcome = outcome_of(&report);
@@ -780,7 +794,9 @@ impl Consumer {
                 JobEvent::TimedOut => {
                     warn!("job timed out: ending its process group");
                     let status = self.while_pinging(running.end_group(kill_grace)).await;
-                    return self.while_pinging(running.finish(Ending::TimedOut, status)).await;
+                    return self
+                        .while_pinging(running.finish(Ending::TimedOut, status))
+                        .await;
                 }
                 JobEvent::Interrupt(reason, grace) => {
                     warn!("ending the job's process group: {reason}");
@@ -793,7 +809,8 @@ impl Consumer {
                     self.keep_alive_while_running(job, &running, stop_deadline);
                     // Bounded: a black-holed connection must not hold up the fence, the
                     // timeout, stop handling and the watchdog, which this loop also serves.
-                    let touch = tokio::time::timeout(self.heartbeat_slice(), self.store.touch(&job.lease));
+                    let touch =
+                        tokio::time::timeout(self.heartbeat_slice(), self.store.touch(&job.lease));
                     match touch.await {
                         Ok(Ok(())) => {}
                         Ok(Err(error)) => warn!("could not refresh the job's heartbeat: {error}"),
@@ -889,6 +906,50 @@ impl Consumer {
                     return;
                 }
             }
+        }
+    }
+
+    /// Records a native job's start before its process exists; `Some` (give the job back,
+    /// do not start it) when that record is not certain.
+    async fn record_start_before_spawn(&self, job: &ClaimedJob) -> Option<Outcome> {
+        let bounded = tokio::time::timeout(
+            self.timings.fence_after(),
+            self.store.mark_started(&job.lease, Timestamp::now()),
+        );
+        let why = match bounded.await {
+            Ok(Ok(true)) => return None,
+            Ok(Ok(false)) => "the job is no longer held by this worker".to_string(),
+            Ok(Err(error)) => format!("its start could not be recorded ({error})"),
+            Err(_) => "recording its start did not answer in time".to_string(),
+        };
+        warn!("job not started: {why}");
+        Some(Outcome::GivenUp(format!("not started: {why}")))
+    }
+
+    /// A stop request arrived while the claim was on its way: the job has not started, so it
+    /// goes back to its queue (its attempt refunded) instead of holding up the stop.
+    async fn give_back_claim(&self, job: &ClaimedJob) {
+        const REASON: &str = "claimed while the worker was stopping";
+        let released = match self.store.release_unstarted(&job.lease, REASON).await {
+            Ok(true) => Ok(Release::Requeued),
+            Ok(false) => {
+                self.store
+                    .release(&job.lease, REASON, Timestamp::now())
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        match released {
+            Ok(release) => info!(
+                job_id = job.id,
+                "stop requested during the claim: job {} given back ({release:?})", job.id
+            ),
+            Err(error) => warn!(
+                job_id = job.id,
+                "stop requested during the claim; job {} could not be given back, it will be \
+                 rescued: {error}",
+                job.id
+            ),
         }
     }
 

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, Row};
 
-use super::rows::{self, JOB_RECORD_COLUMNS};
+use super::rows::{self, JOB_RECORD_COLUMNS, RUNS_AGAIN};
 use super::{
     ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus, JobStore, Lease,
     NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError, StoreResult, Timestamp,
@@ -227,16 +227,17 @@ impl MysqlStore {
             Holder::Token(token) => ("worker_token = ?".to_string(), Some(token)),
             Holder::Lost { rescue_after } => (orphaned(rescue_after), None),
         };
-        // MySQL evaluates SET assignments left to right: `status` is computed from columns
-        // that no earlier assignment changes.
+        // MySQL evaluates SET assignments left to right: every condition reads columns that
+        // no earlier assignment changes, and `attempts` is assigned last.
         let statement = format!(
             "UPDATE pjq_jobs SET
-                status = CASE WHEN attempts < max_attempts THEN 'waiting' ELSE 'failed' END,
-                available_at = CASE WHEN attempts < max_attempts THEN ? ELSE available_at END,
-                finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE ? END,
-                reason = CASE WHEN attempts < max_attempts THEN CONCAT(?, ' (requeued)')
+                status = CASE WHEN {RUNS_AGAIN} THEN 'waiting' ELSE 'failed' END,
+                available_at = CASE WHEN {RUNS_AGAIN} THEN ? ELSE available_at END,
+                finished_at = CASE WHEN {RUNS_AGAIN} THEN NULL ELSE ? END,
+                reason = CASE WHEN {RUNS_AGAIN} THEN CONCAT(?, ' (requeued)')
                               ELSE ? END,
-                lease = lease + 1, worker_token = NULL
+                lease = lease + 1, worker_token = NULL,
+                attempts = CASE WHEN started_at IS NULL THEN attempts - 1 ELSE attempts END
              WHERE id = ? AND lease = ? AND status = 'running' AND {holder_check}"
         );
         let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;

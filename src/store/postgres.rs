@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Row};
 
-use super::rows::{self, JOB_RECORD_COLUMNS};
+use super::rows::{self, JOB_RECORD_COLUMNS, RUNS_AGAIN};
 use super::{
     ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus, JobStore, Lease,
     NewJob, OrphanedJob, PushListener, QueueCounts, Release, SchemaVersion, StoreError,
@@ -166,10 +166,11 @@ impl PostgresStore {
         };
         let statement = format!(
             "UPDATE pjq_jobs SET
-                status = CASE WHEN attempts < max_attempts THEN 'waiting' ELSE 'failed' END,
-                available_at = CASE WHEN attempts < max_attempts THEN $1 ELSE available_at END,
-                finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE $1 END,
-                reason = CASE WHEN attempts < max_attempts THEN $2 || ' (requeued)' ELSE $2 END,
+                status = CASE WHEN {RUNS_AGAIN} THEN 'waiting' ELSE 'failed' END,
+                available_at = CASE WHEN {RUNS_AGAIN} THEN $1 ELSE available_at END,
+                finished_at = CASE WHEN {RUNS_AGAIN} THEN NULL ELSE $1 END,
+                reason = CASE WHEN {RUNS_AGAIN} THEN $2 || ' (requeued)' ELSE $2 END,
+                attempts = CASE WHEN started_at IS NULL THEN attempts - 1 ELSE attempts END,
                 lease = lease + 1, worker_token = NULL
              WHERE id = $3 AND lease = $4 AND status = 'running' AND {holder_check}
              RETURNING status"

@@ -114,3 +114,8 @@ where
         pid.map_or("?".into(), |p| p.to_string())
     ))
 }
+
+/// When a taken-back job runs again (SQL shared by the backends): while it has attempts left,
+/// and always when it never started (its claim is refunded: it did not run, so a single
+/// attempt must not end as `worker lost`).
+pub(super) const RUNS_AGAIN: &str = "(attempts < max_attempts OR started_at IS NULL)";

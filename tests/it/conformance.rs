@@ -318,6 +318,7 @@ fn rescue_takes_back_only_lost_workers_jobs_once(backend: Backend) {
             .await
             .unwrap();
         let kept = store.push(&new_job("ui_job", "c", "{}")).await.unwrap();
+        let unstarted = store.push(&new_job("ui_job", "d", "{}")).await.unwrap();
         let first = store
             .claim(&queues(), &lost, Timestamp::now())
             .await
@@ -333,7 +334,24 @@ fn rescue_takes_back_only_lost_workers_jobs_once(backend: Backend) {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!((first.id, second.id, third.id), (once, twice, kept));
+        // Claimed, then the worker died before the job's process started.
+        let fourth = store
+            .claim(&queues(), &lost, Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (first.id, second.id, third.id, fourth.id),
+            (once, twice, kept, unstarted)
+        );
+        for started in [&first, &second, &third] {
+            assert!(
+                store
+                    .mark_started(&started.lease, Timestamp::now())
+                    .await
+                    .unwrap()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(store.heartbeat(&alive, Some(kept)).await.unwrap());
         let mut rescued = store
@@ -342,7 +360,13 @@ fn rescue_takes_back_only_lost_workers_jobs_once(backend: Backend) {
             .unwrap();
         rescued.sort_by_key(|r| r.id);
         let summary: Vec<(i64, bool)> = rescued.iter().map(|r| (r.id, r.requeued)).collect();
-        assert_eq!(summary, [(once, false), (twice, true)]);
+        assert_eq!(summary, [(once, false), (twice, true), (unstarted, true)]);
+        let refunded = store.get_job(unstarted).await.unwrap().unwrap();
+        assert_eq!(
+            (refunded.status, refunded.attempts),
+            (JobStatus::Waiting, 0),
+            "a job that never started runs again, its claim refunded"
+        );
         assert!(rescued[0].lost_worker.starts_with("test-host/lost/"));
         let again = store
             .rescue_orphans(Duration::from_millis(400), Timestamp::now())
@@ -420,6 +444,26 @@ fn prune_removes_only_old_finished_jobs(backend: Backend) {
     });
 }
 
+/// Claims the next job for `worker` and records its start, as a worker does before it
+/// spawns the job's process.
+async fn claim_and_start(
+    store: &dyn JobStore,
+    worker: &WorkerIdentity,
+) -> pim_job_queue::store::ClaimedJob {
+    let job = store
+        .claim(&queues(), worker, Timestamp::now())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .mark_started(&job.lease, Timestamp::now())
+            .await
+            .unwrap()
+    );
+    job
+}
+
 fn release_requeues_while_attempts_remain(backend: Backend) {
     use pim_job_queue::store::Release;
     let scratch = Scratch::new(backend);
@@ -433,11 +477,7 @@ fn release_requeues_while_attempts_remain(backend: Backend) {
             })
             .await
             .unwrap();
-        let first = store
-            .claim(&queues(), &me, Timestamp::now())
-            .await
-            .unwrap()
-            .unwrap();
+        let first = claim_and_start(store.as_ref(), &me).await;
         let now = Timestamp::now();
         assert_eq!(
             store
@@ -461,6 +501,17 @@ fn release_requeues_while_attempts_remain(backend: Backend) {
             .await
             .unwrap()
             .unwrap();
+        // Released before its process started: it did not run, so it goes back, refunded.
+        assert_eq!(
+            store.release(&second.lease, "stopping", now).await.unwrap(),
+            Release::Requeued
+        );
+        let refunded = store.get_job(id).await.unwrap().unwrap();
+        assert_eq!(
+            (refunded.status, refunded.attempts),
+            (JobStatus::Waiting, 1)
+        );
+        let second = claim_and_start(store.as_ref(), &me).await;
         assert_eq!(
             store
                 .release(&second.lease, "interrupted", now)

@@ -269,6 +269,20 @@ kill_grace = "1s"
             .unwrap()
     }
 
+    /// Spawns a consumer like [`Scratch::spawn_consumer`], logging at debug level (each empty
+    /// claim logs "no job due", which tests count).
+    pub fn spawn_debug_consumer(&self, name: &str, args: &[&str]) -> Child {
+        let log = std::fs::File::create(self.path(&format!("{name}.log"))).unwrap();
+        let mut all = vec!["consume"];
+        all.extend_from_slice(args);
+        self.command(&all)
+            .env("PIM_JOB_QUEUE_LOG", "warn,pim_job_queue=debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
     pub fn log_of(&self, name: &str) -> String {
         std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
     }

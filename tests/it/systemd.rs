@@ -211,12 +211,80 @@ fn the_watchdog_is_pinged_while_a_job_is_being_ended() {
         .filter(|(_, m)| m == "WATCHDOG=1\n")
         .map(|(at, _)| *at)
         .collect();
-    let longest_gap = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    let longest_gap = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
     assert!(
         pings.len() >= 4 && longest_gap < Duration::from_millis(1000),
         "{} pings over the 4 s of the job, longest gap {longest_gap:?}",
         pings.len()
     );
+}
+
+/// SIGTERM while the claim is waiting on the database (here: another process holds SQLite's
+/// write lock): the claimed job has not started, so it goes back to its queue, its attempt
+/// refunded, instead of running while the worker should be stopping.
+#[test]
+fn a_job_claimed_during_a_stop_is_given_back() {
+    let scratch = Scratch::new(Backend::Sqlite);
+    let marker = scratch.path("ran");
+    scratch.write_config(&format!(
+        "[jobs.mark]\ncommand = [\"/usr/bin/touch\", \"{}\"]",
+        marker.display()
+    ));
+    let mut consumer = scratch.spawn_debug_consumer("c", &[]);
+    wait_until(Duration::from_secs(10), "the consumer to idle", || {
+        scratch.log_of("c").contains("no job due")
+    });
+    let url = scratch.url.clone();
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        block_on(async move {
+            use sqlx::{Connection, Executor};
+            let mut connection = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            connection.execute("BEGIN IMMEDIATE").await.unwrap();
+            // The job appears when the lock goes, to the claim that waited for it.
+            connection
+                .execute(
+                    "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at)
+                     VALUES ('ui_job', 'mark', '{}', 'waiting', 0, 0)",
+                )
+                .await
+                .unwrap();
+            locked.send(()).unwrap();
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            connection.execute("COMMIT").await.unwrap();
+        })
+    });
+    is_locked.recv().unwrap();
+    // The worker polls every 50 ms, each poll an empty claim; once those stop, its claim is
+    // the one waiting for the lock.
+    let polls = || scratch.log_of("c").matches("no job due").count();
+    let mut seen = polls();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = polls();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    send_signal(&consumer, Signal::SIGTERM);
+    holder.join().unwrap();
+    assert_eq!(wait_exit(&mut consumer, Duration::from_secs(30)), 0);
+    let job = scratch.show(1);
+    assert!(
+        scratch
+            .log_of("c")
+            .contains("stop requested during the claim"),
+        "the claim was under way when the stop came: {}",
+        scratch.log_of("c")
+    );
+    assert!(!marker.exists(), "the job ran during the stop: {job}");
+    assert_eq!(job["status"], "waiting", "{job}");
+    assert_eq!(job["attempts"], 0, "{job}");
 }
 
 #[test]

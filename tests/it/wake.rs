@@ -182,14 +182,7 @@ fn push_sends_only_to_the_workers_own_sockets() {
 #[test]
 fn a_flood_of_wake_ups_costs_one_claim_per_poll_interval() {
     let scratch = Scratch::new(Backend::Sqlite);
-    let log = std::fs::File::create(scratch.path("c.log")).unwrap();
-    let mut consumer = scratch
-        .command(&["consume", "--sleep", "1"])
-        .env("PIM_JOB_QUEUE_LOG", "warn,pim_job_queue=debug")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut consumer = scratch.spawn_debug_consumer("c", &["--sleep", "1"]);
     wait_until(Duration::from_secs(10), "the consumer to idle", || {
         scratch.log_of("c").contains("consuming queues")
     });
