@@ -785,6 +785,9 @@ impl Consumer {
                 _ = contact.lost_for(self.timings.fence_after()) => {
                     JobEvent::Interrupt("lost contact with the database", self.timings.fence_grace())
                 }
+                _ = contact.lease_lost(job.id) => {
+                    JobEvent::Interrupt("this worker was declared lost: the job is someone else's", self.timings.fence_grace())
+                }
             };
             match event {
                 JobEvent::Exited(status) => {

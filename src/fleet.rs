@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::store::{JobId, JobStore, StoreResult, Timestamp, WorkerIdentity};
 
@@ -46,6 +46,9 @@ impl FleetTimings {
 #[derive(Debug)]
 pub struct Contact {
     state: Mutex<ContactState>,
+    /// Woken when the heartbeat learns that this worker was declared lost while it ran a
+    /// job: the job is someone else's now.
+    lease_lost: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -56,6 +59,8 @@ struct ContactState {
     /// Since when heartbeats have been failing, if they are.
     outage_since: Option<SystemTime>,
     current_job: Option<JobId>,
+    /// A job this worker was found to have lost (its registration taken away while it ran).
+    lost_job: Option<JobId>,
 }
 
 impl Contact {
@@ -65,7 +70,24 @@ impl Contact {
                 last_ok: Instant::now(),
                 outage_since: None,
                 current_job: None,
+                lost_job: None,
             }),
+            lease_lost: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Resolves when this worker learns it lost `job` (its registration was taken away
+    /// while it ran the job, as a rescue does). Remembered, so a loop that was busy when
+    /// the heartbeat found out still hears it; never about another job.
+    pub async fn lease_lost(&self, job: JobId) {
+        loop {
+            let notified = self.lease_lost.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().lost_job == Some(job) {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -213,7 +235,19 @@ impl Heartbeat {
     async fn beat(&self) -> StoreResult<()> {
         let current = self.contact.current_job();
         if !self.store.heartbeat(&self.worker, current).await? {
-            warn!("this worker's registration was gone (declared lost?): registering again");
+            match current {
+                Some(job) => {
+                    error!(
+                        job_id = job,
+                        "this worker was declared lost while it ran job {job}: the job may \
+                         have been rescued and be someone else's now, so it is being ended"
+                    );
+                    self.contact.lock().lost_job = Some(job);
+                    self.contact.lease_lost.notify_waiters();
+                }
+                None => warn!("this worker's registration was gone (declared lost?)"),
+            }
+            info!("registering this worker again");
             self.store
                 .register_worker(&self.worker, &self.queues)
                 .await?;

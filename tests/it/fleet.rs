@@ -408,3 +408,48 @@ mod shared {
         assert_eq!(finished, JOBS);
     }
 }
+
+/// A worker whose registration is taken away while it runs a job (what a rescue does when
+/// it judged the worker lost) must end that job: it may be someone else's now. The state the
+/// "rescuer" left stays, since the worker's late result is guarded.
+#[test]
+fn a_worker_declared_lost_ends_its_job() {
+    let scratch = Scratch::new(Backend::Sqlite);
+    let pid_file = scratch.path("job.pid");
+    scratch.write_config(&format!(
+        "{FAST_FLEET}\n[jobs.long]\ncommand = [\"/bin/sh\", \"-c\", \"echo $$ > {}; exec sleep 60\"]",
+        pid_file.display()
+    ));
+    let id = scratch.push("ui_job", "long");
+    let mut worker = scratch.spawn_consumer("a", &["--limit", "1"]);
+    wait_until(Duration::from_secs(10), "the job to start", || {
+        pid_file.exists() && scratch.show(id)["status"] == "running"
+    });
+    let job_pid = pid_in(&pid_file);
+    let url = scratch.url.clone();
+    block_on(async move {
+        use sqlx::{Connection, Executor};
+        let mut connection = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        connection
+            .execute(
+                "UPDATE pjq_jobs SET status = 'waiting', lease = lease + 1, worker_token = NULL,
+                        reason = 'worker lost (requeued)';
+                 DELETE FROM pjq_workers;",
+            )
+            .await
+            .unwrap();
+    });
+    wait_until(
+        Duration::from_secs(5),
+        "the job's process to be ended",
+        || process_is_gone(job_pid),
+    );
+    assert_eq!(wait_exit(&mut worker, Duration::from_secs(10)), 0);
+    let log = scratch.log_of("a");
+    assert!(log.contains("was declared lost while it ran job"), "{log}");
+    assert_eq!(
+        scratch.show(id)["status"],
+        "waiting",
+        "the rescuer's state stands"
+    );
+}
