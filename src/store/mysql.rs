@@ -749,8 +749,9 @@ pub(super) fn is_lock_conflict(error: &sqlx::Error) -> bool {
 }
 
 /// Sorts MySQL failures into "try again later", "our tables are gone" and "something is
-/// wrong", by the server's error number.
-pub(super) fn classify(error: sqlx::Error, location: &str) -> StoreError {
+/// wrong", by the server's error number. The one place MySQL errors are sorted (public so
+/// that tests can feed it errors provoked from a real server).
+pub fn classify(error: sqlx::Error, location: &str) -> StoreError {
     let kind = match error_number(&error) {
         Some(number) if TRANSIENT_ERRORS.contains(&number) => ErrorKind::Transient,
         Some(NO_SUCH_TABLE) if error.to_string().contains(".pjq_") => ErrorKind::SchemaMissing,

@@ -8,6 +8,7 @@ mod akeneo_launch;
 mod cli;
 mod conformance;
 mod consume;
+mod errors;
 mod fleet;
 mod hostile;
 mod instance;
