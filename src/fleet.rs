@@ -10,6 +10,11 @@
 //!   heartbeat before anyone judges it lost;
 //! * a worker that has not reached the database for two thirds of `rescue_after` stops its
 //!   running job itself (the fence), so a rescued job is never still running somewhere.
+//!
+//! The heartbeat is alone on its task and timer: rescuing and pruning run on another task
+//! (housekeeping), so a slow rescue or a large prune never delays the heartbeat, and with it
+//! the fence. Pruning deletes one batch a round, and rounds follow each other only while
+//! there is a backlog.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -19,8 +24,11 @@ use tracing::{error, info, warn};
 
 use crate::store::{JobId, JobStore, StoreResult, Timestamp, WorkerIdentity};
 
-/// How often old finished jobs are pruned.
+/// How often old finished jobs are pruned, when there is no backlog.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// Finished jobs deleted per pruning round: one short statement, never a long loop.
+const PRUNE_BATCH: i64 = 5000;
 
 #[derive(Debug, Clone, Copy)]
 pub struct FleetTimings {
@@ -58,6 +66,8 @@ struct ContactState {
     last_ok: Instant,
     /// Since when heartbeats have been failing, if they are.
     outage_since: Option<SystemTime>,
+    /// Since when heartbeats have been getting through without a break.
+    connected_since: Instant,
     current_job: Option<JobId>,
     /// A job this worker was found to have lost (its registration taken away while it ran).
     lost_job: Option<JobId>,
@@ -69,6 +79,7 @@ impl Contact {
             state: Mutex::new(ContactState {
                 last_ok: Instant::now(),
                 outage_since: None,
+                connected_since: Instant::now(),
                 current_job: None,
                 lost_job: None,
             }),
@@ -111,11 +122,24 @@ impl Contact {
         self.lock().current_job
     }
 
-    /// Records a successful heartbeat; returns how long the outage it ends lasted.
+    /// Records a successful heartbeat; returns since when the outage it ends had lasted.
     fn record_ok(&self, sent: Instant) -> Option<SystemTime> {
         let mut state = self.lock();
         state.last_ok = sent;
-        state.outage_since.take()
+        let ended = state.outage_since.take();
+        if ended.is_some() {
+            state.connected_since = sent;
+        }
+        ended
+    }
+
+    /// Whether this worker may judge others lost: it has itself been in contact without a
+    /// break for `rescue_after`, and is in contact now.
+    fn may_rescue(&self, timings: &FleetTimings) -> bool {
+        let state = self.lock();
+        state.outage_since.is_none()
+            && state.connected_since.elapsed() >= timings.rescue_after
+            && state.last_ok.elapsed() < timings.fence_after()
     }
 
     /// Records a failed heartbeat; returns since when the database has been unavailable.
@@ -140,7 +164,8 @@ pub struct Membership {
     store: Arc<dyn JobStore>,
     worker: WorkerIdentity,
     contact: Arc<Contact>,
-    task: JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
+    housekeeping: JoinHandle<()>,
 }
 
 impl Membership {
@@ -160,12 +185,17 @@ impl Membership {
             timings,
             contact: contact.clone(),
         };
-        let task = tokio::spawn(heartbeat.run());
+        let housekeeping = Housekeeping {
+            store: store.clone(),
+            timings,
+            contact: contact.clone(),
+        };
         Ok(Membership {
             store,
             worker,
             contact,
-            task,
+            heartbeat: tokio::spawn(heartbeat.run()),
+            housekeeping: tokio::spawn(housekeeping.run()),
         })
     }
 
@@ -176,7 +206,8 @@ impl Membership {
     /// Stops the heartbeat and removes the worker's row (best effort: a row left behind is
     /// cleaned up by the next rescue).
     pub async fn leave(self) {
-        self.task.abort();
+        self.heartbeat.abort();
+        self.housekeeping.abort();
         if let Err(error) = self.store.unregister_worker(&self.worker).await {
             warn!("could not remove this worker's registration: {error}");
         }
@@ -195,8 +226,6 @@ impl Heartbeat {
     async fn run(self) {
         let mut ticks = tokio::time::interval(self.timings.heartbeat_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut connected_since = Instant::now();
-        let mut last_prune: Option<Instant> = None;
         let mut failures = 0u32;
         loop {
             ticks.tick().await;
@@ -208,16 +237,8 @@ impl Heartbeat {
                             "database reachable again (unavailable since {})",
                             clock(since)
                         );
-                        connected_since = sent;
                     }
                     failures = 0;
-                    if connected_since.elapsed() >= self.timings.rescue_after {
-                        self.rescue().await;
-                    }
-                    if last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
-                        last_prune = Some(Instant::now());
-                        self.prune().await;
-                    }
                 }
                 Err(error) => {
                     failures += 1;
@@ -254,6 +275,34 @@ impl Heartbeat {
         }
         Ok(())
     }
+}
+
+/// Rescue and pruning, on their own task so that neither can delay the heartbeat.
+struct Housekeeping {
+    store: Arc<dyn JobStore>,
+    timings: FleetTimings,
+    contact: Arc<Contact>,
+}
+
+impl Housekeeping {
+    async fn run(self) {
+        let mut ticks = tokio::time::interval(self.timings.heartbeat_interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_prune = Instant::now();
+        loop {
+            ticks.tick().await;
+            if self.contact.may_rescue(&self.timings) {
+                self.rescue().await;
+            }
+            if Instant::now() >= next_prune {
+                let backlog = self.prune_round().await;
+                next_prune = match backlog {
+                    true => Instant::now(),
+                    false => Instant::now() + PRUNE_EVERY,
+                };
+            }
+        }
+    }
 
     async fn rescue(&self) {
         match self
@@ -278,15 +327,23 @@ impl Heartbeat {
         }
     }
 
-    async fn prune(&self) {
+    /// Deletes one batch of finished jobs older than the retention; true when a full batch
+    /// went (more may be waiting: the next round comes at the next tick).
+    async fn prune_round(&self) -> bool {
         let Some(retention) = self.timings.retention else {
-            return;
+            return false;
         };
-        let before = Timestamp(Timestamp::now().0 - retention.as_micros() as i64);
-        match self.store.prune_finished(before).await {
-            Ok(0) => {}
-            Ok(pruned) => info!("pruned {pruned} finished job(s) older than the retention"),
-            Err(error) => warn!("could not prune finished jobs: {error}"),
+        let before = Timestamp::now().minus(retention);
+        match self.store.prune_batch(before, PRUNE_BATCH).await {
+            Ok(0) => false,
+            Ok(pruned) => {
+                info!("pruned {pruned} finished job(s) older than the retention");
+                pruned >= PRUNE_BATCH as u64
+            }
+            Err(error) => {
+                warn!("could not prune finished jobs: {error}");
+                false
+            }
         }
     }
 }

@@ -36,6 +36,11 @@ impl Timestamp {
         Timestamp(since_epoch.as_micros() as i64)
     }
 
+    pub fn minus(self, duration: Duration) -> Timestamp {
+        let micros = i64::try_from(duration.as_micros()).unwrap_or(i64::MAX);
+        Timestamp(self.0.saturating_sub(micros))
+    }
+
     pub fn plus(self, duration: Duration) -> Timestamp {
         let micros = i64::try_from(duration.as_micros()).unwrap_or(i64::MAX);
         Timestamp(self.0.saturating_add(micros))

@@ -453,3 +453,35 @@ fn a_worker_declared_lost_ends_its_job() {
         "the rescuer's state stands"
     );
 }
+
+/// Pruning a large backlog of old finished jobs must not delay the heartbeat: before, the
+/// heartbeat task pruned every batch in a loop, the fence saw no contact and ended this
+/// worker's own healthy job (FAST_FLEET: fenced after 1 s).
+#[test]
+fn a_large_prune_does_not_fence_a_running_job() {
+    let scratch = Scratch::new(Backend::Sqlite);
+    scratch.write_config(&format!(
+        "{FAST_FLEET}\nretention = \"1d\"\n[jobs.work]\ncommand = [\"/bin/sleep\", \"3\"]"
+    ));
+    scratch.ok(&["migrate"]);
+    let url = scratch.url.clone();
+    block_on(async move {
+        use sqlx::{Connection, Executor};
+        let mut connection = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        connection
+            .execute(
+                "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 400000)
+                 INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
+                                       finished_at, output)
+                 SELECT 'ui_job', 'old', '{}', 'succeeded', 0, 0, 0,
+                        '[\"an old line of output that makes the rows wider\"]' FROM n",
+            )
+            .await
+            .unwrap();
+    });
+    let id = scratch.push("ui_job", "work");
+    let output = scratch.run(&["consume", "--limit", "1"]);
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    let job = scratch.show(id);
+    assert_eq!(job["status"], "succeeded", "{job}");
+}
