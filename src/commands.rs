@@ -40,22 +40,7 @@ impl Context {
         if let Some(dir) = &cli.conf_dir {
             config.instance_dir = dir.clone();
         }
-        let (database_url, url_source) = match cli
-            .database_url
-            .clone()
-            .filter(|url| !url.trim().is_empty())
-        {
-            Some(url) => (url, UrlSource::Option),
-            None => match secrets::url_from_outside_config(config.is_the_packaged_one())
-                .map_err(Failure::config)?
-            {
-                Some(found) => found,
-                None => match config.database_url.clone() {
-                    Some(url) => (url, UrlSource::Config),
-                    None => (store::default_database_url(), UrlSource::Default),
-                },
-            },
-        };
+        let (database_url, url_source) = settle_database_url(cli, &config)?;
         Ok(Context {
             config,
             database_url,
@@ -67,6 +52,26 @@ impl Context {
     async fn open_store(&self) -> Result<Box<dyn JobStore>, Failure> {
         Ok(try_open(self).await?)
     }
+}
+
+/// The database URL and where it came from, first found wins: `--database-url`, the unit's
+/// credential or variable, `database_url` in the config, the default SQLite file.
+fn settle_database_url(cli: &Cli, config: &Config) -> Result<(String, UrlSource), Failure> {
+    if let Some(url) = cli
+        .database_url
+        .clone()
+        .filter(|url| !url.trim().is_empty())
+    {
+        return Ok((url, UrlSource::Option));
+    }
+    let outside =
+        secrets::url_from_outside_config(config.is_the_packaged_one()).map_err(Failure::config)?;
+    Ok(
+        outside.unwrap_or_else(|| match config.database_url.clone() {
+            Some(url) => (url, UrlSource::Config),
+            None => (store::default_database_url(), UrlSource::Default),
+        }),
+    )
 }
 
 /// Runs the command. `notifier` talks to systemd; only the daemon uses it.

@@ -14,7 +14,7 @@ use crate::akeneo::{AkeneoSettings, JOB_QUEUES, Launcher, LauncherChoice};
 use crate::exit::Failure;
 use crate::secrets::scrub;
 use crate::template::ArgvTemplate;
-use crate::units::{MIN_POLL_INTERVAL, format_duration, parse_duration, seconds_to_duration};
+use crate::units::{check_poll_interval, parse_duration, seconds_to_duration};
 
 /// Where the packaged config lives; reading it is optional, naming another file is not.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pim_job_queue/worker.toml";
@@ -252,7 +252,8 @@ impl Config {
             instance_dir: raw
                 .instance_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_INSTANCE_DIR)),
-            poll_interval: check_poll_interval(raw.poll_interval.map_or(default_poll, |d| d.0))?,
+            poll_interval: check_poll_interval(raw.poll_interval.map_or(default_poll, |d| d.0))
+                .map_err(|why| Failure::config(format!("`poll_interval`: {why}")))?,
             queues,
             auto_migrate: raw.auto_migrate.unwrap_or(true),
             heartbeat_interval,
@@ -457,16 +458,6 @@ fn validate_queue_list(queues: Vec<String>) -> Result<Vec<String>, Failure> {
 }
 
 /// `[jobs.CODE]` keys replace `[job]` keys; `env` tables are merged, the per-code value winning.
-fn check_poll_interval(interval: Duration) -> Result<Duration, Failure> {
-    if interval < MIN_POLL_INTERVAL {
-        return Err(Failure::config(format!(
-            "`poll_interval` must be at least {}: polling without a pause would spin on the database",
-            format_duration(MIN_POLL_INTERVAL)
-        )));
-    }
-    Ok(interval)
-}
-
 fn merge_job(base: &RawJob, over: &RawJob) -> RawJob {
     let mut env = base.env.clone().unwrap_or_default();
     env.extend(over.env.clone().unwrap_or_default());

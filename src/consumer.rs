@@ -462,10 +462,11 @@ impl Consumer {
         }
         let mut listener_failed = None;
         let mut reload = false;
-        let socket = match self.wake.socket_muted() {
-            true => None,
-            false => self.wake.socket.as_ref(),
-        };
+        let socket = self
+            .wake
+            .socket
+            .as_ref()
+            .filter(|_| !self.wake.socket_muted());
         let mut woken_by_socket = false;
         tokio::select! {
             _ = tokio::time::sleep(nap) => {}

@@ -296,10 +296,7 @@ impl Housekeeping {
             }
             if Instant::now() >= next_prune {
                 let backlog = self.prune_round().await;
-                next_prune = match backlog {
-                    true => Instant::now(),
-                    false => Instant::now() + PRUNE_EVERY,
-                };
+                next_prune = Instant::now() + if backlog { Duration::ZERO } else { PRUNE_EVERY };
             }
         }
     }

@@ -168,11 +168,7 @@ fn plain_or_redacted(text: &str) -> String {
 /// the config text assigns to a secret-bearing key (`database_url`, `*password*`, ...)
 /// replaced, wherever a parser's message quoted it.
 pub fn scrub(message: &str, config_text: &str) -> String {
-    let mut scrubbed = redact_urls_in(message);
-    for secret in secret_values(config_text) {
-        scrubbed = scrubbed.replace(&secret, REDACTED);
-    }
-    scrubbed
+    without(message, secret_values(config_text))
 }
 
 /// Redacts every `scheme://...` token (up to whitespace or a quote) in free text.
@@ -255,18 +251,23 @@ pub fn url_secrets(url: &str) -> Vec<String> {
 /// Message text (a driver's error, which may quote what it parsed) with the secrets of
 /// `url` replaced, and any URL in it redacted.
 pub fn scrub_url_secrets(message: &str, url: &str) -> String {
+    without(message, url_secrets(url))
+}
+
+/// `message` with each of `secrets` (longest first) replaced, then every URL in it
+/// redacted: secrets first, since redacting a URL could split a password it contains.
+fn without(message: &str, secrets: Vec<String>) -> String {
     let mut scrubbed = message.to_string();
-    for secret in url_secrets(url) {
+    for secret in secrets {
         scrubbed = scrubbed.replace(&secret, REDACTED);
     }
     redact_urls_in(&scrubbed)
 }
 
 fn decoded(text: &str) -> String {
-    url::form_urlencoded::parse(format!("x={}", text.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, value)| value.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn long_enough_longest_first(mut values: Vec<String>) -> Vec<String> {

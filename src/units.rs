@@ -23,15 +23,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses a pause between polls: a duration, but not zero (polling without a pause would
 /// spin on the database).
 pub fn parse_poll_interval(text: &str) -> Result<Duration, String> {
-    let duration = parse_duration(text)?;
-    if duration < MIN_POLL_INTERVAL {
+    check_poll_interval(parse_duration(text)?)
+}
+
+/// Refuses a pause between polls shorter than [`MIN_POLL_INTERVAL`], wherever it is written.
+pub fn check_poll_interval(interval: Duration) -> Result<Duration, String> {
+    if interval < MIN_POLL_INTERVAL {
         return Err(format!(
-            "`{}` is too short a pause between polls: at least {}",
-            text.trim(),
+            "{} is too short a pause between polls (at least {}): polling without a pause \
+             would spin on the database",
+            format_duration(interval),
             format_duration(MIN_POLL_INTERVAL)
         ));
     }
-    Ok(duration)
+    Ok(interval)
 }
 
 /// The shortest pause between polls.

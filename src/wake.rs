@@ -88,25 +88,21 @@ impl WakeDir {
     /// are ignored (polling covers them), and nothing is sent through a directory another
     /// user could have arranged.
     pub fn wake_all(&self) -> usize {
-        let Ok(owner) = trusted_owner(&self.dir) else {
+        let (Ok(owner), Some(sender)) = (trusted_owner(&self.dir), sender()) else {
             return 0;
         };
-        let Ok(sender) = std::os::unix::net::UnixDatagram::unbound() else {
-            return 0;
-        };
-        let _ = sender.set_nonblocking(true);
         self.sockets_owned_by(owner)
             .filter(|path| sender.send_to(b"!", path).is_ok())
             .count()
     }
 
     /// Removes the sockets of this user's workers that died without cleaning up (killed by
-    /// the watchdog, `kill -9`): nobody listens on them any more, so a send is refused.
+    /// the watchdog, `kill -9`): nobody listens on them any more, so a send is refused. The
+    /// probe is an empty datagram: a live worker takes it as one wake-up (one claim).
     fn remove_stale_sockets(&self) {
-        let Ok(sender) = std::os::unix::net::UnixDatagram::unbound() else {
+        let Some(sender) = sender() else {
             return;
         };
-        let _ = sender.set_nonblocking(true);
         let me = nix::unistd::geteuid().as_raw();
         for path in self.sockets_owned_by(me) {
             let refused = sender
@@ -159,6 +155,14 @@ impl Drop for WakeSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// An unbound socket to send wake-ups from; it never blocks (a full queue is a skipped
+/// wake-up, which polling covers).
+fn sender() -> Option<std::os::unix::net::UnixDatagram> {
+    let sender = std::os::unix::net::UnixDatagram::unbound().ok()?;
+    sender.set_nonblocking(true).ok()?;
+    Some(sender)
 }
 
 /// Creates `dir` unless it exists, then checks it can be trusted. Its mode is set through

@@ -37,19 +37,23 @@ impl Timestamp {
     }
 
     pub fn minus(self, duration: Duration) -> Timestamp {
-        let micros = i64::try_from(duration.as_micros()).unwrap_or(i64::MAX);
-        Timestamp(self.0.saturating_sub(micros))
+        Timestamp(self.0.saturating_sub(saturating_micros(duration)))
     }
 
     pub fn plus(self, duration: Duration) -> Timestamp {
-        let micros = i64::try_from(duration.as_micros()).unwrap_or(i64::MAX);
-        Timestamp(self.0.saturating_add(micros))
+        Timestamp(self.0.saturating_add(saturating_micros(duration)))
     }
 
     /// How long after `earlier` this is; zero if it is not later.
     pub fn since(self, earlier: Timestamp) -> Duration {
         Duration::from_micros(self.0.saturating_sub(earlier.0).max(0) as u64)
     }
+}
+
+/// A duration in microseconds, saturating instead of wrapping around (a wrapped delay would
+/// run a job at once).
+fn saturating_micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
 impl fmt::Display for Timestamp {

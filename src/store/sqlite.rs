@@ -695,24 +695,23 @@ fn permission_problem(path: &str) -> Option<String> {
 fn classify(error: sqlx::Error, path: &str) -> StoreError {
     // Primary result codes: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
     const TRANSIENT: [i64; 6] = [5, 6, 8, 10, 13, 14];
-    let transient = match &error {
+    let primary = match &error {
         sqlx::Error::Database(db) => db
             .code()
             .and_then(|code| code.parse::<i64>().ok())
-            .is_some_and(|code| TRANSIENT.contains(&(code & 0xff))),
-        other => super::is_connection_error(other),
-    };
-    let primary = match &error {
-        sqlx::Error::Database(db) => db.code().and_then(|code| code.parse::<i64>().ok()),
+            .map(|code| code & 0xff),
         _ => None,
-    }
-    .map(|code| code & 0xff);
+    };
     // READONLY and CANTOPEN are lasting when the file belongs to someone else.
     if matches!(primary, Some(8 | 14))
         && let Some(problem) = permission_problem(path)
     {
         return StoreError::PermissionDenied(format!("{problem} ({error})"));
     }
+    let transient = match primary {
+        Some(code) => TRANSIENT.contains(&code),
+        None => super::is_connection_error(&error),
+    };
     if transient {
         StoreError::Unavailable(format!("{path}: {error}"))
     } else {

@@ -230,11 +230,7 @@ fn large_payloads_reach_the_job_on_a_descriptor() {
 /// only; a store another user owns is a clear permanent error (77), not a retry loop.
 #[test]
 fn a_store_root_creates_belongs_to_the_service_user() {
-    if !nix::unistd::geteuid().is_root() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI runs this test as root");
-        }
-        eprintln!("\n!!! SKIPPED: needs root (it changes file owners) !!!\n");
+    if !running_as_root("the store ownership test") {
         return;
     }
     use std::os::unix::fs::MetadataExt;

@@ -259,24 +259,24 @@ kill_grace = "1s"
 
     /// Spawns a consumer with its log captured to `<name>.log`.
     pub fn spawn_consumer(&self, name: &str, args: &[&str]) -> Child {
-        let log = std::fs::File::create(self.path(&format!("{name}.log"))).unwrap();
-        let mut all = vec!["consume"];
-        all.extend_from_slice(args);
-        self.command(&all)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        self.spawn_consumer_logging(name, args, None)
     }
 
     /// Spawns a consumer like [`Scratch::spawn_consumer`], logging at debug level (each empty
     /// claim logs "no job due", which tests count).
     pub fn spawn_debug_consumer(&self, name: &str, args: &[&str]) -> Child {
+        self.spawn_consumer_logging(name, args, Some("warn,pim_job_queue=debug"))
+    }
+
+    fn spawn_consumer_logging(&self, name: &str, args: &[&str], filter: Option<&str>) -> Child {
         let log = std::fs::File::create(self.path(&format!("{name}.log"))).unwrap();
         let mut all = vec!["consume"];
         all.extend_from_slice(args);
-        self.command(&all)
-            .env("PIM_JOB_QUEUE_LOG", "warn,pim_job_queue=debug")
+        let mut command = self.command(&all);
+        if let Some(filter) = filter {
+            command.env("PIM_JOB_QUEUE_LOG", filter);
+        }
+        command
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -305,6 +305,19 @@ kill_grace = "1s"
         store.migrate().await.unwrap();
         store
     }
+}
+
+/// Whether the test runs as root, which tests that change file owners need: under CI
+/// (`CI=true`, run as root) a must, elsewhere a loud skip.
+pub fn running_as_root(what: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI runs {what} as root");
+    }
+    eprintln!("\n!!! SKIPPED: {what} needs root (it changes file owners) !!!\n");
+    false
 }
 
 /// Polls `condition` until it holds or `limit` passes.

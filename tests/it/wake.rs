@@ -16,17 +16,6 @@ use crate::support::*;
 /// The uid of `nobody` on Debian: a user other than the worker's.
 const OTHER_UID: u32 = 65534;
 
-fn running_as_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI runs the wake-up attack tests as root (they change file owners)");
-    }
-    eprintln!("\n!!! SKIPPED: the wake-up attack tests need root (they change file owners) !!!\n");
-    false
-}
-
 /// The base wake directory of a scratch installation (`wake_dir` in its config).
 fn wake_base(scratch: &Scratch) -> PathBuf {
     scratch.path("wake")
@@ -70,7 +59,7 @@ fn stop(mut consumer: Child) {
 /// run jobs by polling.
 #[test]
 fn a_directory_another_user_made_is_not_used() {
-    if !running_as_root() {
+    if !running_as_root("the wake-up attack tests") {
         return;
     }
     let scratch = Scratch::new(Backend::Sqlite);
@@ -102,7 +91,7 @@ fn a_directory_another_user_made_is_not_used() {
 /// worker's own, which it tightens: nobody else can have planted the database's directory.
 #[test]
 fn a_world_writable_base_of_another_user_is_refused() {
-    if !running_as_root() {
+    if !running_as_root("the wake-up attack tests") {
         return;
     }
     let scratch = Scratch::new(Backend::Sqlite);
@@ -138,7 +127,7 @@ fn a_world_writable_base_of_another_user_is_refused() {
 /// as `*.sock`, nor to a socket of another user.
 #[test]
 fn push_sends_only_to_the_workers_own_sockets() {
-    if !running_as_root() {
+    if !running_as_root("the wake-up attack tests") {
         return;
     }
     let scratch = Scratch::new(Backend::Sqlite);
