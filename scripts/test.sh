@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/services.sh
 
-apt_install systemd util-linux php-cli php-mysql php-symfony-messenger php-symfony-doctrine-messenger php-doctrine-dbal php-symfony-cache php-symfony-console php-symfony-event-dispatcher
+apt_install systemd util-linux faketime php-cli php-mysql php-symfony-messenger php-symfony-doctrine-messenger php-doctrine-dbal php-symfony-cache php-symfony-console php-symfony-event-dispatcher
 start_database_servers
 cargo build --quiet
 scripts/check-unit.sh target/debug/pim-job-queue

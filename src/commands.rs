@@ -279,16 +279,9 @@ async fn preflight(mut config: Config, notifier: &Notifier) -> Result<Config, Fa
         return Ok(config);
     };
     notifier.status("Checking that the PIM can run jobs");
-    let result = {
-        let check = crate::akeneo::preflight::check(settings);
-        tokio::pin!(check);
-        loop {
-            tokio::select! {
-                result = &mut check => break result,
-                _ = tokio::time::sleep(Duration::from_secs(5)) => notifier.watchdog(),
-            }
-        }
-    };
+    let result = notifier
+        .while_pinging(crate::akeneo::preflight::check(settings))
+        .await;
     match result {
         Ok(launcher) => {
             info!(

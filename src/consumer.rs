@@ -141,7 +141,6 @@ pub struct Consumer {
     stop_generation: Option<i64>,
     backoff: Backoff,
     wake: WakeSources,
-    last_ping: Instant,
     /// Symfony's `messenger:stop-workers` signal, in Akeneo mode.
     restart_signal: Option<RestartSignal>,
     /// When this worker started, in seconds since the epoch, to compare with that signal.
@@ -179,7 +178,6 @@ impl Consumer {
             stop_generation: None,
             backoff: Backoff::default(),
             wake: WakeSources::default(),
-            last_ping: Instant::now(),
             restart_signal: match &config.transport {
                 Transport::Akeneo(settings) => Some(RestartSignal::new(&settings.cache_dir())),
                 Transport::Native => None,
@@ -225,7 +223,7 @@ impl Consumer {
             }
         };
         self.notifier.stopping("Stopping");
-        membership.leave().await;
+        self.db(membership.leave()).await;
         reason
     }
 
@@ -236,13 +234,14 @@ impl Consumer {
     /// Registers in the fleet, retrying through outages; `None` if stopped meanwhile.
     async fn join_fleet(&mut self) -> Option<Membership> {
         loop {
-            let joined = Membership::join(
-                self.store.clone(),
-                self.worker.clone(),
-                self.options.queues.clone(),
-                self.timings,
-            )
-            .await;
+            let joined = self
+                .db(Membership::join(
+                    self.store.clone(),
+                    self.worker.clone(),
+                    self.options.queues.clone(),
+                    self.timings,
+                ))
+                .await;
             match joined {
                 Ok(membership) => return Some(membership),
                 Err(error) => {
@@ -276,8 +275,7 @@ impl Consumer {
             })
             .ok();
         let listener = self
-            .store
-            .listen()
+            .db(self.store.listen())
             .await
             .inspect_err(|error| warn!("no database notifications ({error}); polling"))
             .ok()
@@ -315,8 +313,9 @@ impl Consumer {
             ));
         }
         let claimed = self
-            .store
-            .claim(&self.options.queues, &self.worker, Timestamp::now())
+            .db(self
+                .store
+                .claim(&self.options.queues, &self.worker, Timestamp::now()))
             .await?;
         self.wake
             .note_claim(claimed.is_some(), self.poll_interval());
@@ -384,26 +383,14 @@ impl Consumer {
             return Ok(());
         };
         self.notifier.status("Checking that the PIM can run jobs");
-        self.while_pinging(crate::akeneo::preflight::check(&settings))
+        self.notifier
+            .while_pinging(crate::akeneo::preflight::check(&settings))
             .await
             .map(drop)
     }
 
-    /// Awaits `work` while pinging the watchdog: ending a job (kill_grace), draining its
-    /// output or booting PHP can take longer than systemd waits between pings.
-    async fn while_pinging<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
-        tokio::pin!(work);
-        loop {
-            self.ping_watchdog_if_due();
-            tokio::select! {
-                result = &mut work => return result,
-                _ = tokio::time::sleep(self.heartbeat_slice()) => {}
-            }
-        }
-    }
-
     async fn stop_requested_by_operator(&mut self) -> Result<bool, StoreError> {
-        let current = self.store.stop_generation().await?;
+        let current = self.db(self.store.stop_generation()).await?;
         let seen_at_start = *self.stop_generation.get_or_insert(current);
         Ok(current > seen_at_start)
     }
@@ -442,15 +429,14 @@ impl Consumer {
             .min(STATUS_REFRESH)
     }
 
-    /// Pings when most of the ping interval has passed; the slack keeps a timer that fires
-    /// a hair early from skipping a whole period.
-    fn ping_watchdog_if_due(&mut self) {
-        if let Some(interval) = self.notifier.watchdog_interval()
-            && self.last_ping.elapsed() >= interval * 3 / 4
-        {
-            self.notifier.watchdog();
-            self.last_ping = Instant::now();
-        }
+    /// A store call, with the watchdog pinged while it waits: every call ends within the
+    /// store's deadline, which may be longer than a ping interval.
+    async fn db<T>(&self, call: impl std::future::Future<Output = T>) -> T {
+        self.notifier.while_pinging(call).await
+    }
+
+    fn ping_watchdog_if_due(&self) {
+        self.notifier.watchdog_if_due();
     }
 
     /// Sleeps one poll interval, or less when a push, a stop, a reload, the time limit or
@@ -508,7 +494,7 @@ impl Consumer {
             && self.config.auto_migrate
         {
             warn!("{error}: creating them again");
-            match self.store.migrate().await {
+            match self.db(self.store.migrate()).await {
                 Ok(_) => return,
                 Err(error) => warn!("could not create the job store's tables: {error}"),
             }
@@ -544,7 +530,10 @@ impl Consumer {
                         queues.join(", "),
                         self.options.queues.join(", ")
                     );
-                    if let Err(error) = self.store.register_worker(&self.worker, &queues).await {
+                    if let Err(error) = self
+                        .db(self.store.register_worker(&self.worker, &queues))
+                        .await
+                    {
                         warn!("could not record the new queues: {error}");
                     }
                 } else {
@@ -625,7 +614,7 @@ impl Consumer {
             },
             _ => return None,
         };
-        match self.store.launch_took_effect(&job.lease).await {
+        match self.db(self.store.launch_took_effect(&job.lease)).await {
             Ok(Some(true)) => Some(Ok(())),
             Ok(Some(false) | None) => Some(Err(reason)),
             Err(error) => {
@@ -743,7 +732,10 @@ impl Consumer {
         );
         self.notifier.status(&running_status(job, Duration::ZERO));
         if !start_recorded_first {
-            match self.store.mark_started(&job.lease, Timestamp::now()).await {
+            match self
+                .db(self.store.mark_started(&job.lease, Timestamp::now()))
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => warn!("job is no longer held by this worker"),
                 Err(error) => warn!("could not record the job's start: {error}"),
@@ -793,21 +785,31 @@ impl Consumer {
             match event {
                 JobEvent::Exited(status) => {
                     let ending = RunningJob::ending_of(status);
-                    return self.while_pinging(running.finish(ending, status)).await;
+                    return self
+                        .notifier
+                        .while_pinging(running.finish(ending, status))
+                        .await;
                 }
                 JobEvent::TimedOut => {
                     warn!("job timed out: ending its process group");
-                    let status = self.while_pinging(running.end_group(kill_grace)).await;
+                    let status = self
+                        .notifier
+                        .while_pinging(running.end_group(kill_grace))
+                        .await;
                     return self
+                        .notifier
                         .while_pinging(running.finish(Ending::TimedOut, status))
                         .await;
                 }
                 JobEvent::Interrupt(reason, grace) => {
                     warn!("ending the job's process group: {reason}");
                     self.notifier.extend_timeout(grace + STATUS_REFRESH);
-                    let status = self.while_pinging(running.end_group(grace)).await;
+                    let status = self.notifier.while_pinging(running.end_group(grace)).await;
                     let ending = Ending::Interrupted(reason.into());
-                    return self.while_pinging(running.finish(ending, status)).await;
+                    return self
+                        .notifier
+                        .while_pinging(running.finish(ending, status))
+                        .await;
                 }
                 JobEvent::Tick => {
                     self.keep_alive_while_running(job, &running, stop_deadline);
@@ -871,13 +873,11 @@ impl Consumer {
         loop {
             let stored = match outcome {
                 Outcome::Finished(completion) => self
-                    .store
-                    .complete(&job.lease, completion)
+                    .db(self.store.complete(&job.lease, completion))
                     .await
                     .map(|held| held.then_some(Release::Failed)),
                 Outcome::GivenUp(reason) => self
-                    .store
-                    .release(&job.lease, reason, Timestamp::now())
+                    .db(self.store.release(&job.lease, reason, Timestamp::now()))
                     .await
                     .map(|release| (release != Release::NotHeld).then_some(release)),
                 Outcome::NotStarted(reason) => self.put_back_unstarted(job, reason).await,
@@ -920,7 +920,7 @@ impl Consumer {
             self.timings.fence_after(),
             self.store.mark_started(&job.lease, Timestamp::now()),
         );
-        let why = match bounded.await {
+        let why = match self.db(bounded).await {
             Ok(Ok(true)) => return None,
             Ok(Ok(false)) => "the job is no longer held by this worker".to_string(),
             Ok(Err(error)) => format!("its start could not be recorded ({error})"),
@@ -934,11 +934,13 @@ impl Consumer {
     /// goes back to its queue (its attempt refunded) instead of holding up the stop.
     async fn give_back_claim(&self, job: &ClaimedJob) {
         const REASON: &str = "claimed while the worker was stopping";
-        let released = match self.store.release_unstarted(&job.lease, REASON).await {
+        let released = match self
+            .db(self.store.release_unstarted(&job.lease, REASON))
+            .await
+        {
             Ok(true) => Ok(Release::Requeued),
             Ok(false) => {
-                self.store
-                    .release(&job.lease, REASON, Timestamp::now())
+                self.db(self.store.release(&job.lease, REASON, Timestamp::now()))
                     .await
             }
             Err(error) => Err(error),
@@ -964,13 +966,17 @@ impl Consumer {
         job: &ClaimedJob,
         reason: &str,
     ) -> Result<Option<Release>, StoreError> {
-        if self.store.release_unstarted(&job.lease, reason).await? {
+        if self
+            .db(self.store.release_unstarted(&job.lease, reason))
+            .await?
+        {
             info!("job put back in its queue: its process never started");
             return Ok(Some(Release::Requeued));
         }
         let held = self
-            .store
-            .complete(&job.lease, &failure_without_run(reason.to_string()))
+            .db(self
+                .store
+                .complete(&job.lease, &failure_without_run(reason.to_string())))
             .await?;
         Ok(held.then_some(Release::Failed))
     }

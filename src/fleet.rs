@@ -5,11 +5,19 @@
 //! * every worker refreshes its heartbeat every `heartbeat_interval`, by the database's clock;
 //! * a running job whose worker's heartbeat is older than `rescue_after` is taken back by
 //!   whichever live worker notices first, in one guarded statement (so exactly once);
+//! * each heartbeat names the job the worker runs: a job whose live worker has not named it
+//!   for `rescue_after` since its claim (the claim's reply was lost on the way) is taken
+//!   back the same way;
 //! * a worker only rescues after it has itself been in contact with the database for
 //!   `rescue_after`, so that after an outage every live worker has had time to refresh its
 //!   heartbeat before anyone judges it lost;
 //! * a worker that has not reached the database for two thirds of `rescue_after` stops its
 //!   running job itself (the fence), so a rescued job is never still running somewhere.
+//! * heartbeat ages are differences of the database's clock, so a step of that clock (an
+//!   NTP correction, a resumed VM, `date -s`; on SQLite, this host's clock) would make every
+//!   live worker look lost: each housekeeping round reads the clock against the monotonic
+//!   one, and after a forward step nobody is rescued for `rescue_after`, by when every live
+//!   worker has heartbeated on the new clock.
 //!
 //! The heartbeat is alone on its task and timer: rescuing and pruning run on another task
 //! (housekeeping), so a slow rescue or a large prune never delays the heartbeat, and with it
@@ -189,6 +197,7 @@ impl Membership {
             store: store.clone(),
             timings,
             contact: contact.clone(),
+            clock: ClockWatch::default(),
         };
         Ok(Membership {
             store,
@@ -282,16 +291,19 @@ struct Housekeeping {
     store: Arc<dyn JobStore>,
     timings: FleetTimings,
     contact: Arc<Contact>,
+    clock: ClockWatch,
 }
 
 impl Housekeeping {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut ticks = tokio::time::interval(self.timings.heartbeat_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_prune = Instant::now();
         loop {
             ticks.tick().await;
-            if self.contact.may_rescue(&self.timings) {
+            // Read every round, so that a step is seen even before this worker may rescue.
+            let steady = self.clock_is_steady().await;
+            if steady && self.contact.may_rescue(&self.timings) {
                 self.rescue().await;
             }
             if Instant::now() >= next_prune {
@@ -299,6 +311,39 @@ impl Housekeeping {
                 next_prune = Instant::now() + if backlog { Duration::ZERO } else { PRUNE_EVERY };
             }
         }
+    }
+
+    /// Reads the database's clock; false when it stepped forward within the last
+    /// `rescue_after`, or cannot be read.
+    async fn clock_is_steady(&mut self) -> bool {
+        let sent = Instant::now();
+        let database = match self.store.database_time().await {
+            Ok(time) => time,
+            Err(error) => {
+                warn!("cannot read the database's clock, not rescuing this round: {error}");
+                return false;
+            }
+        };
+        let reading = ClockReading {
+            sent,
+            received: Instant::now(),
+            database,
+        };
+        match self.clock.record(reading, self.timings.rescue_after) {
+            Some(step) if step > 0 => warn!(
+                "the database's clock jumped forward by {}: no rescue for {}, until every live \
+                 worker has heartbeated on the new clock",
+                format_micros(step),
+                humantime::format_duration(self.timings.rescue_after)
+            ),
+            Some(step) => warn!(
+                "the database's clock jumped back by {}: jobs of lost workers are rescued up to \
+                 that much later",
+                format_micros(step)
+            ),
+            None => {}
+        }
+        self.clock.allows_rescue(Instant::now())
     }
 
     async fn rescue(&self) {
@@ -345,6 +390,60 @@ impl Housekeeping {
     }
 }
 
+/// How far the database's clock and the monotonic clock may drift apart between two
+/// readings without it being a step: NTP slews by at most 0.5 ms a second.
+const CLOCK_TOLERANCE: Duration = Duration::from_millis(250);
+
+/// The database's clock as seen against this host's monotonic clock.
+#[derive(Debug, Default)]
+struct ClockWatch {
+    last: Option<ClockReading>,
+    /// No rescue before this: the clock stepped forward.
+    frozen_until: Option<Instant>,
+}
+
+/// One reading of the database's clock, and when (monotonic) it was asked and answered.
+#[derive(Debug, Clone, Copy)]
+struct ClockReading {
+    sent: Instant,
+    received: Instant,
+    database: Timestamp,
+}
+
+impl ClockWatch {
+    /// Takes a reading; returns the step in microseconds (positive: forward) when the
+    /// database's clock moved unlike the monotonic one by more than the two round trips and
+    /// [`CLOCK_TOLERANCE`] allow. A forward step freezes rescue for `rescue_after`.
+    fn record(&mut self, reading: ClockReading, rescue_after: Duration) -> Option<i64> {
+        let previous = self.last.replace(reading)?;
+        let moved = reading.database.0 - previous.database.0;
+        let shortest = micros(reading.sent.saturating_duration_since(previous.received));
+        let longest = micros(reading.received.duration_since(previous.sent));
+        let tolerance = micros(CLOCK_TOLERANCE);
+        if (shortest - tolerance..=longest + tolerance).contains(&moved) {
+            return None;
+        }
+        let step = moved - (shortest + longest) / 2;
+        if step > 0 {
+            self.frozen_until = Some(reading.received + rescue_after);
+        }
+        Some(step)
+    }
+
+    fn allows_rescue(&self, now: Instant) -> bool {
+        self.frozen_until.is_none_or(|until| now >= until)
+    }
+}
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn format_micros(step: i64) -> humantime::FormattedDuration {
+    // Whole milliseconds: the round trips make anything finer noise.
+    humantime::format_duration(Duration::from_millis(step.unsigned_abs() / 1000))
+}
+
 /// A wall-clock time as `HH:MM:SS` UTC, for "unavailable since" messages.
 pub fn clock(time: SystemTime) -> String {
     let text = humantime::format_rfc3339_seconds(time).to_string();
@@ -365,6 +464,73 @@ mod tests {
         assert_eq!(timings.fence_after(), Duration::from_secs(20));
         assert_eq!(timings.fence_grace(), Duration::from_secs(5));
         assert!(timings.fence_after() + timings.fence_grace() < timings.rescue_after);
+    }
+
+    fn reading(at: Instant, database_secs: f64) -> ClockReading {
+        ClockReading {
+            sent: at,
+            received: at + Duration::from_millis(2),
+            database: Timestamp((database_secs * 1e6) as i64),
+        }
+    }
+
+    #[test]
+    fn a_clock_that_runs_with_the_monotonic_one_is_steady() {
+        let start = Instant::now();
+        let rescue_after = Duration::from_secs(30);
+        let mut watch = ClockWatch::default();
+        for n in 0..10 {
+            let at = start + Duration::from_secs(5 * n);
+            // A little drift and jitter, as NTP slewing and scheduling give.
+            let database = 1_000.0 + 5.0 * n as f64 * 1.0005 + 0.01 * (n % 3) as f64;
+            assert_eq!(watch.record(reading(at, database), rescue_after), None);
+        }
+        assert!(watch.allows_rescue(start + Duration::from_secs(50)));
+    }
+
+    #[test]
+    fn a_forward_step_freezes_rescue_for_rescue_after() {
+        let start = Instant::now();
+        let rescue_after = Duration::from_secs(30);
+        let mut watch = ClockWatch::default();
+        assert_eq!(watch.record(reading(start, 1_000.0), rescue_after), None);
+        let after_step = start + Duration::from_secs(5);
+        let step = watch
+            .record(reading(after_step, 1_030.0), rescue_after)
+            .unwrap();
+        assert!((24_990_000..=25_010_000).contains(&step), "{step}");
+        assert!(!watch.allows_rescue(after_step));
+        assert!(!watch.allows_rescue(after_step + Duration::from_secs(29)));
+        assert!(watch.allows_rescue(after_step + Duration::from_secs(31)));
+        let later = after_step + Duration::from_secs(5);
+        assert_eq!(watch.record(reading(later, 1_035.0), rescue_after), None);
+    }
+
+    #[test]
+    fn a_backward_step_is_seen_but_does_not_freeze() {
+        let start = Instant::now();
+        let rescue_after = Duration::from_secs(30);
+        let mut watch = ClockWatch::default();
+        watch.record(reading(start, 1_000.0), rescue_after);
+        let at = start + Duration::from_secs(5);
+        let step = watch.record(reading(at, 995.0), rescue_after).unwrap();
+        assert!(step < -9_000_000, "{step}");
+        assert!(watch.allows_rescue(at));
+    }
+
+    #[test]
+    fn a_slow_answer_is_not_a_step() {
+        let start = Instant::now();
+        let mut watch = ClockWatch::default();
+        watch.record(reading(start, 1_000.0), Duration::from_secs(30));
+        // The query took 3 s to answer (a lock wait): the database read its clock somewhere
+        // in that window.
+        let slow = ClockReading {
+            sent: start + Duration::from_secs(5),
+            received: start + Duration::from_secs(8),
+            database: Timestamp(1_007_500_000),
+        };
+        assert_eq!(watch.record(slow, Duration::from_secs(30)), None);
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! The environment is only read, never unset: unsetting variables once threads exist is
 //! unsound, and job children are spawned without these variables instead (see the runner).
 
+use std::future::Future;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
@@ -22,6 +23,7 @@ struct Sent {
     status: String,
     stopping: bool,
     failed_once: bool,
+    last_ping: Option<Instant>,
 }
 
 impl Notifier {
@@ -77,6 +79,37 @@ impl Notifier {
 
     pub fn watchdog(&self) {
         self.send(&[NotifyState::Watchdog]);
+        self.lock().last_ping = Some(Instant::now());
+    }
+
+    /// Pings when most of the ping interval has passed; the slack keeps a timer that fires
+    /// a hair early from skipping a whole period.
+    pub fn watchdog_if_due(&self) {
+        let Some(interval) = self.watchdog_interval() else {
+            return;
+        };
+        let last = self.lock().last_ping;
+        if last.is_none_or(|at| at.elapsed() >= interval * 3 / 4) {
+            self.watchdog();
+        }
+    }
+
+    /// Runs `work`, pinging the watchdog while it waits. For waits that are bounded but may
+    /// outlast a ping interval: a database call up to its deadline, a process group given
+    /// its grace, the PIM booting for a preflight. (A wait that is not bounded must not be
+    /// wrapped here: the watchdog is there to catch it.)
+    pub async fn while_pinging<T>(&self, work: impl Future<Output = T>) -> T {
+        let Some(interval) = self.watchdog_interval() else {
+            return work.await;
+        };
+        tokio::pin!(work);
+        loop {
+            self.watchdog_if_due();
+            tokio::select! {
+                result = &mut work => return result,
+                _ = tokio::time::sleep(interval / 4) => {}
+            }
+        }
     }
 
     /// Asks for `extra` more time in the current state (here: the stop), as a drain waits

@@ -79,8 +79,12 @@ pub struct AkeneoStore {
 }
 
 impl AkeneoStore {
-    pub async fn open(url: &str, settings: AkeneoSettings) -> StoreResult<AkeneoStore> {
-        let fleet = MysqlStore::open(url).await?;
+    pub async fn open(
+        url: &str,
+        settings: AkeneoSettings,
+        limits: super::CallLimits,
+    ) -> StoreResult<AkeneoStore> {
+        let fleet = MysqlStore::open(url, limits).await?;
         let version: String = sqlx::query_scalar("SELECT VERSION()")
             .fetch_one(fleet.pool())
             .await
@@ -556,6 +560,10 @@ impl JobStore for AkeneoStore {
         self.finish(lease, &format!("the worker ended the job: {reason}"))
             .await?;
         Ok(Release::Failed)
+    }
+
+    async fn database_time(&self) -> StoreResult<Timestamp> {
+        self.fleet.database_time().await
     }
 
     async fn stop_generation(&self) -> StoreResult<i64> {

@@ -6,6 +6,7 @@
 //! late or repeated completion (after a rescue, say) changes nothing.
 
 pub mod akeneo;
+mod deadline;
 pub mod mysql;
 pub mod postgres;
 mod rows;
@@ -376,7 +377,8 @@ pub trait JobStore: Send + Sync {
     /// Stores many jobs in one transaction (one commit, one flush), for bulk loads.
     async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64>;
 
-    /// Claims the oldest due job of the first non-empty queue in `queues`, or nothing.
+    /// Claims the oldest due job of the first non-empty queue in `queues`, or nothing. The
+    /// claim time is the database's clock, as heartbeats are (rescue compares the two).
     async fn claim(
         &self,
         queues: &[String],
@@ -409,6 +411,10 @@ pub trait JobStore: Send + Sync {
     /// Records a running job's result. False (and nothing changed) if the lease is no longer
     /// held: the job was rescued, or this completion is a repeat.
     async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool>;
+
+    /// The database's clock, the one heartbeats and claims are written with (on SQLite,
+    /// this host's).
+    async fn database_time(&self) -> StoreResult<Timestamp>;
 
     /// The current stop-workers generation; workers exit when it moves past the one they saw
     /// at start.
@@ -452,7 +458,8 @@ pub trait JobStore: Send + Sync {
     async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>>;
 
     /// Running jobs whose worker's heartbeat is older than `rescue_after`, or whose worker
-    /// row is gone.
+    /// row is gone, or whose live worker has not named them in its heartbeats for
+    /// `rescue_after` since the claim (a claim whose reply was lost).
     async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>>;
 
     /// Takes one orphaned job back if it is still orphaned and still at the lease seen:
@@ -583,35 +590,107 @@ fn is_connection_error(error: &sqlx::Error) -> bool {
     )
 }
 
-/// Opens the store a database URL names, without touching the schema. Errors never carry
-/// the URL's secrets.
-pub async fn open(url: &str) -> StoreResult<Box<dyn JobStore>> {
-    open_backend(url)
-        .await
-        .map_err(|error| error.without_secrets_of(url))
+/// How long a store call may take, on the client and on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallLimits {
+    /// The client's deadline on every call (see [`deadline`]).
+    pub deadline: Duration,
 }
 
-async fn open_backend(url: &str) -> StoreResult<Box<dyn JobStore>> {
-    let scheme = url.split(':').next().unwrap_or("");
-    match scheme {
-        "sqlite" => Ok(Box::new(sqlite::SqliteStore::open(url).await?)),
-        "postgres" | "postgresql" => Ok(Box::new(postgres::PostgresStore::open(url).await?)),
-        "mysql" | "mariadb" => Ok(Box::new(mysql::MysqlStore::open(url).await?)),
-        _ => Err(StoreError::InvalidUrl(format!(
-            "`{}` must start with sqlite:, postgres://, postgresql://, mysql:// or mariadb://",
-            redact_url(url)
-        ))),
+impl CallLimits {
+    /// The longest deadline: a call that has not answered in 10 s is not coming back soon.
+    const MOST: Duration = Duration::from_secs(10);
+
+    /// Limits for a fleet that rescues after `rescue_after`: half the time before the fence
+    /// (two thirds of it), so a worker learns of a dead connection with time left to act.
+    pub fn for_rescue_after(rescue_after: Duration) -> CallLimits {
+        CallLimits {
+            deadline: (rescue_after / 3).min(Self::MOST),
+        }
+    }
+
+    /// What the server is told to give up after (a lock wait, SQLite's busy wait, a
+    /// statement): before the client's deadline, so a slow call ends with an error the
+    /// server chose and the connection stays usable.
+    pub fn server_side(&self) -> Duration {
+        self.deadline * 3 / 4
     }
 }
 
+impl Default for CallLimits {
+    fn default() -> CallLimits {
+        CallLimits::for_rescue_after(crate::config::DEFAULT_RESCUE_AFTER)
+    }
+}
+
+/// Opens the store a database URL names, without touching the schema, with the default call
+/// limits. Errors never carry the URL's secrets.
+pub async fn open(url: &str) -> StoreResult<Box<dyn JobStore>> {
+    open_with(url, CallLimits::default()).await
+}
+
+/// Opens the store a database URL names with these call limits.
+pub async fn open_with(url: &str, limits: CallLimits) -> StoreResult<Box<dyn JobStore>> {
+    let store = open_backend(url, limits)
+        .await
+        .map_err(|error| error.without_secrets_of(url))?;
+    Ok(Box::new(deadline::Deadlined::new(store, limits.deadline)))
+}
+
+async fn open_backend(url: &str, limits: CallLimits) -> StoreResult<Box<dyn JobStore>> {
+    let scheme = url.split(':').next().unwrap_or("");
+    let store: Box<dyn JobStore> = match scheme {
+        "sqlite" => {
+            let opening = sqlite::SqliteStore::open(url, limits);
+            Box::new(bounded_open(url, limits, opening).await?)
+        }
+        "postgres" | "postgresql" => {
+            let opening = postgres::PostgresStore::open(url, limits);
+            Box::new(bounded_open(url, limits, opening).await?)
+        }
+        "mysql" | "mariadb" => {
+            let opening = mysql::MysqlStore::open(url, limits);
+            Box::new(bounded_open(url, limits, opening).await?)
+        }
+        _ => {
+            return Err(StoreError::InvalidUrl(format!(
+                "`{}` must start with sqlite:, postgres://, postgresql://, mysql:// or mariadb://",
+                redact_url(url)
+            )));
+        }
+    };
+    Ok(store)
+}
+
+/// Opening a connection is a call too: a server that accepts and never answers must not
+/// hold up the start.
+async fn bounded_open<T>(
+    url: &str,
+    limits: CallLimits,
+    opening: impl std::future::Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    // Connecting may take a TCP handshake, TLS and authentication: a few calls' worth.
+    let limit = limits.deadline * 3;
+    tokio::time::timeout(limit, opening)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "{}: no answer within {}",
+                redact_url(url),
+                humantime::format_duration(limit)
+            )))
+        })
+}
+
 /// Opens the store the configuration selects: the native job store at `url`, or the PIM's
-/// Messenger table when `transport = "akeneo"`.
+/// Messenger table when `transport = "akeneo"`, with call limits fitting its fleet timings.
 pub async fn open_configured(
     config: &crate::config::Config,
     url: &str,
 ) -> StoreResult<Box<dyn JobStore>> {
+    let limits = CallLimits::for_rescue_after(config.rescue_after);
     match &config.transport {
-        crate::config::Transport::Native => open(url).await,
+        crate::config::Transport::Native => open_with(url, limits).await,
         crate::config::Transport::Akeneo(settings) => {
             let scheme = url.split(':').next().unwrap_or("");
             if !matches!(scheme, "mysql" | "mariadb") {
@@ -620,10 +699,14 @@ pub async fn open_configured(
                     redact_url(url)
                 )));
             }
-            let store = akeneo::AkeneoStore::open(url, settings.clone())
+            let opening = akeneo::AkeneoStore::open(url, settings.clone(), limits);
+            let store = bounded_open(url, limits, opening)
                 .await
                 .map_err(|error| error.without_secrets_of(url))?;
-            Ok(Box::new(store))
+            Ok(Box::new(deadline::Deadlined::new(
+                Box::new(store),
+                limits.deadline,
+            )))
         }
     }
 }
@@ -683,6 +766,22 @@ pub use crate::secrets::redact_url;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every wait a call can make ends before the fence: the server's limits (SQLite's busy
+    /// wait, lock waits, statements) before the client's deadline, and that well before the
+    /// fence (two thirds of `rescue_after`), so a heartbeat that cannot get through fails
+    /// and tries again instead of outlasting it.
+    #[test]
+    fn call_limits_end_before_the_fence() {
+        for seconds in [3, 9, 30, 60, 600] {
+            let rescue_after = Duration::from_secs(seconds);
+            let limits = CallLimits::for_rescue_after(rescue_after);
+            let fence = rescue_after * 2 / 3;
+            assert!(limits.server_side() < limits.deadline, "{seconds}");
+            assert!(limits.deadline * 2 <= fence, "{seconds}");
+            assert!(limits.deadline <= Duration::from_secs(10), "{seconds}");
+        }
+    }
 
     #[test]
     fn timestamps_print_in_utc() {

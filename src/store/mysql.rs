@@ -16,9 +16,9 @@ use sqlx::{ConnectOptions, Connection, Executor, Row};
 
 use super::rows::{self, JOB_RECORD_COLUMNS, RUNS_AGAIN};
 use super::{
-    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus, JobStore, Lease,
-    NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError, StoreResult, Timestamp,
-    WORKER_LOST, WorkerIdentity, WorkerRecord, redact_url,
+    CallLimits, ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus,
+    JobStore, Lease, NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError,
+    StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord, redact_url,
 };
 
 /// The database's clock in microseconds since the epoch; sessions run at time zone +00:00,
@@ -96,7 +96,11 @@ pub struct MysqlStore {
 
 impl MysqlStore {
     /// Opens a `mysql://` or `mariadb://` URL (the latter as users write it for MariaDB).
-    pub async fn open(url: &str) -> StoreResult<MysqlStore> {
+    ///
+    /// Each session waits for row and metadata locks no longer than the server-side part of
+    /// `limits` (whole seconds, at least one): InnoDB's default of 50 s and the metadata
+    /// lock's year would outlast the fence; the server's "lock wait timeout" is transient.
+    pub async fn open(url: &str, limits: CallLimits) -> StoreResult<MysqlStore> {
         let location = redact_url(url);
         let normalized = match url.strip_prefix("mariadb:") {
             Some(rest) => format!("mysql:{rest}"),
@@ -108,11 +112,18 @@ impl MysqlStore {
             .charset("utf8mb4")
             .disable_statement_logging();
         let isolation = session_isolation(&options, &location).await?;
+        let wait = limits.server_side().as_secs().max(1);
+        let lock_waits =
+            format!("SET SESSION innodb_lock_wait_timeout = {wait}, lock_wait_timeout = {wait}");
         let pool = MySqlPoolOptions::new()
             .max_connections(3)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(move |connection, _| {
-                Box::pin(async move { connection.execute(isolation).await.map(drop) })
+                let lock_waits = lock_waits.clone();
+                Box::pin(async move {
+                    connection.execute(isolation).await?;
+                    connection.execute(lock_waits.as_str()).await.map(drop)
+                })
             })
             .connect_with(options)
             .await
@@ -170,14 +181,13 @@ impl MysqlStore {
             tx.commit().await?;
             return Ok(None);
         };
-        sqlx::query(
+        sqlx::query(&format!(
             "UPDATE pjq_jobs SET status = 'running', lease = lease + 1, attempts = attempts + 1,
-                claimed_at = ?, started_at = NULL, finished_at = NULL, worker_token = ?,
+                claimed_at = {DB_NOW}, started_at = NULL, finished_at = NULL, worker_token = ?,
                 worker_host = ?, worker_instance = ?, worker_pid = ?, exit_code = NULL,
                 exit_signal = NULL, reason = NULL, output = NULL
-             WHERE id = ?",
-        )
-        .bind(now.0)
+             WHERE id = ?"
+        ))
         .bind(&worker.token)
         .bind(&worker.host)
         .bind(&worker.instance)
@@ -225,7 +235,7 @@ impl MysqlStore {
     ) -> StoreResult<Option<bool>> {
         let (holder_check, token) = match holder {
             Holder::Token(token) => ("worker_token = ?".to_string(), Some(token)),
-            Holder::Lost { rescue_after } => (orphaned(rescue_after), None),
+            Holder::Lost { rescue_after } => (rows::orphaned(DB_NOW, rescue_after), None),
         };
         // MySQL evaluates SET assignments left to right: every condition reads columns that
         // no earlier assignment changes, and `attempts` is assigned last.
@@ -271,14 +281,6 @@ impl MysqlStore {
 enum Holder<'a> {
     Token(&'a str),
     Lost { rescue_after: Duration },
-}
-
-fn orphaned(rescue_after: Duration) -> String {
-    let limit = rescue_after.as_micros() as i64;
-    format!(
-        "NOT EXISTS (SELECT 1 FROM pjq_workers w WHERE w.token = pjq_jobs.worker_token
-                     AND w.heartbeat_at > {DB_NOW} - {limit})"
-    )
 }
 
 #[async_trait]
@@ -466,6 +468,11 @@ impl JobStore for MysqlStore {
         Ok(result.rows_affected() == 1)
     }
 
+    async fn database_time(&self) -> StoreResult<Timestamp> {
+        let now = rows::database_time(&self.pool, DB_NOW).await;
+        now.map_err(|e| self.error(e))
+    }
+
     async fn stop_generation(&self) -> StoreResult<i64> {
         sqlx::query_scalar("SELECT value FROM pjq_control WHERE name = 'stop_generation'")
             .fetch_one(&self.pool)
@@ -650,7 +657,7 @@ impl JobStore for MysqlStore {
         let rows = sqlx::query(&format!(
             "SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
              WHERE status = 'running' AND {}",
-            orphaned(rescue_after)
+            rows::orphaned(DB_NOW, rescue_after)
         ))
         .fetch_all(&self.pool)
         .await

@@ -13,9 +13,9 @@ use sqlx::{ConnectOptions, Row};
 
 use super::rows::{self, JOB_RECORD_COLUMNS, RUNS_AGAIN};
 use super::{
-    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus, JobStore, Lease,
-    NewJob, OrphanedJob, PushListener, QueueCounts, Release, SchemaVersion, StoreError,
-    StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord, redact_url,
+    CallLimits, ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus,
+    JobStore, Lease, NewJob, OrphanedJob, PushListener, QueueCounts, Release, SchemaVersion,
+    StoreError, StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord, redact_url,
 };
 
 /// The channel `push` notifies and idle workers listen on.
@@ -81,11 +81,18 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    pub async fn open(url: &str) -> StoreResult<PostgresStore> {
+    /// Statements and lock waits end on the server after the server-side part of `limits`,
+    /// with an error classified as transient, before the client's deadline cuts the call.
+    pub async fn open(url: &str, limits: CallLimits) -> StoreResult<PostgresStore> {
         let location = redact_url(url);
+        let server_limit = format!("{}ms", limits.server_side().as_millis().max(1));
         let options = PgConnectOptions::from_str(url)
             .map_err(|error| StoreError::InvalidUrl(format!("{location}: {error}")))?
             .application_name("pim-job-queue")
+            .options([
+                ("statement_timeout", server_limit.as_str()),
+                ("lock_timeout", server_limit.as_str()),
+            ])
             .disable_statement_logging();
         let pool = PgPoolOptions::new()
             .max_connections(3)
@@ -106,20 +113,20 @@ impl PostgresStore {
         worker: &WorkerIdentity,
         now: Timestamp,
     ) -> StoreResult<Option<ClaimedJob>> {
-        let row = sqlx::query(
+        let row = sqlx::query(&format!(
             "WITH next AS (
                 SELECT id FROM pjq_jobs
                 WHERE queue = $6 AND status = 'waiting' AND available_at <= $1
                 ORDER BY available_at, id LIMIT 1
                 FOR UPDATE SKIP LOCKED)
              UPDATE pjq_jobs j SET status = 'running', lease = j.lease + 1,
-                attempts = j.attempts + 1, claimed_at = $1, started_at = NULL,
+                attempts = j.attempts + 1, claimed_at = {DB_NOW}, started_at = NULL,
                 finished_at = NULL, worker_token = $2, worker_host = $3, worker_instance = $4,
                 worker_pid = $5, exit_code = NULL, exit_signal = NULL, reason = NULL,
                 output = NULL
              FROM next WHERE j.id = next.id
-             RETURNING j.id, j.queue, j.code, j.payload, j.attempts, j.lease",
-        )
+             RETURNING j.id, j.queue, j.code, j.payload, j.attempts, j.lease"
+        ))
         .bind(now.0)
         .bind(&worker.token)
         .bind(&worker.host)
@@ -162,7 +169,7 @@ impl PostgresStore {
     ) -> StoreResult<Option<bool>> {
         let (holder_check, token) = match holder {
             Holder::Token(token) => ("worker_token = $5".to_string(), Some(token)),
-            Holder::Lost { rescue_after } => (orphaned(rescue_after), None),
+            Holder::Lost { rescue_after } => (rows::orphaned(DB_NOW, rescue_after), None),
         };
         let statement = format!(
             "UPDATE pjq_jobs SET
@@ -198,14 +205,6 @@ enum Holder<'a> {
     Lost { rescue_after: Duration },
 }
 
-fn orphaned(rescue_after: Duration) -> String {
-    let limit = rescue_after.as_micros() as i64;
-    format!(
-        "NOT EXISTS (SELECT 1 FROM pjq_workers w WHERE w.token = pjq_jobs.worker_token
-                     AND w.heartbeat_at > {DB_NOW} - {limit})"
-    )
-}
-
 #[async_trait]
 impl JobStore for PostgresStore {
     fn location(&self) -> String {
@@ -214,6 +213,14 @@ impl JobStore for PostgresStore {
 
     async fn migrate(&self) -> StoreResult<u32> {
         let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+        // Migrations may wait for each other and rewrite tables: not bound by the limits of
+        // ordinary calls.
+        for limit in ["statement_timeout", "lock_timeout"] {
+            sqlx::query(&format!("SET LOCAL {limit} = '300s'"))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.error(e))?;
+        }
         // Concurrent starters queue here; each step is applied once, atomically with its
         // version row (PostgreSQL DDL is transactional).
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -381,6 +388,11 @@ impl JobStore for PostgresStore {
         .await
         .map_err(|e| self.error(e))?;
         Ok(result.rows_affected() == 1)
+    }
+
+    async fn database_time(&self) -> StoreResult<Timestamp> {
+        let now = rows::database_time(&self.pool, DB_NOW).await;
+        now.map_err(|e| self.error(e))
     }
 
     async fn stop_generation(&self) -> StoreResult<i64> {
@@ -560,7 +572,7 @@ impl JobStore for PostgresStore {
         let rows = sqlx::query(&format!(
             "SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
              WHERE status = 'running' AND {}",
-            orphaned(rescue_after)
+            rows::orphaned(DB_NOW, rescue_after)
         ))
         .fetch_all(&self.pool)
         .await

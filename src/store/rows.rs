@@ -1,9 +1,23 @@
 //! Row decoding shared by every backend: the column names are the same everywhere, only the
 //! SQL that produces them differs.
 
+use std::time::Duration;
+
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{ClaimedJob, JobRecord, JobStatus, Lease, Timestamp, WorkerRecord};
+
+/// The database's clock, read with the dialect's `db_now` expression.
+pub async fn database_time<'c, E>(executor: E, db_now: &str) -> Result<Timestamp, sqlx::Error>
+where
+    E: sqlx::Executor<'c>,
+    for<'q> <E::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, E::Database>,
+    (i64,): for<'r> sqlx::FromRow<'r, <E::Database as sqlx::Database>::Row>,
+{
+    let sql = format!("SELECT {db_now}");
+    let now: i64 = sqlx::query_scalar(&sql).fetch_one(executor).await?;
+    Ok(Timestamp(now))
+}
 
 /// The columns [`job_record`] reads, in the order backends select them.
 pub const JOB_RECORD_COLUMNS: &str = "id, queue, code, payload, status, attempts, \
@@ -119,3 +133,24 @@ where
 /// and always when it never started (its claim is refunded: it did not run, so a single
 /// attempt must not end as `worker lost`).
 pub(super) const RUNS_AGAIN: &str = "(attempts < max_attempts OR started_at IS NULL)";
+
+/// SQL that is true for a `pjq_jobs` row whose worker is lost or has disowned it; `db_now` is
+/// the dialect's expression for the database's clock in microseconds.
+///
+/// Lost: no worker row with this token has a heartbeat younger than `rescue_after`.
+/// Disowned: the worker is alive, but its heartbeats, for `rescue_after` since the claim,
+/// report another job or none. That is a claim whose reply never reached the worker (the
+/// commit went through, the connection died), or a result the worker gave up writing: left
+/// alone, such a job would stay `running` under a live, idle worker forever. The wait covers
+/// a heartbeat sent just before the claim's reply arrived, which cannot name the job yet
+/// (every call ends within a third of `rescue_after`). `claimed_at` and `heartbeat_at` are
+/// both written by the database's clock.
+pub fn orphaned(db_now: &str, rescue_after: Duration) -> String {
+    let limit = rescue_after.as_micros() as i64;
+    format!(
+        "NOT EXISTS (SELECT 1 FROM pjq_workers w WHERE w.token = pjq_jobs.worker_token
+                     AND w.heartbeat_at > {db_now} - {limit}
+                     AND (w.current_job = pjq_jobs.id
+                          OR w.heartbeat_at <= pjq_jobs.claimed_at + {limit}))"
+    )
+}

@@ -19,13 +19,11 @@ use sqlx::{ConnectOptions, Row};
 
 use super::rows::{self, JOB_RECORD_COLUMNS, RUNS_AGAIN};
 use super::{
-    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus, JobStore, Lease,
-    NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError, StoreResult, Timestamp,
-    WORKER_LOST, WorkerIdentity, WorkerRecord,
+    CallLimits, ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus,
+    JobStore, Lease, NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError,
+    StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord,
 };
 
-/// How long a statement waits for another process's write lock before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The database's clock in microseconds since the epoch (for SQLite: this host's clock).
 const DB_NOW: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
 
@@ -86,13 +84,17 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file an `sqlite:` URL names.
-    pub async fn open(url: &str) -> StoreResult<SqliteStore> {
+    ///
+    /// A statement waits for another process's write lock for the server-side part of
+    /// `limits`: well inside the fence, so write contention on the file makes a heartbeat
+    /// fail and try again, never outlast the fence of every job on the host.
+    pub async fn open(url: &str, limits: CallLimits) -> StoreResult<SqliteStore> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|error| StoreError::InvalidUrl(format!("{url}: {error}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT)
+            .busy_timeout(limits.server_side())
             .disable_statement_logging();
         let path = options.get_filename().display().to_string();
         create_store_file(options.get_filename())?;
@@ -114,16 +116,16 @@ impl SqliteStore {
         worker: &WorkerIdentity,
         now: Timestamp,
     ) -> StoreResult<Option<ClaimedJob>> {
-        let row = sqlx::query(
+        let row = sqlx::query(&format!(
             "UPDATE pjq_jobs SET status = 'running', lease = lease + 1, attempts = attempts + 1,
-                claimed_at = ?1, started_at = NULL, finished_at = NULL,
+                claimed_at = {DB_NOW}, started_at = NULL, finished_at = NULL,
                 worker_token = ?2, worker_host = ?3, worker_instance = ?4, worker_pid = ?5,
                 exit_code = NULL, exit_signal = NULL, reason = NULL, output = NULL
              WHERE id = (SELECT id FROM pjq_jobs
                          WHERE queue = ?6 AND status = 'waiting' AND available_at <= ?1
                          ORDER BY available_at, id LIMIT 1)
-             RETURNING id, queue, code, payload, attempts, lease",
-        )
+             RETURNING id, queue, code, payload, attempts, lease"
+        ))
         .bind(now.0)
         .bind(&worker.token)
         .bind(&worker.host)
@@ -170,7 +172,7 @@ impl SqliteStore {
     ) -> StoreResult<Option<bool>> {
         let (holder_check, token) = match holder {
             Holder::Token(token) => ("worker_token = ?5".to_string(), Some(token)),
-            Holder::Lost { rescue_after } => (orphaned(rescue_after), None),
+            Holder::Lost { rescue_after } => (rows::orphaned(DB_NOW, rescue_after), None),
         };
         let statement = format!(
             "UPDATE pjq_jobs SET
@@ -206,15 +208,6 @@ enum Holder<'a> {
     Token(&'a str),
     /// Nobody alive: the holder's heartbeat is older than this, or its row is gone.
     Lost { rescue_after: Duration },
-}
-
-/// SQL that is true for a job row whose worker is lost.
-fn orphaned(rescue_after: Duration) -> String {
-    let limit = rescue_after.as_micros() as i64;
-    format!(
-        "NOT EXISTS (SELECT 1 FROM pjq_workers w WHERE w.token = pjq_jobs.worker_token
-                     AND w.heartbeat_at > {DB_NOW} - {limit})"
-    )
 }
 
 #[async_trait]
@@ -386,6 +379,11 @@ impl JobStore for SqliteStore {
         .await
         .map_err(|e| self.error(e))?;
         Ok(result.rows_affected() == 1)
+    }
+
+    async fn database_time(&self) -> StoreResult<Timestamp> {
+        let now = rows::database_time(&self.pool, DB_NOW).await;
+        now.map_err(|e| self.error(e))
     }
 
     async fn stop_generation(&self) -> StoreResult<i64> {
@@ -563,7 +561,7 @@ impl JobStore for SqliteStore {
         let rows = sqlx::query(&format!(
             "SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
              WHERE status = 'running' AND {}",
-            orphaned(rescue_after)
+            rows::orphaned(DB_NOW, rescue_after)
         ))
         .fetch_all(&self.pool)
         .await

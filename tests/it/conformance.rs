@@ -18,6 +18,7 @@ backend_tests!(
     migrate_twice_is_harmless,
     retry_resets_a_failed_job,
     rescue_takes_back_only_lost_workers_jobs_once,
+    a_claim_whose_reply_was_lost_is_taken_back,
     prune_removes_only_old_finished_jobs,
     release_requeues_while_attempts_remain,
 );
@@ -297,6 +298,71 @@ fn retry_resets_a_failed_job(backend: Backend) {
         assert_eq!(
             store.retry(999, Timestamp::now()).await.unwrap(),
             ChangeOutcome::NotFound
+        );
+    });
+}
+
+/// The claim committed but its reply never reached the worker (the connection died on the
+/// way back): the worker, alive and idle, reports no job in its heartbeats. Once that has
+/// lasted `rescue_after` since the claim, the job is taken back (never started: requeued, its
+/// attempt refunded); a job its worker names is never taken, however long it runs.
+fn a_claim_whose_reply_was_lost_is_taken_back(backend: Backend) {
+    use std::time::Duration;
+    const RESCUE_AFTER: Duration = Duration::from_millis(800);
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let (forgetful, busy) = (worker("forgetful"), worker("busy"));
+        store.register_worker(&forgetful, &queues()).await.unwrap();
+        store.register_worker(&busy, &queues()).await.unwrap();
+        let lost_reply = store.push(&new_job("ui_job", "a", "{}")).await.unwrap();
+        let owned = store.push(&new_job("ui_job", "b", "{}")).await.unwrap();
+        let claimed = store
+            .claim(&queues(), &forgetful, Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(claimed.id, lost_reply);
+        let running = store
+            .claim(&queues(), &busy, Timestamp::now())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            store
+                .mark_started(&running.lease, Timestamp::now())
+                .await
+                .unwrap()
+        );
+        // Just claimed: a heartbeat sent before the reply arrived cannot name it yet.
+        assert!(store.heartbeat(&forgetful, None).await.unwrap());
+        assert!(store.heartbeat(&busy, Some(owned)).await.unwrap());
+        let early = store
+            .rescue_orphans(RESCUE_AFTER, Timestamp::now())
+            .await
+            .unwrap();
+        assert_eq!(early, vec![], "taken back before rescue_after had passed");
+        tokio::time::sleep(RESCUE_AFTER + Duration::from_millis(200)).await;
+        assert!(store.heartbeat(&forgetful, None).await.unwrap());
+        assert!(store.heartbeat(&busy, Some(owned)).await.unwrap());
+        let rescued = store
+            .rescue_orphans(RESCUE_AFTER, Timestamp::now())
+            .await
+            .unwrap();
+        let ids: Vec<_> = rescued.iter().map(|job| (job.id, job.requeued)).collect();
+        assert_eq!(ids, vec![(lost_reply, true)]);
+        let job = store.get_job(lost_reply).await.unwrap().unwrap();
+        assert_eq!((job.status, job.attempts), (JobStatus::Waiting, 0));
+        let job = store.get_job(owned).await.unwrap().unwrap();
+        assert_eq!(job.status, JobStatus::Running);
+        let late = done(JobResult::Succeeded);
+        assert!(!store.complete(&claimed.lease, &late).await.unwrap());
+        assert!(store.complete(&running.lease, &late).await.unwrap());
+        let workers = store.list_workers().await.unwrap();
+        assert_eq!(
+            workers.len(),
+            2,
+            "live workers keep their rows: {workers:?}"
         );
     });
 }

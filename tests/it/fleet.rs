@@ -238,11 +238,12 @@ mod shared {
     shared_backend_tests!(
         a_short_outage_records_the_result_once,
         a_worker_cut_off_stops_its_job_before_anyone_rescues_it,
+        a_black_holed_connection_never_freezes_the_worker,
         eight_workers_on_two_hosts_run_20000_jobs_exactly_once,
     );
 
     /// Points the config at the proxy for the consumer, keeps the test's own view direct.
-    fn config_through(scratch: &Scratch, proxy: &CuttableProxy, extra: &str) -> std::path::PathBuf {
+    fn config_through(scratch: &Scratch, proxy: &FaultProxy, extra: &str) -> std::path::PathBuf {
         let direct = std::fs::read_to_string(scratch.config_path()).unwrap();
         let proxied = direct.replace(
             &scratch.url,
@@ -253,9 +254,26 @@ mod shared {
         path
     }
 
+    /// A consumer whose config points at the proxy, logging to `NAME.log`.
+    fn consumer_through(
+        scratch: &Scratch,
+        config: &std::path::Path,
+        name: &str,
+        args: &[&str],
+    ) -> std::process::Command {
+        let mut all = vec!["consume"];
+        all.extend_from_slice(args);
+        let mut command = scratch.command(&all);
+        command
+            .env("PIM_JOB_QUEUE_CONFIG", config)
+            .stdout(std::fs::File::create(scratch.path(&format!("{name}.log"))).unwrap())
+            .stderr(std::process::Stdio::null());
+        command
+    }
+
     fn a_short_outage_records_the_result_once(backend: Backend) {
         let scratch = Scratch::new(backend);
-        let proxy = CuttableProxy::new(backend.server_port());
+        let proxy = FaultProxy::new(backend.server_port());
         let started = scratch.path("started");
         scratch.write_config(&format!(
             "heartbeat_interval = \"200ms\"\nrescue_after = \"9s\"\n[jobs.slow]\ncommand = [\"/bin/sh\", \"-c\", \"touch \\\"$0\\\"; sleep 1.5; echo finished\", \"{}\"]",
@@ -263,11 +281,7 @@ mod shared {
         ));
         let config = config_through(&scratch, &proxy, "");
         let id = scratch.push("ui_job", "slow");
-        let mut worker = scratch
-            .command(&["consume", "--limit", "1"])
-            .env("PIM_JOB_QUEUE_CONFIG", &config)
-            .stdout(std::fs::File::create(scratch.path("w.log")).unwrap())
-            .stderr(std::process::Stdio::null())
+        let mut worker = consumer_through(&scratch, &config, "w", &["--limit", "1"])
             .spawn()
             .unwrap();
         wait_until(Duration::from_secs(10), "the job to start", || {
@@ -293,7 +307,7 @@ mod shared {
 
     fn a_worker_cut_off_stops_its_job_before_anyone_rescues_it(backend: Backend) {
         let scratch = Scratch::new(backend);
-        let proxy = CuttableProxy::new(backend.server_port());
+        let proxy = FaultProxy::new(backend.server_port());
         let pidfile = scratch.path("job.pid");
         scratch.write_config(&format!(
             "heartbeat_interval = \"200ms\"\nrescue_after = \"3s\"\n[jobs.slow]\ncommand = [\"/bin/sh\", \"-c\", \"echo $$ > \\\"$0\\\"; exec sleep 60\", \"{}\"]",
@@ -303,11 +317,7 @@ mod shared {
         let mut rescuer =
             scratch.spawn_consumer("b", &["--host-id", "host-b", "data_maintenance_job"]);
         let id = scratch.push("ui_job", "slow");
-        let mut cut_off = scratch
-            .command(&["consume", "--host-id", "host-a"])
-            .env("PIM_JOB_QUEUE_CONFIG", &config)
-            .stdout(std::fs::File::create(scratch.path("a.log")).unwrap())
-            .stderr(std::process::Stdio::null())
+        let mut cut_off = consumer_through(&scratch, &config, "a", &["--host-id", "host-a"])
             .spawn()
             .unwrap();
         wait_until(Duration::from_secs(10), "the job to start", || {
@@ -349,6 +359,63 @@ mod shared {
             send_signal(child, Signal::SIGTERM);
             assert_eq!(wait_exit(child, Duration::from_secs(10)), 0);
         }
+    }
+
+    /// The network black-holes the worker's connections (accepted, never answered, no error:
+    /// TCP would retransmit for a quarter of an hour): the fence still ends the job before
+    /// anyone may rescue it, the watchdog is pinged all along, the give-up is recorded once
+    /// the path is back, and the worker takes the next job.
+    fn a_black_holed_connection_never_freezes_the_worker(backend: Backend) {
+        const RESCUE_AFTER: Duration = Duration::from_secs(3);
+        let scratch = Scratch::new(backend);
+        let proxy = FaultProxy::new(backend.server_port());
+        let pidfile = scratch.path("job.pid");
+        scratch.write_config(&format!(
+            "heartbeat_interval = \"200ms\"\nrescue_after = \"3s\"\n[jobs.slow]\ncommand = [\"/bin/sh\", \"-c\", \"echo $$ > \\\"$0\\\"; exec sleep 60\", \"{}\"]\n[jobs.quick]\ncommand = [\"/bin/true\"]",
+            pidfile.display()
+        ));
+        let config = config_through(&scratch, &proxy, "");
+        let socket = NotifySocket::new();
+        let id = scratch.push("ui_job", "slow");
+        let mut worker = consumer_through(&scratch, &config, "a", &[]);
+        socket.notify(&mut worker, Some("1000000"));
+        let mut worker = worker.spawn().unwrap();
+        wait_until(Duration::from_secs(10), "the job to start", || {
+            pidfile.exists()
+        });
+        let job_pid = pid_in(&pidfile);
+        let holed = socket.messages().len() - 1;
+        let holed_at = Instant::now();
+        proxy.black_hole();
+        wait_until(RESCUE_AFTER, "the fence to end the job", || {
+            process_is_gone(job_pid)
+        });
+        std::thread::sleep(
+            (holed_at + Duration::from_secs(8)).saturating_duration_since(Instant::now()),
+        );
+        let (pings, longest_gap) = socket.watchdog_pings_since(holed);
+        assert!(
+            pings >= 12 && longest_gap < Duration::from_millis(900),
+            "{pings} pings in the 8 s of the black hole, longest gap {longest_gap:?}:\n{}",
+            scratch.log_of("a")
+        );
+        proxy.restore();
+        wait_until(
+            Duration::from_secs(20),
+            "the give-up to be recorded",
+            || scratch.show(id)["status"] != "running",
+        );
+        let job = scratch.show(id);
+        assert_eq!(job["status"], "failed", "{job}");
+        assert_eq!(job["reason"], "lost contact with the database", "{job}");
+        let next = scratch.push("ui_job", "quick");
+        wait_until(Duration::from_secs(20), "the next job to run", || {
+            scratch.show(next)["status"] == "succeeded"
+        });
+        send_signal(&worker, Signal::SIGTERM);
+        assert_eq!(wait_exit(&mut worker, Duration::from_secs(10)), 0);
+        let log = scratch.log_of("a");
+        assert!(log.contains("no answer to"), "{log}");
     }
 
     fn eight_workers_on_two_hosts_run_20000_jobs_exactly_once(backend: Backend) {
@@ -484,4 +551,58 @@ fn a_large_prune_does_not_fence_a_running_job() {
     assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
     let job = scratch.show(id);
     assert_eq!(job["status"], "succeeded", "{job}");
+}
+
+/// The host's wall clock steps 25 s forward while a job runs (an NTP correction, a resumed
+/// VM; on SQLite the database's clock is the host's): every heartbeat now looks 25 s old,
+/// yet nobody rescues the running job, and it ends once, succeeded. Both workers run under
+/// libfaketime reading one clock file, as processes on one host share its clock; their
+/// monotonic clocks are left alone.
+#[test]
+fn a_clock_step_rescues_nothing() {
+    let Some(faketime) = libfaketime("a_clock_step_rescues_nothing") else {
+        return;
+    };
+    let scratch = Scratch::new(Backend::Sqlite);
+    let clock = scratch.path("clock.rc");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let started = scratch.path("started");
+    scratch.write_config(&format!(
+        "heartbeat_interval = \"200ms\"\nrescue_after = \"3s\"\n[jobs.slow]\ncommand = [\"/bin/sh\", \"-c\", \"touch \\\"$0\\\"; sleep 6; echo finished\", \"{}\"]",
+        started.display()
+    ));
+    let spawn = |name: &str| {
+        scratch
+            .command(&["consume"])
+            .env("LD_PRELOAD", &faketime)
+            .env("FAKETIME_TIMESTAMP_FILE", &clock)
+            .env("FAKETIME_CACHE_DURATION", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .stdout(std::fs::File::create(scratch.path(&format!("{name}.log"))).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut workers = [spawn("a"), spawn("b")];
+    // Both in contact for rescue_after, so both may rescue when the clock steps.
+    std::thread::sleep(Duration::from_millis(3500));
+    let id = scratch.push("ui_job", "slow");
+    wait_until(Duration::from_secs(10), "the job to start", || {
+        started.exists()
+    });
+    std::fs::write(&clock, "+25s\n").unwrap();
+    wait_until(Duration::from_secs(20), "the job to end", || {
+        scratch.show(id)["status"] != "running"
+    });
+    let job = scratch.show(id);
+    let logs = scratch.log_of("a") + &scratch.log_of("b");
+    assert_eq!(job["status"], "succeeded", "{job}\n{logs}");
+    assert_eq!(job["attempts"], 1);
+    assert_eq!(logs.matches("job started").count(), 1, "{logs}");
+    assert!(!logs.contains("rescued job"), "{logs}");
+    assert!(logs.contains("clock jumped forward by 2"), "{logs}");
+    for worker in &mut workers {
+        send_signal(worker, Signal::SIGTERM);
+        assert_eq!(wait_exit(worker, Duration::from_secs(10)), 0);
+    }
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -320,6 +321,23 @@ pub fn running_as_root(what: &str) -> bool {
     false
 }
 
+/// Debian's libfaketime (package `faketime`, which scripts/test.sh installs), for tests that
+/// step a process's wall clock; under CI a must, elsewhere a loud skip.
+pub fn libfaketime(what: &str) -> Option<PathBuf> {
+    let library = PathBuf::from("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1");
+    if library.exists() {
+        return Some(library);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "CI runs {what} with libfaketime, and {} is missing",
+            library.display()
+        );
+    }
+    eprintln!("\n!!! SKIPPED: {what} needs libfaketime (apt install faketime) !!!\n");
+    None
+}
+
 /// Polls `condition` until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -421,21 +439,26 @@ pub fn new_job(queue: &str, code: &str, payload: &str) -> pim_job_queue::store::
     }
 }
 
-/// A TCP proxy in front of a database server, so a test can cut a worker off from its
-/// database (and restore it) without touching the server other tests share.
-pub struct CuttableProxy {
+/// A TCP proxy in front of a database server, so a test can fault a worker's network path to
+/// its database (and restore it) without touching the server other tests share: cut (every
+/// connection reset, new ones refused) or black-holed (connections accepted, nothing
+/// answered, as when a firewall drops packets; on restore the held bytes flow again, as
+/// retransmissions would).
+pub struct FaultProxy {
     pub port: u16,
     cut: Arc<AtomicBool>,
+    held: Arc<AtomicBool>,
     live: Arc<Mutex<Vec<TcpStream>>>,
 }
 
-impl CuttableProxy {
-    pub fn new(target_port: u16) -> CuttableProxy {
+impl FaultProxy {
+    pub fn new(target_port: u16) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicBool::new(false));
         let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (accept_cut, accept_live) = (cut.clone(), live.clone());
+        let (accept_cut, accept_held, accept_live) = (cut.clone(), held.clone(), live.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if accept_cut.load(Ordering::SeqCst) {
@@ -448,14 +471,24 @@ impl CuttableProxy {
                 let mut live = accept_live.lock().unwrap();
                 live.push(client.try_clone().unwrap());
                 live.push(server.try_clone().unwrap());
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
+                let held = accept_held.clone();
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    held.clone(),
+                );
+                pipe(server, client, held);
             }
         });
-        CuttableProxy { port, cut, live }
+        FaultProxy {
+            port,
+            cut,
+            held,
+            live,
+        }
     }
 
-    /// Drops every connection and refuses new ones until [`CuttableProxy::restore`].
+    /// Drops every connection and refuses new ones until [`FaultProxy::restore`].
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
         for stream in self.live.lock().unwrap().drain(..) {
@@ -463,8 +496,15 @@ impl CuttableProxy {
         }
     }
 
+    /// Stops forwarding in both directions, on every connection and on new ones, without
+    /// closing anything, until [`FaultProxy::restore`].
+    pub fn black_hole(&self) {
+        self.held.store(true, Ordering::SeqCst);
+    }
+
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+        self.held.store(false, Ordering::SeqCst);
     }
 
     /// `url` with its port replaced by the proxy's.
@@ -473,9 +513,21 @@ impl CuttableProxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` to `to`, holding the bytes read while `held` is set.
+fn pipe(mut from: TcpStream, mut to: TcpStream, held: Arc<AtomicBool>) {
     std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from, &mut to);
+        let mut buffer = [0u8; 16 * 1024];
+        while let Ok(read) = from.read(&mut buffer) {
+            if read == 0 {
+                break;
+            }
+            while held.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if to.write_all(&buffer[..read]).is_err() {
+                break;
+            }
+        }
         let _ = to.shutdown(Shutdown::Both);
     });
 }
@@ -533,6 +585,38 @@ impl NotifySocket {
 
     pub fn timed(&self) -> Vec<(Instant, String)> {
         self.messages.lock().unwrap().clone()
+    }
+
+    /// Points `command` at this socket as systemd would, with a watchdog when given
+    /// `WATCHDOG_USEC`.
+    pub fn notify(&self, command: &mut Command, watchdog_usec: Option<&str>) {
+        command
+            .env("NOTIFY_SOCKET", &self.path)
+            .env_remove("WATCHDOG_PID")
+            .env_remove("JOURNAL_STREAM");
+        match watchdog_usec {
+            Some(usec) => command.env("WATCHDOG_USEC", usec),
+            None => command.env_remove("WATCHDOG_USEC"),
+        };
+    }
+
+    /// How many WATCHDOG=1 pings came at index `from` or later, and the longest gap between
+    /// two of them (or between `from`'s message and the first).
+    pub fn watchdog_pings_since(&self, from: usize) -> (usize, Duration) {
+        let timed = self.timed();
+        let Some((start, _)) = timed.get(from) else {
+            return (0, Duration::ZERO);
+        };
+        let pings: Vec<Instant> = std::iter::once(*start)
+            .chain(
+                timed[from..]
+                    .iter()
+                    .filter(|(_, m)| m == "WATCHDOG=1\n")
+                    .map(|(at, _)| *at),
+            )
+            .collect();
+        let longest = pings.windows(2).map(|w| w[1] - w[0]).max();
+        (pings.len() - 1, longest.unwrap_or_default())
     }
 
     /// Waits for a message containing `needle`; returns its index.

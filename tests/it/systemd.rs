@@ -20,15 +20,9 @@ fn notified_consumer(
     all.extend_from_slice(args);
     let mut command = scratch.command(&all);
     command
-        .env("NOTIFY_SOCKET", &socket.path)
-        .env_remove("WATCHDOG_PID")
-        .env_remove("JOURNAL_STREAM")
         .stdout(std::fs::File::create(scratch.path("c.log")).unwrap())
         .stderr(Stdio::null());
-    match watchdog_usec {
-        Some(usec) => command.env("WATCHDOG_USEC", usec),
-        None => command.env_remove("WATCHDOG_USEC"),
-    };
+    socket.notify(&mut command, watchdog_usec);
     command.spawn().unwrap()
 }
 
@@ -205,21 +199,10 @@ fn the_watchdog_is_pinged_while_a_job_is_being_ended() {
     let running = socket.wait_for(&format!("STATUS=Running job {id}"), Duration::from_secs(5));
     assert_eq!(wait_exit(&mut consumer, Duration::from_secs(20)), 0);
     assert_eq!(scratch.show(id)["reason"], "timeout");
-    let timed = socket.timed();
-    let pings: Vec<Instant> = timed[running..]
-        .iter()
-        .filter(|(_, m)| m == "WATCHDOG=1\n")
-        .map(|(at, _)| *at)
-        .collect();
-    let longest_gap = pings
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or_default();
+    let (pings, longest_gap) = socket.watchdog_pings_since(running);
     assert!(
-        pings.len() >= 4 && longest_gap < Duration::from_millis(1000),
-        "{} pings over the 4 s of the job, longest gap {longest_gap:?}",
-        pings.len()
+        pings >= 4 && longest_gap < Duration::from_millis(1000),
+        "{pings} pings over the 4 s of the job, longest gap {longest_gap:?}"
     );
 }
 
