@@ -110,13 +110,11 @@ impl Bench {
     async fn seed(&self, count: usize, queue_of: impl Fn(usize) -> &'static str) {
         let mut batch = Vec::with_capacity(50_000);
         for n in 0..count {
-            let now = Timestamp::now();
             batch.push(NewJob {
                 queue: queue_of(n).into(),
                 code: "bench".into(),
                 payload: "{}".into(),
-                created_at: now,
-                available_at: now,
+                delay: Duration::ZERO,
                 max_attempts: 1,
             });
             if batch.len() == 50_000 || n + 1 == count {
@@ -127,7 +125,7 @@ impl Bench {
     }
 
     async fn unfinished(&self) -> i64 {
-        let counts = self.store.queue_counts(Timestamp::now()).await.unwrap();
+        let counts = self.store.queue_counts().await.unwrap();
         counts
             .iter()
             .map(|c| c.waiting + c.running + c.delayed)
@@ -300,11 +298,7 @@ async fn claim_time(backend: &str, depth: usize) -> f64 {
     let mut millis = Vec::new();
     for _ in 0..200 {
         let started = Instant::now();
-        let claimed = bench
-            .store
-            .claim(&queues, &worker, Timestamp::now())
-            .await
-            .unwrap();
+        let claimed = bench.store.claim(&queues, &worker).await.unwrap();
         millis.push(started.elapsed().as_secs_f64() * 1000.0);
         assert!(claimed.is_some());
     }

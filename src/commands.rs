@@ -188,14 +188,12 @@ async fn push(context: &Context, args: &PushArgs) -> Result<(), Failure> {
     }
     let payload = read_payload(args)?;
     let store = context.open_store().await?;
-    let now = Timestamp::now();
     let id = store
         .push(&NewJob {
             queue: args.queue.clone(),
             code: args.code.clone(),
             payload,
-            created_at: now,
-            available_at: now.plus(args.delay.unwrap_or_default()),
+            delay: args.delay.unwrap_or_default(),
             max_attempts: context.config.max_attempts(&args.code),
         })
         .await?;
@@ -428,7 +426,7 @@ async fn migrate(context: &Context) -> Result<(), Failure> {
 async fn status(context: &Context, args: &OutputArgs) -> Result<(), Failure> {
     let store = context.open_store().await?;
     let now = Timestamp::now();
-    let counts = ordered_counts(&context.config, store.queue_counts(now).await?);
+    let counts = ordered_counts(&context.config, store.queue_counts().await?);
     let running = match store
         .list_jobs(&JobFilter {
             queue: None,
@@ -638,7 +636,7 @@ fn printable(text: &str) -> String {
 
 async fn retry(context: &Context, args: &IdArgs) -> Result<(), Failure> {
     let store = context.open_store().await?;
-    let outcome = store.retry(args.id, Timestamp::now()).await?;
+    let outcome = store.retry(args.id).await?;
     report_change(
         args.id,
         outcome,

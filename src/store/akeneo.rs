@@ -435,7 +435,6 @@ impl JobStore for AkeneoStore {
         &self,
         queues: &[String],
         worker: &WorkerIdentity,
-        _now: Timestamp,
     ) -> StoreResult<Option<ClaimedJob>> {
         self.purge_soft_deleted().await;
         for queue in queues {
@@ -574,7 +573,7 @@ impl JobStore for AkeneoStore {
         self.fleet.request_stop().await
     }
 
-    async fn queue_counts(&self, _now: Timestamp) -> StoreResult<Vec<QueueCounts>> {
+    async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>> {
         let now = SystemTime::now();
         let rows = sqlx::query(
             "SELECT queue_name,
@@ -614,7 +613,7 @@ impl JobStore for AkeneoStore {
         Err(Self::unsupported("show"))
     }
 
-    async fn retry(&self, _id: JobId, _now: Timestamp) -> StoreResult<ChangeOutcome> {
+    async fn retry(&self, _id: JobId) -> StoreResult<ChangeOutcome> {
         Err(Self::unsupported("retry"))
     }
 

@@ -94,10 +94,8 @@ impl JobStore for Deadlined {
         &self,
         queues: &[String],
         worker: &WorkerIdentity,
-        now: Timestamp,
     ) -> StoreResult<Option<ClaimedJob>> {
-        self.call("claim", self.inner.claim(queues, worker, now))
-            .await
+        self.call("claim", self.inner.claim(queues, worker)).await
     }
 
     async fn mark_started(&self, lease: &Lease, now: Timestamp) -> StoreResult<bool> {
@@ -137,9 +135,8 @@ impl JobStore for Deadlined {
         self.call("request stop", self.inner.request_stop()).await
     }
 
-    async fn queue_counts(&self, now: Timestamp) -> StoreResult<Vec<QueueCounts>> {
-        self.call("queue counts", self.inner.queue_counts(now))
-            .await
+    async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>> {
+        self.call("queue counts", self.inner.queue_counts()).await
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
@@ -150,8 +147,8 @@ impl JobStore for Deadlined {
         self.call("get job", self.inner.get_job(id)).await
     }
 
-    async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
-        self.call("retry", self.inner.retry(id, now)).await
+    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome> {
+        self.call("retry", self.inner.retry(id)).await
     }
 
     async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {

@@ -121,8 +121,9 @@ pub struct NewJob {
     pub queue: String,
     pub code: String,
     pub payload: String,
-    pub created_at: Timestamp,
-    pub available_at: Timestamp,
+    /// How long after the database stores it the job becomes due: created and due times
+    /// are the database's clock, so hosts with skewed clocks agree on them.
+    pub delay: Duration,
     /// How many claims the job may have; a rescue or an interrupted stop requeues it while
     /// it has attempts left. Fixed at push time from the pusher's config.
     pub max_attempts: u32,
@@ -377,13 +378,13 @@ pub trait JobStore: Send + Sync {
     /// Stores many jobs in one transaction (one commit, one flush), for bulk loads.
     async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64>;
 
-    /// Claims the oldest due job of the first non-empty queue in `queues`, or nothing. The
-    /// claim time is the database's clock, as heartbeats are (rescue compares the two).
+    /// Claims the oldest due job of the first non-empty queue in `queues`, or nothing. Due
+    /// means due by the database's clock; the claim time is written by it too, as heartbeats
+    /// are (rescue compares the two).
     async fn claim(
         &self,
         queues: &[String],
         worker: &WorkerIdentity,
-        now: Timestamp,
     ) -> StoreResult<Option<ClaimedJob>>;
 
     /// Records that the job's process started. False if the lease is no longer held.
@@ -424,14 +425,14 @@ pub trait JobStore: Send + Sync {
     async fn request_stop(&self) -> StoreResult<i64>;
 
     /// Counts per queue, for the queues that have any jobs.
-    async fn queue_counts(&self, now: Timestamp) -> StoreResult<Vec<QueueCounts>>;
+    async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>>;
 
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
 
     async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>>;
 
     /// Puts a failed or cancelled job back to waiting, with its attempts reset.
-    async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome>;
+    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome>;
 
     /// Cancels a waiting job.
     async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome>;

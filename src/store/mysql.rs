@@ -87,6 +87,10 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
     ],
 )];
 
+fn insert_job() -> String {
+    rows::insert_job(DB_NOW, ["?"; 5])
+}
+
 const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 pub struct MysqlStore {
@@ -145,11 +149,10 @@ impl MysqlStore {
         &self,
         queue: &str,
         worker: &WorkerIdentity,
-        now: Timestamp,
     ) -> StoreResult<Option<ClaimedJob>> {
         let mut attempt = 0;
         loop {
-            match self.try_claim_from(queue, worker, now).await {
+            match self.try_claim_from(queue, worker).await {
                 Err(error) if is_lock_conflict(&error) && attempt < LOCK_RETRIES => {
                     attempt += 1;
                     tracing::debug!(attempt, "claim hit a lock conflict, retrying: {error}");
@@ -164,17 +167,15 @@ impl MysqlStore {
         &self,
         queue: &str,
         worker: &WorkerIdentity,
-        now: Timestamp,
     ) -> Result<Option<ClaimedJob>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let id: Option<i64> = sqlx::query_scalar(
+        let id: Option<i64> = sqlx::query_scalar(&format!(
             "SELECT id FROM pjq_jobs
-             WHERE queue = ? AND status = 'waiting' AND available_at <= ?
+             WHERE queue = ? AND status = 'waiting' AND available_at <= {DB_NOW}
              ORDER BY available_at, id LIMIT 1
-             FOR UPDATE SKIP LOCKED",
-        )
+             FOR UPDATE SKIP LOCKED"
+        ))
         .bind(queue)
-        .bind(now.0)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(id) = id else {
@@ -242,7 +243,7 @@ impl MysqlStore {
         let statement = format!(
             "UPDATE pjq_jobs SET
                 status = CASE WHEN {RUNS_AGAIN} THEN 'waiting' ELSE 'failed' END,
-                available_at = CASE WHEN {RUNS_AGAIN} THEN ? ELSE available_at END,
+                available_at = CASE WHEN {RUNS_AGAIN} THEN {DB_NOW} ELSE available_at END,
                 finished_at = CASE WHEN {RUNS_AGAIN} THEN NULL ELSE ? END,
                 reason = CASE WHEN {RUNS_AGAIN} THEN CONCAT(?, ' (requeued)')
                               ELSE ? END,
@@ -252,7 +253,6 @@ impl MysqlStore {
         );
         let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
         let mut query = sqlx::query(&statement)
-            .bind(now.0)
             .bind(now.0)
             .bind(reason)
             .bind(reason)
@@ -378,40 +378,31 @@ impl JobStore for MysqlStore {
     }
 
     async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
-        let result = sqlx::query(
-            "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
-                max_attempts)
-             VALUES (?, ?, ?, 'waiting', ?, ?, ?)",
-        )
-        .bind(&job.queue)
-        .bind(&job.code)
-        .bind(&job.payload)
-        .bind(job.created_at.0)
-        .bind(job.available_at.0)
-        .bind(job.max_attempts as i64)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
+        let result = sqlx::query(&insert_job())
+            .bind(&job.queue)
+            .bind(&job.code)
+            .bind(&job.payload)
+            .bind(rows::delay_micros(job.delay))
+            .bind(job.max_attempts as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
         Ok(result.last_insert_id() as JobId)
     }
 
     async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+        let insert = insert_job();
         for job in jobs {
-            sqlx::query(
-                "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
-                    max_attempts)
-                 VALUES (?, ?, ?, 'waiting', ?, ?, ?)",
-            )
-            .bind(&job.queue)
-            .bind(&job.code)
-            .bind(&job.payload)
-            .bind(job.created_at.0)
-            .bind(job.available_at.0)
-            .bind(job.max_attempts as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.error(e))?;
+            sqlx::query(&insert)
+                .bind(&job.queue)
+                .bind(&job.code)
+                .bind(&job.payload)
+                .bind(rows::delay_micros(job.delay))
+                .bind(job.max_attempts as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.error(e))?;
         }
         tx.commit().await.map_err(|e| self.error(e))?;
         Ok(jobs.len() as u64)
@@ -421,10 +412,9 @@ impl JobStore for MysqlStore {
         &self,
         queues: &[String],
         worker: &WorkerIdentity,
-        now: Timestamp,
     ) -> StoreResult<Option<ClaimedJob>> {
         for queue in queues {
-            if let Some(job) = self.claim_from(queue, worker, now).await? {
+            if let Some(job) = self.claim_from(queue, worker).await? {
                 return Ok(Some(job));
             }
         }
@@ -495,13 +485,13 @@ impl JobStore for MysqlStore {
         Ok(value)
     }
 
-    async fn queue_counts(&self, now: Timestamp) -> StoreResult<Vec<QueueCounts>> {
-        let rows = sqlx::query(
+    async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>> {
+        let rows = sqlx::query(&format!(
             "SELECT queue, status, COUNT(*) AS n,
-                    CAST(SUM(CASE WHEN available_at > ? THEN 1 ELSE 0 END) AS SIGNED) AS later
-             FROM pjq_jobs GROUP BY queue, status ORDER BY queue",
-        )
-        .bind(now.0)
+                    CAST(SUM(CASE WHEN available_at > {DB_NOW} THEN 1 ELSE 0 END) AS SIGNED)
+                        AS later
+             FROM pjq_jobs GROUP BY queue, status ORDER BY queue"
+        ))
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.error(e))?;
@@ -553,13 +543,12 @@ impl JobStore for MysqlStore {
             .map_err(|e| self.error(e))
     }
 
-    async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
-        let result = sqlx::query(
-            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = ?,
+    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome> {
+        let result = sqlx::query(&format!(
+            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {DB_NOW},
                 finished_at = NULL
-             WHERE id = ? AND status IN ('failed', 'cancelled')",
-        )
-        .bind(now.0)
+             WHERE id = ? AND status IN ('failed', 'cancelled')"
+        ))
         .bind(id)
         .execute(&self.pool)
         .await

@@ -73,6 +73,10 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
     ],
 )];
 
+fn insert_job() -> String {
+    rows::insert_job(DB_NOW, ["$1", "$2", "$3", "$4", "$5"])
+}
+
 const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 pub struct PostgresStore {
@@ -111,23 +115,21 @@ impl PostgresStore {
         &self,
         queue: &str,
         worker: &WorkerIdentity,
-        now: Timestamp,
     ) -> StoreResult<Option<ClaimedJob>> {
         let row = sqlx::query(&format!(
             "WITH next AS (
                 SELECT id FROM pjq_jobs
-                WHERE queue = $6 AND status = 'waiting' AND available_at <= $1
+                WHERE queue = $5 AND status = 'waiting' AND available_at <= {DB_NOW}
                 ORDER BY available_at, id LIMIT 1
                 FOR UPDATE SKIP LOCKED)
              UPDATE pjq_jobs j SET status = 'running', lease = j.lease + 1,
                 attempts = j.attempts + 1, claimed_at = {DB_NOW}, started_at = NULL,
-                finished_at = NULL, worker_token = $2, worker_host = $3, worker_instance = $4,
-                worker_pid = $5, exit_code = NULL, exit_signal = NULL, reason = NULL,
+                finished_at = NULL, worker_token = $1, worker_host = $2, worker_instance = $3,
+                worker_pid = $4, exit_code = NULL, exit_signal = NULL, reason = NULL,
                 output = NULL
              FROM next WHERE j.id = next.id
              RETURNING j.id, j.queue, j.code, j.payload, j.attempts, j.lease"
         ))
-        .bind(now.0)
         .bind(&worker.token)
         .bind(&worker.host)
         .bind(&worker.instance)
@@ -174,7 +176,7 @@ impl PostgresStore {
         let statement = format!(
             "UPDATE pjq_jobs SET
                 status = CASE WHEN {RUNS_AGAIN} THEN 'waiting' ELSE 'failed' END,
-                available_at = CASE WHEN {RUNS_AGAIN} THEN $1 ELSE available_at END,
+                available_at = CASE WHEN {RUNS_AGAIN} THEN {DB_NOW} ELSE available_at END,
                 finished_at = CASE WHEN {RUNS_AGAIN} THEN NULL ELSE $1 END,
                 reason = CASE WHEN {RUNS_AGAIN} THEN $2 || ' (requeued)' ELSE $2 END,
                 attempts = CASE WHEN started_at IS NULL THEN attempts - 1 ELSE attempts END,
@@ -293,18 +295,15 @@ impl JobStore for PostgresStore {
 
     async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
         // The notification is delivered when the insert commits, never before.
-        sqlx::query_scalar(
-            "WITH inserted AS (
-                INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
-                    max_attempts)
-                VALUES ($1, $2, $3, 'waiting', $4, $5, $6) RETURNING id)
-             SELECT inserted.id FROM inserted, (SELECT pg_notify($7, $1)) AS notified",
-        )
+        sqlx::query_scalar(&format!(
+            "WITH inserted AS ({} RETURNING id)
+             SELECT inserted.id FROM inserted, (SELECT pg_notify($6, $1)) AS notified",
+            insert_job()
+        ))
         .bind(&job.queue)
         .bind(&job.code)
         .bind(&job.payload)
-        .bind(job.created_at.0)
-        .bind(job.available_at.0)
+        .bind(rows::delay_micros(job.delay))
         .bind(job.max_attempts as i64)
         .bind(CHANNEL)
         .fetch_one(&self.pool)
@@ -314,21 +313,17 @@ impl JobStore for PostgresStore {
 
     async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+        let insert = insert_job();
         for job in jobs {
-            sqlx::query(
-                "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
-                    max_attempts)
-                 VALUES ($1, $2, $3, 'waiting', $4, $5, $6)",
-            )
-            .bind(&job.queue)
-            .bind(&job.code)
-            .bind(&job.payload)
-            .bind(job.created_at.0)
-            .bind(job.available_at.0)
-            .bind(job.max_attempts as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.error(e))?;
+            sqlx::query(&insert)
+                .bind(&job.queue)
+                .bind(&job.code)
+                .bind(&job.payload)
+                .bind(rows::delay_micros(job.delay))
+                .bind(job.max_attempts as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.error(e))?;
         }
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(CHANNEL)
@@ -343,10 +338,9 @@ impl JobStore for PostgresStore {
         &self,
         queues: &[String],
         worker: &WorkerIdentity,
-        now: Timestamp,
     ) -> StoreResult<Option<ClaimedJob>> {
         for queue in queues {
-            if let Some(job) = self.claim_from(queue, worker, now).await? {
+            if let Some(job) = self.claim_from(queue, worker).await? {
                 return Ok(Some(job));
             }
         }
@@ -412,13 +406,12 @@ impl JobStore for PostgresStore {
         .map_err(|e| self.error(e))
     }
 
-    async fn queue_counts(&self, now: Timestamp) -> StoreResult<Vec<QueueCounts>> {
-        let rows = sqlx::query(
+    async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>> {
+        let rows = sqlx::query(&format!(
             "SELECT queue, status, COUNT(*) AS n,
-                    COUNT(*) FILTER (WHERE available_at > $1) AS later
-             FROM pjq_jobs GROUP BY queue, status ORDER BY queue",
-        )
-        .bind(now.0)
+                    COUNT(*) FILTER (WHERE available_at > {DB_NOW}) AS later
+             FROM pjq_jobs GROUP BY queue, status ORDER BY queue"
+        ))
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.error(e))?;
@@ -467,13 +460,12 @@ impl JobStore for PostgresStore {
             .map_err(|e| self.error(e))
     }
 
-    async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
-        let result = sqlx::query(
-            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = $1,
+    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome> {
+        let result = sqlx::query(&format!(
+            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {DB_NOW},
                 finished_at = NULL
-             WHERE id = $2 AND status IN ('failed', 'cancelled')",
-        )
-        .bind(now.0)
+             WHERE id = $1 AND status IN ('failed', 'cancelled')"
+        ))
         .bind(id)
         .execute(&self.pool)
         .await

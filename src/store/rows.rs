@@ -154,3 +154,24 @@ pub fn orphaned(db_now: &str, rescue_after: Duration) -> String {
                           OR w.heartbeat_at <= pjq_jobs.claimed_at + {limit}))"
     )
 }
+
+/// The statement that stores a new job: created now and due its delay later, both by the
+/// database's clock (`db_now`), so hosts with skewed clocks agree on when it is due.
+/// `params` are the dialect's placeholders for queue, code, payload, delay (microseconds,
+/// see [`delay_micros`]) and max_attempts.
+pub fn insert_job(db_now: &str, params: [&str; 5]) -> String {
+    let [queue, code, payload, delay, max_attempts] = params;
+    format!(
+        "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
+            max_attempts)
+         SELECT {queue}, {code}, {payload}, 'waiting', n.at, n.at + {delay}, {max_attempts}
+         FROM (SELECT {db_now} AS at) AS n"
+    )
+}
+
+/// A job's delay in microseconds, at most a thousand years: far enough to mean "not before
+/// an operator says so", near enough that adding the clock cannot overflow.
+pub fn delay_micros(delay: Duration) -> i64 {
+    const MOST: i64 = 1000 * 366 * 86_400 * 1_000_000;
+    i64::try_from(delay.as_micros()).map_or(MOST, |micros| micros.min(MOST))
+}

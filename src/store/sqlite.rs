@@ -27,6 +27,10 @@ use super::{
 /// The database's clock in microseconds since the epoch (for SQLite: this host's clock).
 const DB_NOW: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
 
+fn insert_job() -> String {
+    rows::insert_job(DB_NOW, ["?"; 5])
+}
+
 /// Schema migrations, applied in order, each a list of statements; a released version is
 /// never edited.
 const MIGRATIONS: &[(i64, &[&str])] = &[(
@@ -114,19 +118,17 @@ impl SqliteStore {
         &self,
         queue: &str,
         worker: &WorkerIdentity,
-        now: Timestamp,
     ) -> StoreResult<Option<ClaimedJob>> {
         let row = sqlx::query(&format!(
             "UPDATE pjq_jobs SET status = 'running', lease = lease + 1, attempts = attempts + 1,
                 claimed_at = {DB_NOW}, started_at = NULL, finished_at = NULL,
-                worker_token = ?2, worker_host = ?3, worker_instance = ?4, worker_pid = ?5,
+                worker_token = ?1, worker_host = ?2, worker_instance = ?3, worker_pid = ?4,
                 exit_code = NULL, exit_signal = NULL, reason = NULL, output = NULL
              WHERE id = (SELECT id FROM pjq_jobs
-                         WHERE queue = ?6 AND status = 'waiting' AND available_at <= ?1
+                         WHERE queue = ?5 AND status = 'waiting' AND available_at <= {DB_NOW}
                          ORDER BY available_at, id LIMIT 1)
              RETURNING id, queue, code, payload, attempts, lease"
         ))
-        .bind(now.0)
         .bind(&worker.token)
         .bind(&worker.host)
         .bind(&worker.instance)
@@ -177,7 +179,7 @@ impl SqliteStore {
         let statement = format!(
             "UPDATE pjq_jobs SET
                 status = CASE WHEN {RUNS_AGAIN} THEN 'waiting' ELSE 'failed' END,
-                available_at = CASE WHEN {RUNS_AGAIN} THEN ?1 ELSE available_at END,
+                available_at = CASE WHEN {RUNS_AGAIN} THEN {DB_NOW} ELSE available_at END,
                 finished_at = CASE WHEN {RUNS_AGAIN} THEN NULL ELSE ?1 END,
                 reason = CASE WHEN {RUNS_AGAIN} THEN ?2 || ' (requeued)' ELSE ?2 END,
                 attempts = CASE WHEN started_at IS NULL THEN attempts - 1 ELSE attempts END,
@@ -288,20 +290,15 @@ impl JobStore for SqliteStore {
     }
 
     async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
-        sqlx::query_scalar(
-            "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
-                max_attempts)
-             VALUES (?, ?, ?, 'waiting', ?, ?, ?) RETURNING id",
-        )
-        .bind(&job.queue)
-        .bind(&job.code)
-        .bind(&job.payload)
-        .bind(job.created_at.0)
-        .bind(job.available_at.0)
-        .bind(job.max_attempts as i64)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| self.error(e))
+        sqlx::query_scalar(&format!("{} RETURNING id", insert_job()))
+            .bind(&job.queue)
+            .bind(&job.code)
+            .bind(&job.payload)
+            .bind(rows::delay_micros(job.delay))
+            .bind(job.max_attempts as i64)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.error(e))
     }
 
     async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64> {
@@ -310,21 +307,17 @@ impl JobStore for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|e| self.error(e))?;
+        let insert = insert_job();
         for job in jobs {
-            sqlx::query(
-                "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
-                    max_attempts)
-                 VALUES (?, ?, ?, 'waiting', ?, ?, ?)",
-            )
-            .bind(&job.queue)
-            .bind(&job.code)
-            .bind(&job.payload)
-            .bind(job.created_at.0)
-            .bind(job.available_at.0)
-            .bind(job.max_attempts as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.error(e))?;
+            sqlx::query(&insert)
+                .bind(&job.queue)
+                .bind(&job.code)
+                .bind(&job.payload)
+                .bind(rows::delay_micros(job.delay))
+                .bind(job.max_attempts as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.error(e))?;
         }
         tx.commit().await.map_err(|e| self.error(e))?;
         Ok(jobs.len() as u64)
@@ -334,10 +327,9 @@ impl JobStore for SqliteStore {
         &self,
         queues: &[String],
         worker: &WorkerIdentity,
-        now: Timestamp,
     ) -> StoreResult<Option<ClaimedJob>> {
         for queue in queues {
-            if let Some(job) = self.claim_from(queue, worker, now).await? {
+            if let Some(job) = self.claim_from(queue, worker).await? {
                 return Ok(Some(job));
             }
         }
@@ -403,13 +395,12 @@ impl JobStore for SqliteStore {
         .map_err(|e| self.error(e))
     }
 
-    async fn queue_counts(&self, now: Timestamp) -> StoreResult<Vec<QueueCounts>> {
-        let rows = sqlx::query(
+    async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>> {
+        let rows = sqlx::query(&format!(
             "SELECT queue, status, COUNT(*) AS n,
-                    SUM(CASE WHEN available_at > ? THEN 1 ELSE 0 END) AS later
-             FROM pjq_jobs GROUP BY queue, status ORDER BY queue",
-        )
-        .bind(now.0)
+                    SUM(CASE WHEN available_at > {DB_NOW} THEN 1 ELSE 0 END) AS later
+             FROM pjq_jobs GROUP BY queue, status ORDER BY queue"
+        ))
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.error(e))?;
@@ -458,13 +449,12 @@ impl JobStore for SqliteStore {
             .map_err(|e| self.error(e))
     }
 
-    async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
-        let result = sqlx::query(
-            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = ?,
+    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome> {
+        let result = sqlx::query(&format!(
+            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {DB_NOW},
                 finished_at = NULL
-             WHERE id = ? AND status IN ('failed', 'cancelled')",
-        )
-        .bind(now.0)
+             WHERE id = ? AND status IN ('failed', 'cancelled')"
+        ))
         .bind(id)
         .execute(&self.pool)
         .await

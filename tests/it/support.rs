@@ -428,13 +428,11 @@ macro_rules! shared_backend_tests {
 
 /// A job for the library-level tests and for seeding.
 pub fn new_job(queue: &str, code: &str, payload: &str) -> pim_job_queue::store::NewJob {
-    let now = pim_job_queue::store::Timestamp::now();
     pim_job_queue::store::NewJob {
         queue: queue.into(),
         code: code.into(),
         payload: payload.into(),
-        created_at: now,
-        available_at: now,
+        delay: Duration::ZERO,
         max_attempts: 1,
     }
 }

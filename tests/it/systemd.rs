@@ -35,7 +35,7 @@ fn ready_status_watchdog_and_stopping_in_order() {
         envfile.display()
     ));
     let socket = NotifySocket::new();
-    let mut consumer = notified_consumer(&scratch, &socket, &[], Some("400000"));
+    let mut consumer = notified_consumer(&scratch, &socket, &[], Some("1000000"));
     let ready = socket.wait_for("READY=1", Duration::from_secs(10));
     assert_eq!(
         socket.messages()[ready],
@@ -47,7 +47,8 @@ fn ready_status_watchdog_and_stopping_in_order() {
         Duration::from_secs(5),
     );
     let idle_again = socket.wait_for_after("STATUS=Idle", running, Duration::from_secs(10));
-    // Pings every 200 ms (half of WATCHDOG_USEC) while the 1.5 s job runs.
+    // Pings every ~0.5 s (half of WATCHDOG_USEC) while the 1.5 s job runs, never a gap
+    // systemd would kill for.
     let timed = socket.timed();
     let pings: Vec<Instant> = timed[running..idle_again]
         .iter()
@@ -55,14 +56,14 @@ fn ready_status_watchdog_and_stopping_in_order() {
         .map(|(at, _)| *at)
         .collect();
     assert!(
-        pings.len() >= 5,
+        pings.len() >= 2,
         "{} pings during the job: {:?}",
         pings.len(),
         socket.messages()
     );
     let longest_gap = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
     assert!(
-        longest_gap < Duration::from_millis(400),
+        longest_gap < Duration::from_millis(1000),
         "pings {longest_gap:?} apart"
     );
     assert!(
@@ -280,7 +281,16 @@ fn a_second_sigterm_ends_the_job_at_once() {
         scratch.show(id)["status"] == "running"
     });
     send_signal(&consumer, Signal::SIGTERM);
-    std::thread::sleep(Duration::from_millis(300));
+    // The second signal only after the first was handled: two pending signals coalesce.
+    wait_until(
+        Duration::from_secs(10),
+        "the first SIGTERM to be handled",
+        || {
+            scratch
+                .log_of("c")
+                .contains("stop requested: waiting up to")
+        },
+    );
     assert!(
         consumer.try_wait().unwrap().is_none(),
         "one SIGTERM must not end the job"

@@ -1,0 +1,149 @@
+//! The completer: a job's result (or its give-back) written to the store, retried through
+//! outages, guarded by the lease so a late or repeated write changes nothing.
+
+use tracing::{error, info, warn};
+
+use super::{Backoff, Consumer};
+use crate::signals::StopLevel;
+use crate::store::{ClaimedJob, Completion, JobResult, Release, StoreError, Timestamp};
+use crate::units::format_duration;
+
+impl Consumer {
+    /// Stores the outcome, retrying through database outages: a finished job's result is
+    /// kept in memory until it is written, or until an abort is requested.
+    pub(super) async fn record(&mut self, job: &ClaimedJob, outcome: &Outcome) {
+        let mut backoff = Backoff::default();
+        loop {
+            let stored = match outcome {
+                Outcome::Finished(completion) => self
+                    .db(self.store.complete(&job.lease, completion))
+                    .await
+                    .map(|held| held.then_some(Release::Failed)),
+                Outcome::GivenUp(reason) => self
+                    .db(self.store.release(&job.lease, reason, Timestamp::now()))
+                    .await
+                    .map(|release| (release != Release::NotHeld).then_some(release)),
+                Outcome::NotStarted(reason) => self.put_back_unstarted(job, reason).await,
+            };
+            match stored {
+                Ok(Some(Release::Requeued)) => {
+                    info!("job put back in its queue (attempts left)");
+                    return;
+                }
+                Ok(Some(_)) => return,
+                Ok(None) => {
+                    warn!("result not recorded: the job is no longer held by this worker");
+                    return;
+                }
+                Err(error) if error.is_transient() && !self.aborting() => {
+                    let delay = backoff.next_delay();
+                    warn!(
+                        attempt = backoff.attempts,
+                        "cannot record the job's result: {error}; retrying in {}",
+                        format_duration(delay)
+                    );
+                    self.notifier.status(&format!(
+                        "Database unavailable, holding the result of job {}",
+                        job.id
+                    ));
+                    self.pause(delay, StopLevel::Abort).await;
+                }
+                Err(error) => {
+                    error!(?outcome, "giving up on recording the job's result: {error}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Records a native job's start before its process exists; `Some` (give the job back,
+    /// do not start it) when that record is not certain.
+    pub(super) async fn record_start_before_spawn(&self, job: &ClaimedJob) -> Option<Outcome> {
+        let bounded = tokio::time::timeout(
+            self.timings.fence_after(),
+            self.store.mark_started(&job.lease, Timestamp::now()),
+        );
+        let why = match self.db(bounded).await {
+            Ok(Ok(true)) => return None,
+            Ok(Ok(false)) => "the job is no longer held by this worker".to_string(),
+            Ok(Err(error)) => format!("its start could not be recorded ({error})"),
+            Err(_) => "recording its start did not answer in time".to_string(),
+        };
+        warn!("job not started: {why}");
+        Some(Outcome::GivenUp(format!("not started: {why}")))
+    }
+
+    /// A stop request arrived while the claim was on its way: the job has not started, so it
+    /// goes back to its queue (its attempt refunded) instead of holding up the stop.
+    pub(super) async fn give_back_claim(&self, job: &ClaimedJob) {
+        const REASON: &str = "claimed while the worker was stopping";
+        let released = match self
+            .db(self.store.release_unstarted(&job.lease, REASON))
+            .await
+        {
+            Ok(true) => Ok(Release::Requeued),
+            Ok(false) => {
+                self.db(self.store.release(&job.lease, REASON, Timestamp::now()))
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        match released {
+            Ok(release) => info!(
+                job_id = job.id,
+                "stop requested during the claim: job {} given back ({release:?})", job.id
+            ),
+            Err(error) => warn!(
+                job_id = job.id,
+                "stop requested during the claim; job {} could not be given back, it will be \
+                 rescued: {error}",
+                job.id
+            ),
+        }
+    }
+
+    /// A job whose process never started goes back where the store allows it (the Akeneo
+    /// message becomes visible again at once); elsewhere it fails with the reason.
+    pub(super) async fn put_back_unstarted(
+        &self,
+        job: &ClaimedJob,
+        reason: &str,
+    ) -> Result<Option<Release>, StoreError> {
+        if self
+            .db(self.store.release_unstarted(&job.lease, reason))
+            .await?
+        {
+            info!("job put back in its queue: its process never started");
+            return Ok(Some(Release::Requeued));
+        }
+        let held = self
+            .db(self
+                .store
+                .complete(&job.lease, &failure_without_run(reason.to_string())))
+            .await?;
+        Ok(held.then_some(Release::Failed))
+    }
+}
+
+/// How a claimed job ended, from the worker's side.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// It ran (or could not start); the result is final.
+    Finished(Completion),
+    /// The worker ended it early; it goes back to its queue if it has attempts left.
+    GivenUp(String),
+    /// Its process could not be started at all.
+    NotStarted(String),
+}
+
+pub(super) fn failure_without_run(reason: String) -> Completion {
+    Completion {
+        result: JobResult::Failed {
+            exit_code: None,
+            signal: None,
+            reason,
+        },
+        output: Vec::new(),
+        finished_at: Timestamp::now(),
+    }
+}

@@ -1,0 +1,442 @@
+//! The executor: one claimed job from its launch to its end, watched by a loop that keeps
+//! the worker's duties (watchdog, STATUS, reloads, stops with their grace, the timeout, the
+//! fence and a lost lease) and never waits on the database for longer than a watchdog slice.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::completer::{Outcome, failure_without_run};
+use super::{Consumer, FIRST_BACKOFF, STATUS_REFRESH};
+use crate::breaker::FailedLaunch;
+use crate::config::Transport;
+use crate::fleet::Contact;
+use crate::runner::{self, Ending, JobLaunch, RunReport, RunningJob};
+use crate::signals::StopLevel;
+use crate::store::{ClaimedJob, Completion, JobResult, Timestamp};
+use crate::template::JobFacts;
+use crate::units::format_duration;
+
+impl Consumer {
+    /// Runs one claimed job to its recorded end.
+    pub(super) async fn process(&mut self, job: ClaimedJob, contact: &Contact) {
+        let span = info_span!(
+            "job",
+            job_id = job.id,
+            job_queue = %job.queue,
+            job_code = %job.code
+        );
+        async {
+            let (outcome, ran_for) = match self.prepare_launch(&job) {
+                Ok(launch) => self.execute(&job, &launch, contact).await,
+                Err(reason) => {
+                    warn!("job failed before it started: {reason}");
+                    (Outcome::Finished(failure_without_run(reason)), None)
+                }
+            };
+            let failed_launch = self.failed_at_start(&job, &outcome, ran_for).await;
+            self.record(&job, &outcome).await;
+            self.account_launch(&job, failed_launch).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Why this launch counts as failed at start, for the breaker: its process never
+    /// started, or it failed within the window before the job's system saw it start.
+    pub(super) async fn failed_at_start(
+        &self,
+        job: &ClaimedJob,
+        outcome: &Outcome,
+        ran_for: Option<Duration>,
+    ) -> Option<Result<(), String>> {
+        if !self.breaker.is_enabled() {
+            return None;
+        }
+        let reason = match (outcome, ran_for) {
+            (Outcome::NotStarted(reason), _) => return Some(Err(reason.clone())),
+            (Outcome::Finished(completion), Some(ran_for)) => match &completion.result {
+                JobResult::Succeeded => return Some(Ok(())),
+                JobResult::Failed { .. } if !self.breaker.within_window(ran_for) => {
+                    return Some(Ok(()));
+                }
+                JobResult::Failed { reason, .. } => match completion.output.last() {
+                    Some(line) => format!("{reason}: {line}"),
+                    None => reason.clone(),
+                },
+            },
+            _ => return None,
+        };
+        match self.db(self.store.launch_took_effect(&job.lease)).await {
+            Ok(Some(true)) => Some(Ok(())),
+            Ok(Some(false) | None) => Some(Err(reason)),
+            Err(error) => {
+                warn!("cannot tell whether the job started: {error}");
+                None
+            }
+        }
+    }
+
+    /// Feeds the breaker; when launches keep failing at start, claiming stops for a while
+    /// (and the environment is checked again before it resumes).
+    pub(super) async fn account_launch(
+        &mut self,
+        job: &ClaimedJob,
+        failed: Option<Result<(), String>>,
+    ) {
+        let reason = match failed {
+            None => return,
+            Some(Ok(())) => return self.breaker.record_success(),
+            Some(Err(reason)) => reason,
+        };
+        warn!(
+            failed_launches = self.breaker.failures_in_a_row() + 1,
+            "launch failed at start: {reason}"
+        );
+        let trip = self.breaker.record_failure(FailedLaunch {
+            job: job.id,
+            reason,
+        });
+        match trip {
+            Some(trip) => {
+                let message = format!(
+                    "{}; not taking jobs for {}, then checking the PIM again",
+                    trip.describe(),
+                    format_duration(trip.closed_for)
+                );
+                error!("{message}");
+                self.notifier.status(&format!("Not taking jobs: {message}"));
+            }
+            // A launch whose program could not start leaves its job queued: do not hammer it.
+            None => self.pause(FIRST_BACKOFF, StopLevel::Drain).await,
+        }
+    }
+
+    /// Works out the argv and environment; an error fails the job, never the worker.
+    pub(super) fn prepare_launch(&self, job: &ClaimedJob) -> Result<JobLaunch, String> {
+        let payload = parse_payload(&job.payload)?;
+        if let Transport::Akeneo(settings) = &self.config.transport {
+            let message = crate::akeneo::JobMessage::from_payload(&payload)?;
+            return crate::akeneo::launch(settings, &message, &job.code);
+        }
+        let spec = self.config.job_spec(&job.code)?;
+        let facts = JobFacts {
+            id: job.id,
+            queue: &job.queue,
+            code: &job.code,
+            payload: &payload,
+        };
+        let argv = spec.command.render(&facts)?;
+        let mut env: BTreeMap<String, String> = spec.env.clone();
+        env.insert("PIM_JOB_ID".into(), job.id.to_string());
+        env.insert("PIM_JOB_QUEUE".into(), job.queue.clone());
+        env.insert("PIM_JOB_CODE".into(), job.code.clone());
+        let payload = Value::Object(payload).to_string();
+        // The environment of a process holds 128 KiB per variable: a larger payload (a row
+        // written by other means) is only on the descriptor, or the job could not start.
+        let mut remove_env = Vec::new();
+        if payload.len() <= ENV_PAYLOAD_LIMIT {
+            env.insert("PIM_JOB_PAYLOAD".into(), payload.clone());
+        } else {
+            remove_env.push("PIM_JOB_PAYLOAD".into());
+        }
+        env.insert(
+            "PIM_JOB_PAYLOAD_FILE".into(),
+            format!("/dev/fd/{}", runner::PAYLOAD_FD),
+        );
+        Ok(JobLaunch {
+            argv,
+            working_directory: spec.working_directory.clone(),
+            env,
+            remove_env,
+            timeout: spec.timeout,
+            kill_grace: spec.kill_grace,
+            signal_leader_first: false,
+            payload_on_fd: Some(payload),
+        })
+    }
+
+    /// Starts and watches the job; also returns how long its process ran.
+    ///
+    /// A native job's start is recorded *before* its process is spawned: a job whose start
+    /// is not recorded has certainly not run, which is what lets a rescue (or a give-back)
+    /// run it again with its attempt refunded. If the record cannot be written, the job is
+    /// not started but given back. (The Akeneo store records the start after the exec: its
+    /// start acknowledges the PIM's message, which must wait for a process that runs.)
+    pub(super) async fn execute(
+        &mut self,
+        job: &ClaimedJob,
+        launch: &JobLaunch,
+        contact: &Contact,
+    ) -> (Outcome, Option<Duration>) {
+        let start_recorded_first = matches!(self.config.transport, Transport::Native);
+        if start_recorded_first && let Some(not_started) = self.record_start_before_spawn(job).await
+        {
+            return (not_started, None);
+        }
+        let running = match runner::start(launch) {
+            Ok(running) => running,
+            Err(error) => {
+                let reason = format!("cannot start {}: {error}", launch.argv[0]);
+                warn!("job did not start: {reason}");
+                return (Outcome::NotStarted(reason), None);
+            }
+        };
+        info!(
+            attempt = job.attempts,
+            pid = running.pid().as_raw(),
+            "job started"
+        );
+        self.notifier.status(&running_status(job, Duration::ZERO));
+        if !start_recorded_first {
+            match self
+                .db(self.store.mark_started(&job.lease, Timestamp::now()))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => warn!("job is no longer held by this worker"),
+                Err(error) => warn!("could not record the job's start: {error}"),
+            }
+        }
+        let report = self.watch(running, job, launch.kill_grace, contact).await;
+        let outcome = outcome_of(&report);
+        log_end(&report, &outcome);
+        (outcome, Some(report.duration))
+    }
+
+    /// Waits for the job while keeping the worker's duties: watchdog, STATUS, reloads, stop
+    /// requests with their grace, the timeout and the fence.
+    pub(super) async fn watch(
+        &mut self,
+        mut running: RunningJob,
+        job: &ClaimedJob,
+        kill_grace: Duration,
+        contact: &Contact,
+    ) -> RunReport {
+        let mut ticks = tokio::time::interval(self.heartbeat_slice());
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let timeout = running.deadline();
+        let mut stop_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let event = tokio::select! {
+                status = running.exited() => JobEvent::Exited(status),
+                _ = sleep_until(timeout) => JobEvent::TimedOut,
+                _ = ticks.tick() => JobEvent::Tick,
+                _ = self.signals.reload.notified() => JobEvent::Reload,
+                _ = self.signals.shutdown.reached(StopLevel::Drain), if stop_deadline.is_none() => {
+                    JobEvent::StopRequested
+                }
+                _ = sleep_until(stop_deadline) => {
+                    JobEvent::Interrupt("the stop grace period ran out", kill_grace)
+                }
+                _ = self.signals.shutdown.reached(StopLevel::Abort) => {
+                    JobEvent::Interrupt("interrupted by a second stop request", kill_grace)
+                }
+                _ = contact.lost_for(self.timings.fence_after()) => {
+                    JobEvent::Interrupt("lost contact with the database", self.timings.fence_grace())
+                }
+                _ = contact.lease_lost(job.id) => {
+                    JobEvent::Interrupt("this worker was declared lost: the job is someone else's", self.timings.fence_grace())
+                }
+            };
+            match event {
+                JobEvent::Exited(status) => {
+                    let ending = RunningJob::ending_of(status);
+                    return self
+                        .notifier
+                        .while_pinging(running.finish(ending, status))
+                        .await;
+                }
+                JobEvent::TimedOut => {
+                    warn!("job timed out: ending its process group");
+                    let status = self
+                        .notifier
+                        .while_pinging(running.end_group(kill_grace))
+                        .await;
+                    return self
+                        .notifier
+                        .while_pinging(running.finish(Ending::TimedOut, status))
+                        .await;
+                }
+                JobEvent::Interrupt(reason, grace) => {
+                    warn!("ending the job's process group: {reason}");
+                    self.notifier.extend_timeout(grace + STATUS_REFRESH);
+                    let status = self.notifier.while_pinging(running.end_group(grace)).await;
+                    let ending = Ending::Interrupted(reason.into());
+                    return self
+                        .notifier
+                        .while_pinging(running.finish(ending, status))
+                        .await;
+                }
+                JobEvent::Tick => {
+                    self.keep_alive_while_running(job, &running, stop_deadline);
+                    // Bounded: a black-holed connection must not hold up the fence, the
+                    // timeout, stop handling and the watchdog, which this loop also serves.
+                    let touch =
+                        tokio::time::timeout(self.heartbeat_slice(), self.store.touch(&job.lease));
+                    match touch.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => warn!("could not refresh the job's heartbeat: {error}"),
+                        Err(_) => warn!("refreshing the job's heartbeat did not answer in time"),
+                    }
+                }
+                JobEvent::Reload => self.reload().await,
+                JobEvent::StopRequested => {
+                    let grace = self.config.stop_grace;
+                    stop_deadline = Some(tokio::time::Instant::now() + grace);
+                    info!(
+                        "stop requested: waiting up to {} for job {} to finish",
+                        format_duration(grace),
+                        job.id
+                    );
+                    self.notifier
+                        .stopping(&format!("Stopping: waiting for job {}", job.id));
+                    self.keep_alive_while_running(job, &running, stop_deadline);
+                }
+            }
+        }
+    }
+
+    /// Watchdog ping and STATUS while a job runs; during a stop, also asks systemd for more
+    /// time, as long as the stop grace lasts.
+    pub(super) fn keep_alive_while_running(
+        &mut self,
+        job: &ClaimedJob,
+        running: &RunningJob,
+        stop_deadline: Option<tokio::time::Instant>,
+    ) {
+        self.ping_watchdog_if_due();
+        match stop_deadline {
+            None => self
+                .notifier
+                .status(&running_status(job, running.elapsed())),
+            Some(deadline) => {
+                self.notifier.status(&format!(
+                    "Stopping: waiting for job {} ({} running)",
+                    job.id,
+                    format_duration(Duration::from_secs(running.elapsed().as_secs()))
+                ));
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                self.notifier
+                    .extend_timeout(left.min(STATUS_REFRESH * 3) + STATUS_REFRESH);
+            }
+        }
+    }
+}
+
+/// What woke the job-watching loop.
+pub(super) enum JobEvent {
+    Exited(Option<std::process::ExitStatus>),
+    TimedOut,
+    Tick,
+    Reload,
+    StopRequested,
+    /// End the job now: why, and how long SIGTERM gets before SIGKILL.
+    Interrupt(&'static str, Duration),
+}
+
+pub(super) fn running_status(job: &ClaimedJob, elapsed: Duration) -> String {
+    format!(
+        "Running job {} {} ({}) for {}",
+        job.id,
+        job.code,
+        job.queue,
+        format_duration(Duration::from_secs(elapsed.as_secs()))
+    )
+}
+
+pub(super) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A job's payload must be a JSON object; anything else (a row inserted by hand) fails it.
+pub(super) fn parse_payload(text: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err("invalid payload: not a JSON object".into()),
+        Err(error) => Err(format!("invalid payload: {error}")),
+    }
+}
+
+pub(super) fn outcome_of(report: &RunReport) -> Outcome {
+    let signal = report
+        .status
+        .and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s));
+    let exit_code = report.status.and_then(|s| s.code());
+    let result = match &report.ending {
+        Ending::Exited(0) => JobResult::Succeeded,
+        Ending::Exited(code) => JobResult::Failed {
+            exit_code: Some(*code),
+            signal: None,
+            reason: format!("exit code {code}"),
+        },
+        Ending::Signalled(number) => JobResult::Failed {
+            exit_code: None,
+            signal: Some(*number),
+            reason: format!("killed by signal {}", signal_name(*number)),
+        },
+        Ending::TimedOut => JobResult::Failed {
+            exit_code,
+            signal,
+            reason: "timeout".into(),
+        },
+        Ending::Interrupted(reason) => return Outcome::GivenUp(reason.clone()),
+    };
+    Outcome::Finished(Completion {
+        result,
+        output: report.output_tail.clone(),
+        finished_at: Timestamp::now(),
+    })
+}
+
+pub(super) fn signal_name(number: i32) -> String {
+    nix::sys::signal::Signal::try_from(number)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| number.to_string())
+}
+
+pub(super) fn log_end(report: &RunReport, outcome: &Outcome) {
+    let duration = format_duration(report.duration);
+    match outcome {
+        Outcome::Finished(Completion {
+            result: JobResult::Succeeded,
+            ..
+        }) => info!(duration = %duration, result = "succeeded", "job finished"),
+        Outcome::Finished(Completion {
+            result: JobResult::Failed { reason, .. },
+            ..
+        }) => warn!(duration = %duration, result = "failed", "job finished: {reason}"),
+        Outcome::GivenUp(reason) => {
+            warn!(duration = %duration, result = "interrupted", "job interrupted: {reason}")
+        }
+        Outcome::NotStarted(reason) => warn!(result = "not started", "job not started: {reason}"),
+    }
+}
+
+/// Payloads up to this size are also in `PIM_JOB_PAYLOAD`; all are on `PIM_JOB_PAYLOAD_FILE`.
+pub(super) const ENV_PAYLOAD_LIMIT: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_must_be_objects() {
+        assert!(parse_payload(r#"{"a":1}"#).is_ok());
+        assert!(
+            parse_payload("[1]")
+                .unwrap_err()
+                .contains("not a JSON object")
+        );
+        assert!(
+            parse_payload("{oops")
+                .unwrap_err()
+                .starts_with("invalid payload")
+        );
+    }
+}
