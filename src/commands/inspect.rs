@@ -1,0 +1,224 @@
+//! `status`, `jobs` and `show`: what the store holds, for people and for `--json`.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::cli::{JobsArgs, OutputArgs, ShowArgs};
+use crate::config::Config;
+use crate::exit::{ExitCode, Failure};
+use crate::store::{JobFilter, JobRecord, JobStatus, QueueCounts, StoreError, Timestamp};
+use crate::units::format_duration;
+
+use super::Context;
+
+pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), Failure> {
+    let store = context.open_store().await?;
+    let now = Timestamp::now();
+    let counts = ordered_counts(&context.config, store.queue_counts().await?);
+    let running = match store
+        .list_jobs(&JobFilter {
+            queue: None,
+            status: Some(JobStatus::Running),
+            limit: 1000,
+        })
+        .await
+    {
+        // The Akeneo transport keeps no job records: the workers list shows their jobs.
+        Err(StoreError::Unsupported(_)) => Vec::new(),
+        other => other?,
+    };
+    let workers = store.list_workers().await?;
+    if args.json {
+        let running: Vec<Value> = running.iter().map(|job| running_json(job, now)).collect();
+        let report = json!({
+            "database": store.location(),
+            "database_from": context.url_source.to_string(),
+            "queues": counts,
+            "running": running,
+            "workers": workers,
+        });
+        println!("{report:#}");
+        return Ok(());
+    }
+    println!(
+        "Database: {} (from {})\n",
+        store.location(),
+        context.url_source
+    );
+    println!(
+        "{:<24} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
+        "QUEUE", "WAITING", "DELAYED", "RUNNING", "FAILED", "SUCCEEDED", "CANCELLED"
+    );
+    for c in &counts {
+        println!(
+            "{:<24} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
+            c.queue, c.waiting, c.delayed, c.running, c.failed, c.succeeded, c.cancelled
+        );
+    }
+    println!("\nRunning jobs: {}", running.len());
+    for job in &running {
+        println!(
+            "  #{:<8} {:<22} {:<30} {:<28} {}",
+            job.id,
+            job.queue,
+            job.code,
+            worker_of(job),
+            format_duration(running_for(job, now))
+        );
+    }
+    println!("\nWorkers: {}", workers.len());
+    for worker in &workers {
+        let job = worker
+            .current_job
+            .map_or("idle".into(), |id| format!("job #{id}"));
+        println!(
+            "  {:<28} queues {:<50} heartbeat {:>5.1}s ago, {job}",
+            format!(
+                "{}/{}/{}",
+                worker.host,
+                worker.instance.as_deref().unwrap_or("-"),
+                worker.pid
+            ),
+            worker.queues,
+            worker.heartbeat_age_seconds
+        );
+    }
+    Ok(())
+}
+
+/// Every configured queue in priority order (zeros included), then any other queue found.
+pub(super) fn ordered_counts(config: &Config, found: Vec<QueueCounts>) -> Vec<QueueCounts> {
+    let mut ordered: Vec<QueueCounts> = config
+        .queues
+        .iter()
+        .map(|queue| {
+            found
+                .iter()
+                .find(|c| &c.queue == queue)
+                .cloned()
+                .unwrap_or(QueueCounts {
+                    queue: queue.clone(),
+                    ..QueueCounts::default()
+                })
+        })
+        .collect();
+    ordered.extend(found.into_iter().filter(|c| !config.knows_queue(&c.queue)));
+    ordered
+}
+
+pub(super) fn running_for(job: &JobRecord, now: Timestamp) -> Duration {
+    now.since(job.started_at.or(job.claimed_at).unwrap_or(now))
+}
+
+pub(super) fn worker_of(job: &JobRecord) -> String {
+    format!(
+        "{}/{}/{}",
+        job.worker_host.as_deref().unwrap_or("?"),
+        job.worker_instance.as_deref().unwrap_or("-"),
+        job.worker_pid.map_or("?".into(), |p| p.to_string())
+    )
+}
+
+pub(super) fn running_json(job: &JobRecord, now: Timestamp) -> Value {
+    json!({
+        "id": job.id,
+        "queue": job.queue,
+        "code": job.code,
+        "worker_host": job.worker_host,
+        "worker_instance": job.worker_instance,
+        "worker_pid": job.worker_pid,
+        "running_seconds": running_for(job, now).as_secs_f64(),
+    })
+}
+
+pub(super) async fn jobs(context: &Context, args: &JobsArgs) -> Result<(), Failure> {
+    let store = context.open_store().await?;
+    let jobs = store
+        .list_jobs(&JobFilter {
+            queue: args.queue.clone(),
+            status: args.status,
+            limit: args.limit,
+        })
+        .await?;
+    if args.output.json {
+        println!("{:#}", json!(jobs));
+        return Ok(());
+    }
+    println!(
+        "{:>8}  {:<22} {:<30} {:<10} {:>8}  {:<20}  RESULT",
+        "ID", "QUEUE", "CODE", "STATUS", "ATTEMPTS", "CREATED"
+    );
+    for job in &jobs {
+        println!(
+            "{:>8}  {:<22} {:<30} {:<10} {:>8}  {:<20}  {}",
+            job.id,
+            printable(&job.queue),
+            printable(&job.code),
+            job.status,
+            job.attempts,
+            job.created_at.to_string(),
+            printable(job.reason.as_deref().unwrap_or(""))
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn show(context: &Context, args: &ShowArgs) -> Result<(), Failure> {
+    let store = context.open_store().await?;
+    let job = store
+        .get_job(args.id)
+        .await?
+        .ok_or_else(|| Failure::new(ExitCode::NoInput, format!("no job with id {}", args.id)))?;
+    if args.output.json {
+        println!("{:#}", json!(job));
+        return Ok(());
+    }
+    let optional = |t: Option<Timestamp>| t.map_or("-".into(), |t| t.to_string());
+    println!("Job #{}", job.id);
+    println!("  queue:     {}", printable(&job.queue));
+    println!("  code:      {}", printable(&job.code));
+    println!("  status:    {}", job.status);
+    println!("  attempts:  {}", job.attempts);
+    println!("  payload:   {}", printable(&job.payload));
+    println!("  created:   {}", job.created_at);
+    println!("  available: {}", job.available_at);
+    println!("  claimed:   {}", optional(job.claimed_at));
+    println!("  started:   {}", optional(job.started_at));
+    println!("  finished:  {}", optional(job.finished_at));
+    if job.worker_host.is_some() {
+        println!("  worker:    {}", printable(&worker_of(&job)));
+    }
+    if let Some(code) = job.exit_code {
+        println!("  exit code: {code}");
+    }
+    if let Some(signal) = job.exit_signal {
+        println!("  signal:    {signal}");
+    }
+    if let Some(reason) = &job.reason {
+        println!("  reason:    {}", printable(reason));
+    }
+    if !job.output.is_empty() {
+        println!("  output (last {} lines):", job.output.len());
+        for line in &job.output {
+            println!("    {}", printable(line));
+        }
+    }
+    Ok(())
+}
+
+/// Text from a job (its output, reason, code, payload) made safe for a terminal: control
+/// characters are shown escaped, so output cannot move the cursor, retitle the window or
+/// hide lines from the operator reading it.
+pub(super) fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| match c {
+            '\t' => "\t".to_string(),
+            c if c.is_control() => c.escape_unicode().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
