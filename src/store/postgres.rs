@@ -651,14 +651,19 @@ impl PushListener for PgPushListener {
 }
 
 /// Sorts PostgreSQL failures into "try again later" and "something is wrong".
-fn classify(error: sqlx::Error, location: &str) -> StoreError {
+/// Sorts a PostgreSQL error by its SQLSTATE: the one place that decides what waiting can fix.
+pub fn classify(error: sqlx::Error, location: &str) -> StoreError {
     let transient = match &error {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // Connection exceptions, shutdowns, too many connections, serialization
-            // failures and deadlocks: all pass with time.
+            // failures, deadlocks, lock_timeout (55P03) and statement_timeout or a cancel
+            // (57014): all pass with time.
             code.starts_with("08")
                 || code.starts_with("57P")
-                || matches!(code.as_ref(), "53300" | "40001" | "40P01" | "55P03")
+                || matches!(
+                    code.as_ref(),
+                    "53300" | "40001" | "40P01" | "55P03" | "57014"
+                )
         }),
         other => super::is_connection_error(other),
     };

@@ -680,7 +680,9 @@ fn permission_problem(path: &str) -> Option<String> {
 }
 
 /// Sorts SQLite failures into "try again later" and "something is wrong".
-fn classify(error: sqlx::Error, path: &str) -> StoreError {
+/// Sorts a SQLite error by its primary result code: the one place that decides what waiting
+/// can fix.
+pub fn classify(error: sqlx::Error, path: &str) -> StoreError {
     // Primary result codes: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
     const TRANSIENT: [i64; 6] = [5, 6, 8, 10, 13, 14];
     let primary = match &error {

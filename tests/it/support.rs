@@ -682,7 +682,8 @@ pub fn queues_drained(scratch: &Scratch) -> bool {
 /// fresh data directory on a free loopback port; killed when dropped.
 pub struct PrivateMariadb {
     child: Child,
-    _dir: TempDir,
+    dir: TempDir,
+    extra_args: Vec<String>,
     pub port: u16,
 }
 
@@ -693,7 +694,6 @@ impl PrivateMariadb {
             .tempdir()
             .unwrap();
         let data = dir.path().join("data");
-        let as_root = nix::unistd::geteuid().is_root();
         let mut install = Command::new("mariadb-install-db");
         install
             .args([
@@ -702,7 +702,7 @@ impl PrivateMariadb {
                 "--auth-root-authentication-method=normal",
             ])
             .arg(format!("--datadir={}", data.display()));
-        if as_root {
+        if nix::unistd::geteuid().is_root() {
             install.arg("--user=root");
         }
         let installed = install
@@ -718,32 +718,35 @@ impl PrivateMariadb {
             .local_addr()
             .unwrap()
             .port();
-        let mut server = Command::new("mariadbd");
-        server
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", data.display()))
-            .arg(format!("--socket={}", dir.path().join("sock").display()))
-            .arg(format!("--port={port}"))
-            .args(["--bind-address=127.0.0.1", "--skip-grant-tables"])
-            .args(extra_args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap());
-        if as_root {
-            server.arg("--user=root");
-        }
-        let child = server.spawn().expect("mariadbd runs");
+        let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
+        let child = spawn_mariadbd(dir.path(), port, &extra_args);
         let private = PrivateMariadb {
             child,
-            _dir: dir,
+            dir,
+            extra_args,
             port,
         };
-        let url = private.url("mysql");
+        private.wait_until_it_answers();
+        private
+    }
+
+    /// Kills the server (`SIGKILL`, as a crash or an OOM kill does), leaves it down for
+    /// `down`, and starts it again on the same data and port; returns once it answers.
+    pub fn restart_after(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = spawn_mariadbd(self.dir.path(), self.port, &self.extra_args);
+        self.wait_until_it_answers();
+    }
+
+    fn wait_until_it_answers(&self) {
+        let url = self.url("mysql");
         wait_until(
             Duration::from_secs(30),
             "the private MariaDB to answer",
             || block_on(async { connect_any(&url).await.is_ok() }),
         );
-        private
     }
 
     pub fn url(&self, database: &str) -> String {
@@ -762,6 +765,29 @@ impl PrivateMariadb {
         });
         self.url(name)
     }
+}
+
+fn spawn_mariadbd(dir: &Path, port: u16, extra_args: &[String]) -> Child {
+    let mut server = Command::new("mariadbd");
+    server
+        .arg("--no-defaults")
+        .arg(format!("--datadir={}", dir.join("data").display()))
+        .arg(format!("--socket={}", dir.join("sock").display()))
+        .arg(format!("--port={port}"))
+        .args(["--bind-address=127.0.0.1", "--skip-grant-tables"])
+        .args(extra_args)
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("server.log"))
+                .unwrap(),
+        );
+    if nix::unistd::geteuid().is_root() {
+        server.arg("--user=root");
+    }
+    server.spawn().expect("mariadbd runs")
 }
 
 impl Drop for PrivateMariadb {
