@@ -325,3 +325,41 @@ fn a_sqlite_write_lock_held_past_the_busy_timeout_is_retried() {
         holder.execute("ROLLBACK").await.unwrap();
     });
 }
+
+/// A failover's read-only server (1290) and a full one (1040), provoked on a private MariaDB
+/// that checks privileges (a SUPER session, as every session is without them, bypasses
+/// both): each is "try again later".
+#[test]
+fn a_read_only_or_full_server_is_retried() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let server = PrivateMariadb::start_with_grants(&[]);
+    let url = server.user("worker", "not-super", "pjq");
+    block_on(async {
+        let mut first = MySqlConnection::connect(&url).await.unwrap();
+        first.execute("CREATE TABLE t (id INT)").await.unwrap();
+        server.admin("SET GLOBAL read_only = 1").await;
+        let refused = first
+            .execute("INSERT INTO t VALUES (1)")
+            .await
+            .expect_err("the server is read-only");
+        assert!(refused.to_string().contains("1290"), "{refused}");
+        assert_transient(refused, "a read-only server");
+        server.admin("SET GLOBAL read_only = 0").await;
+        // MariaDB's smallest max_connections is 10.
+        server.admin("SET GLOBAL max_connections = 10").await;
+        // Up to max_connections (counted by the server, which may still be closing the
+        // admin's sessions), then the refusal.
+        let mut open = Vec::new();
+        let full = loop {
+            match MySqlConnection::connect(&url).await {
+                Ok(connection) if open.len() < 12 => open.push(connection),
+                Ok(_) => panic!("max_connections = 10 let {} sessions in", open.len() + 2),
+                Err(error) => break error,
+            }
+        };
+        assert!(full.to_string().contains("1040"), "{full}");
+        assert_transient(full, "too many connections");
+    });
+}

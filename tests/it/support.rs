@@ -684,11 +684,25 @@ pub struct PrivateMariadb {
     child: Child,
     dir: TempDir,
     extra_args: Vec<String>,
+    /// Whether the server checks privileges: without them every session is SUPER, which
+    /// read_only and max_connections do not apply to.
+    grants: bool,
     pub port: u16,
 }
 
 impl PrivateMariadb {
+    /// A private server without privilege checks: anyone may do anything, as root.
     pub fn start(extra_args: &[&str]) -> PrivateMariadb {
+        Self::start_checking(extra_args, false)
+    }
+
+    /// A private server that checks privileges; root (no password) over its socket only,
+    /// other users from [`PrivateMariadb::user`].
+    pub fn start_with_grants(extra_args: &[&str]) -> PrivateMariadb {
+        Self::start_checking(extra_args, true)
+    }
+
+    fn start_checking(extra_args: &[&str], grants: bool) -> PrivateMariadb {
         let dir = tempfile::Builder::new()
             .prefix("pjq-mariadb")
             .tempdir()
@@ -719,11 +733,12 @@ impl PrivateMariadb {
             .unwrap()
             .port();
         let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
-        let child = spawn_mariadbd(dir.path(), port, &extra_args);
+        let child = spawn_mariadbd(dir.path(), port, &extra_args, grants);
         let private = PrivateMariadb {
             child,
             dir,
             extra_args,
+            grants,
             port,
         };
         private.wait_until_it_answers();
@@ -736,12 +751,12 @@ impl PrivateMariadb {
         let _ = self.child.kill();
         let _ = self.child.wait();
         std::thread::sleep(down);
-        self.child = spawn_mariadbd(self.dir.path(), self.port, &self.extra_args);
+        self.child = spawn_mariadbd(self.dir.path(), self.port, &self.extra_args, self.grants);
         self.wait_until_it_answers();
     }
 
     fn wait_until_it_answers(&self) {
-        let url = self.url("mysql");
+        let url = self.admin_url();
         wait_until(
             Duration::from_secs(30),
             "the private MariaDB to answer",
@@ -753,9 +768,43 @@ impl PrivateMariadb {
         format!("mysql://root@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// Root's URL: over TCP without privilege checks, over the socket with them.
+    fn admin_url(&self) -> String {
+        if self.grants {
+            let socket = self.dir.path().join("sock");
+            format!("mysql://root@localhost/mysql?socket={}", socket.display())
+        } else {
+            self.url("mysql")
+        }
+    }
+
+    /// Runs `sql` as root.
+    pub async fn admin(&self, sql: &str) {
+        let mut conn = connect_any(&self.admin_url()).await.unwrap();
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+
+    /// A new database and a user with every privilege on it and nothing else (no SUPER);
+    /// returns the user's URL for it.
+    pub fn user(&self, name: &str, password: &str, database: &str) -> String {
+        block_on(async {
+            self.admin(&format!("CREATE DATABASE `{database}`")).await;
+            self.admin(&format!(
+                "CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'"
+            ))
+            .await;
+            self.admin(&format!("GRANT ALL ON `{database}`.* TO '{name}'@'%'"))
+                .await;
+        });
+        format!(
+            "mysql://{name}:{password}@127.0.0.1:{}/{database}",
+            self.port
+        )
+    }
+
     /// A new empty database on this server; returns its URL.
     pub fn database(&self, name: &str) -> String {
-        let admin = self.url("mysql");
+        let admin = self.admin_url();
         block_on(async {
             let mut conn = connect_any(&admin).await.unwrap();
             sqlx::query(&format!("CREATE DATABASE `{name}`"))
@@ -767,23 +816,24 @@ impl PrivateMariadb {
     }
 }
 
-fn spawn_mariadbd(dir: &Path, port: u16, extra_args: &[String]) -> Child {
+fn spawn_mariadbd(dir: &Path, port: u16, extra_args: &[String], grants: bool) -> Child {
     let mut server = Command::new("mariadbd");
     server
         .arg("--no-defaults")
         .arg(format!("--datadir={}", dir.join("data").display()))
         .arg(format!("--socket={}", dir.join("sock").display()))
         .arg(format!("--port={port}"))
-        .args(["--bind-address=127.0.0.1", "--skip-grant-tables"])
-        .args(extra_args)
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("server.log"))
-                .unwrap(),
-        );
+        .arg("--bind-address=127.0.0.1");
+    if !grants {
+        server.arg("--skip-grant-tables");
+    }
+    server.args(extra_args).stdout(Stdio::null()).stderr(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.log"))
+            .unwrap(),
+    );
     if nix::unistd::geteuid().is_root() {
         server.arg("--user=root");
     }
