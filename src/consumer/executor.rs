@@ -196,7 +196,18 @@ impl Consumer {
                 .await
             {
                 Ok(true) => {}
-                Ok(false) => warn!("job is no longer held by this worker"),
+                Ok(false) => {
+                    // Another consumer holds it now (it redelivered the message): the job
+                    // is theirs to run, so this copy ends at once.
+                    error!("the job was taken over before its start was recorded");
+                    const REASON: &str = "the job is no longer held by this worker";
+                    let report = self
+                        .end_now(running, REASON, self.timings.fence_grace())
+                        .await;
+                    let outcome = outcome_of(&report);
+                    log_end(&report, &outcome);
+                    return (outcome, Some(report.duration));
+                }
                 Err(error) => warn!("could not record the job's start: {error}"),
             }
         }
@@ -204,6 +215,23 @@ impl Consumer {
         let outcome = outcome_of(&report);
         log_end(&report, &outcome);
         (outcome, Some(report.duration))
+    }
+
+    /// Ends the job's process group now (SIGTERM, SIGKILL after `grace`), pinging the
+    /// watchdog meanwhile; the job is reported interrupted for `reason`.
+    async fn end_now(
+        &mut self,
+        mut running: RunningJob,
+        reason: &str,
+        grace: Duration,
+    ) -> RunReport {
+        warn!("ending the job's process group: {reason}");
+        self.notifier.extend_timeout(grace + STATUS_REFRESH);
+        let status = self.notifier.while_pinging(running.end_group(grace)).await;
+        let ending = Ending::Interrupted(reason.into());
+        self.notifier
+            .while_pinging(running.finish(ending, status))
+            .await
     }
 
     /// Waits for the job while keeping the worker's duties: watchdog, STATUS, reloads, stop
@@ -261,14 +289,7 @@ impl Consumer {
                         .await;
                 }
                 JobEvent::Interrupt(reason, grace) => {
-                    warn!("ending the job's process group: {reason}");
-                    self.notifier.extend_timeout(grace + STATUS_REFRESH);
-                    let status = self.notifier.while_pinging(running.end_group(grace)).await;
-                    let ending = Ending::Interrupted(reason.into());
-                    return self
-                        .notifier
-                        .while_pinging(running.finish(ending, status))
-                        .await;
+                    return self.end_now(running, reason, grace).await;
                 }
                 JobEvent::Tick => {
                     self.keep_alive_while_running(job, &running, stop_deadline);

@@ -497,6 +497,13 @@ impl JobStore for AkeneoStore {
                 .execute(self.pool())
                 .await
                 .map_err(|e| self.error(e))?;
+        if acknowledged.rows_affected() != 1 {
+            // Another consumer redelivered the message (its redeliver timeout passed) or
+            // already finished with it: the message and its execution are theirs now, so
+            // this worker's ending of its copy must change neither.
+            self.forget(lease);
+            return Ok(false);
+        }
         if let Some(claim) = self
             .claims
             .lock()
@@ -506,7 +513,7 @@ impl JobStore for AkeneoStore {
             claim.acknowledged = true;
         }
         self.touch(lease).await?;
-        Ok(acknowledged.rows_affected() == 1)
+        Ok(true)
     }
 
     async fn touch(&self, lease: &Lease) -> StoreResult<()> {

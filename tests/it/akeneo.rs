@@ -772,3 +772,68 @@ fn messages_dispatched_by_real_symfony_messenger_are_consumed() {
     );
     assert_eq!(pim.remaining_messages(), 0);
 }
+
+/// Another consumer redelivers the message between this worker's claim and its
+/// acknowledgement (its redeliver timeout passed): the acknowledgement says "not held", and
+/// this worker's ending of its copy changes nothing: neither the message, now the other's,
+/// nor the execution the other consumer runs.
+#[test]
+fn a_message_taken_over_before_its_acknowledgement_is_left_to_its_new_holder() {
+    use pim_job_queue::store::{Timestamp, WorkerIdentity};
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let pim = Pim::new("akeneo7");
+    let execution = pim.execution("csv_product_import");
+    pim.job_message("import_export_job", IMPORT, execution, "{}");
+    let config = pim_job_queue::config::Config::load(Some(&pim.scratch.config_path())).unwrap();
+    let taken_over = "2030-01-01 00:00:00";
+    block_on(async {
+        let store = pim_job_queue::store::open_configured(&config, &pim.scratch.url)
+            .await
+            .unwrap();
+        let worker = WorkerIdentity::for_this_process(None, Some("host-a".into()));
+        let queues = vec!["import_export_job".to_string()];
+        let job = store.claim(&queues, &worker).await.unwrap().unwrap();
+        let mut other = sqlx::MySqlConnection::connect(&pim.scratch.url)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE messenger_messages SET delivered_at = ? WHERE id = ?")
+            .bind(taken_over)
+            .bind(job.id)
+            .execute(&mut other)
+            .await
+            .unwrap();
+        assert!(
+            !store
+                .mark_started(&job.lease, Timestamp::now())
+                .await
+                .unwrap(),
+            "the acknowledgement must see the message is someone else's"
+        );
+        // What the executor does next: it ends its copy and gives the job up.
+        store
+            .release(
+                &job.lease,
+                "the job is no longer held by this worker",
+                Timestamp::now(),
+            )
+            .await
+            .unwrap();
+    });
+    assert_eq!(
+        pim.remaining_messages(),
+        1,
+        "the other consumer's message stays"
+    );
+    assert_eq!(
+        pim.query_text("SELECT CAST(delivered_at AS CHAR) FROM messenger_messages")
+            .as_deref(),
+        Some(taken_over)
+    );
+    assert_eq!(
+        pim.execution_status(execution),
+        2,
+        "the execution the other consumer runs is left STARTING"
+    );
+}
