@@ -6,11 +6,12 @@
 //! late or repeated completion (after a rescue, say) changes nothing.
 
 pub mod akeneo;
-mod deadline;
+pub mod faults;
 pub mod mysql;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
+pub mod wrap;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -288,7 +289,7 @@ pub struct SchemaVersion {
     pub latest: i64,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached now; trying again later may work.
     #[error("database unavailable: {0}")]
@@ -594,7 +595,7 @@ fn is_connection_error(error: &sqlx::Error) -> bool {
 /// How long a store call may take, on the client and on the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallLimits {
-    /// The client's deadline on every call (see [`deadline`]).
+    /// The client's deadline on every call (see [`wrap::Deadline`]).
     pub deadline: Duration,
 }
 
@@ -635,7 +636,10 @@ pub async fn open_with(url: &str, limits: CallLimits) -> StoreResult<Box<dyn Job
     let store = open_backend(url, limits)
         .await
         .map_err(|error| error.without_secrets_of(url))?;
-    Ok(Box::new(deadline::Deadlined::new(store, limits.deadline)))
+    Ok(Box::new(wrap::Deadlined::with_deadline(
+        store,
+        limits.deadline,
+    )))
 }
 
 async fn open_backend(url: &str, limits: CallLimits) -> StoreResult<Box<dyn JobStore>> {
@@ -704,7 +708,7 @@ pub async fn open_configured(
             let store = bounded_open(url, limits, opening)
                 .await
                 .map_err(|error| error.without_secrets_of(url))?;
-            Ok(Box::new(deadline::Deadlined::new(
+            Ok(Box::new(wrap::Deadlined::with_deadline(
                 Box::new(store),
                 limits.deadline,
             )))

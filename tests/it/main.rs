@@ -9,6 +9,7 @@ mod cli;
 mod conformance;
 mod consume;
 mod errors;
+mod faults;
 mod fleet;
 mod hostile;
 mod instance;

@@ -1,4 +1,5 @@
-//! A deadline on every store call.
+//! Store wrappers: a hook around every call of a store, and the one the daemon always uses,
+//! a deadline on every store call.
 //!
 //! A connection that the network black-holes (the server or a firewall silently drops its
 //! packets) answers nothing and reports no error for as long as TCP keeps retransmitting,
@@ -13,6 +14,7 @@
 //! the rescue (see [`super::JobStore::orphaned_jobs`]).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,55 +25,92 @@ use super::{
     Timestamp, WorkerIdentity, WorkerRecord,
 };
 
-/// Migrations may rewrite a large table: they get longer, but never forever.
-const MIGRATION_DEADLINE: Duration = Duration::from_secs(300);
+/// One store call, boxed so that a hook can wrap calls of every result type.
+pub type Call<'a, T> = Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'a>>;
 
-/// A store whose every call ends within `deadline`, as [`StoreError::Unavailable`] if the
-/// database has not answered by then.
-pub struct Deadlined {
-    inner: Box<dyn JobStore>,
-    deadline: Duration,
+/// What a [`Wrapped`] store does around each call of the store inside: bound it, fault it.
+pub trait CallHook: Send + Sync {
+    /// Runs `call` (named `what`, as in logs), or does something else with it.
+    fn around<'a, T: Send + 'a>(&'a self, what: &'static str, call: Call<'a, T>) -> Call<'a, T>;
 }
 
-impl Deadlined {
-    pub fn new(inner: Box<dyn JobStore>, deadline: Duration) -> Deadlined {
-        Deadlined { inner, deadline }
+/// A store whose every call goes through a hook. Only opening a listener is wrapped for
+/// [`JobStore::listen`]: waiting for a push is what a listener is for.
+pub struct Wrapped<H> {
+    inner: Box<dyn JobStore>,
+    hook: H,
+}
+
+impl<H: CallHook> Wrapped<H> {
+    pub fn new(inner: Box<dyn JobStore>, hook: H) -> Wrapped<H> {
+        Wrapped { inner, hook }
     }
 
-    async fn bounded<T>(
-        &self,
-        what: &str,
-        limit: Duration,
-        call: impl Future<Output = StoreResult<T>>,
-    ) -> StoreResult<T> {
-        match tokio::time::timeout(limit, call).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "{}: no answer to `{what}` within {}",
-                self.inner.location(),
-                humantime::format_duration(limit)
-            ))),
+    fn call<'a, T: Send + 'a>(
+        &'a self,
+        what: &'static str,
+        call: impl Future<Output = StoreResult<T>> + Send + 'a,
+    ) -> Call<'a, T> {
+        self.hook.around(what, Box::pin(call))
+    }
+}
+
+/// The deadline on every call, as [`StoreError::Unavailable`] when the database has not
+/// answered by then. Migrations may rewrite a large table and bulk loads commit many rows:
+/// they get longer, never forever.
+pub struct Deadline {
+    pub limit: Duration,
+    /// The store's location, for the error message.
+    pub location: String,
+}
+
+impl Deadline {
+    const MIGRATION: Duration = Duration::from_secs(300);
+    const BATCH_FACTOR: u32 = 60;
+
+    fn limit_for(&self, what: &str) -> Duration {
+        match what {
+            "migrate" => Self::MIGRATION,
+            "push batch" => self.limit * Self::BATCH_FACTOR,
+            _ => self.limit,
         }
     }
+}
 
-    async fn call<T>(
-        &self,
-        what: &str,
-        call: impl Future<Output = StoreResult<T>>,
-    ) -> StoreResult<T> {
-        self.bounded(what, self.deadline, call).await
+impl CallHook for Deadline {
+    fn around<'a, T: Send + 'a>(&'a self, what: &'static str, call: Call<'a, T>) -> Call<'a, T> {
+        let limit = self.limit_for(what);
+        Box::pin(async move {
+            match tokio::time::timeout(limit, call).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Unavailable(format!(
+                    "{}: no answer to `{what}` within {}",
+                    self.location,
+                    humantime::format_duration(limit)
+                ))),
+            }
+        })
+    }
+}
+
+/// A store whose every call ends within its deadline.
+pub type Deadlined = Wrapped<Deadline>;
+
+impl Deadlined {
+    pub fn with_deadline(inner: Box<dyn JobStore>, limit: Duration) -> Deadlined {
+        let location = inner.location();
+        Wrapped::new(inner, Deadline { limit, location })
     }
 }
 
 #[async_trait]
-impl JobStore for Deadlined {
+impl<H: CallHook> JobStore for Wrapped<H> {
     fn location(&self) -> String {
         self.inner.location()
     }
 
     async fn migrate(&self) -> StoreResult<u32> {
-        self.bounded("migrate", MIGRATION_DEADLINE, self.inner.migrate())
-            .await
+        self.call("migrate", self.inner.migrate()).await
     }
 
     async fn schema_version(&self) -> StoreResult<SchemaVersion> {
@@ -84,10 +123,7 @@ impl JobStore for Deadlined {
     }
 
     async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64> {
-        // One commit for the whole batch: give it the time of one call per thousand jobs.
-        let limit = self.deadline * (1 + jobs.len() / 1000).min(60) as u32;
-        self.bounded("push batch", limit, self.inner.push_batch(jobs))
-            .await
+        self.call("push batch", self.inner.push_batch(jobs)).await
     }
 
     async fn claim(
@@ -208,7 +244,6 @@ impl JobStore for Deadlined {
             .await
     }
 
-    /// Only opening the listener is bounded: waiting for a push is what it is for.
     async fn listen(&self) -> StoreResult<Option<Box<dyn PushListener>>> {
         self.call("listen", self.inner.listen()).await
     }
