@@ -362,9 +362,7 @@ fn sigterm_lets_the_running_job_finish(backend: Backend) {
     let id = scratch.push("ui_job", "slow");
     let next = scratch.push("ui_job", "u");
     let mut consumer = scratch.spawn_consumer("c", &[]);
-    wait_until(Duration::from_secs(10), "the job to start", || {
-        scratch.show(id)["status"] == "running"
-    });
+    wait_until_started(&scratch, id);
     send_signal(&consumer, Signal::SIGTERM);
     assert_eq!(wait_exit(&mut consumer, Duration::from_secs(10)), 0);
     assert_eq!(scratch.show(id)["status"], "succeeded");

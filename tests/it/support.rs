@@ -338,6 +338,15 @@ pub fn libfaketime(what: &str) -> Option<PathBuf> {
     None
 }
 
+/// Waits until job `id`'s start is recorded. A job is `running` from its claim on, but a
+/// stop that arrives while the claim is on its way gives the job back unstarted: tests that
+/// stop a worker "during a job" wait for this, not for the status.
+pub fn wait_until_started(scratch: &Scratch, id: i64) {
+    wait_until(Duration::from_secs(10), "the job to start", || {
+        !scratch.show(id)["started_at"].is_null()
+    });
+}
+
 /// Polls `condition` until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;

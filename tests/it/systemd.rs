@@ -277,9 +277,7 @@ fn a_second_sigterm_ends_the_job_at_once() {
     scratch.write_config("[jobs.long]\ncommand = [\"/bin/sleep\", \"300\"]");
     let id = scratch.push("ui_job", "long");
     let mut consumer = scratch.spawn_consumer("c", &[]);
-    wait_until(Duration::from_secs(10), "the job to start", || {
-        scratch.show(id)["status"] == "running"
-    });
+    wait_until_started(&scratch, id);
     send_signal(&consumer, Signal::SIGTERM);
     // The second signal only after the first was handled: two pending signals coalesce.
     wait_until(
