@@ -692,8 +692,10 @@ pub fn classify(error: sqlx::Error, path: &str) -> StoreError {
             .map(|code| code & 0xff),
         _ => None,
     };
-    // READONLY and CANTOPEN are lasting when the file belongs to someone else.
-    if matches!(primary, Some(8 | 14))
+    // Any database error is lasting when this user cannot write the file or its directory:
+    // READONLY and CANTOPEN as a rule, but under load a read-only WAL connection can also
+    // report BUSY or an I/O error first, and retrying those would loop forever.
+    if primary.is_some()
         && let Some(problem) = permission_problem(path)
     {
         return StoreError::PermissionDenied(format!("{problem} ({error})"));
