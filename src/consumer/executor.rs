@@ -1,6 +1,8 @@
 //! The executor: one claimed job from its launch to its end, watched by a loop that keeps
 //! the worker's duties (watchdog, STATUS, reloads, stops with their grace, the timeout, the
-//! fence and a lost lease) and never waits on the database for longer than a watchdog slice.
+//! fence and a lost lease). Inside that loop a store call (Akeneo 6's per-tick health check)
+//! is bounded by a watchdog slice; the start record around the spawn is bounded by the call
+//! deadline, with the watchdog pinged meanwhile.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
