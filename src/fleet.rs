@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::store::{JobId, JobStore, StoreResult, Timestamp, WorkerIdentity};
+use crate::store::{JobId, JobStore, StoreResult, Timestamp, WorkerIdentity, saturating_micros};
 
 /// How often old finished jobs are pruned, when there is no backlog.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
@@ -417,9 +417,9 @@ impl ClockWatch {
     fn record(&mut self, reading: ClockReading, rescue_after: Duration) -> Option<i64> {
         let previous = self.last.replace(reading)?;
         let moved = reading.database.0 - previous.database.0;
-        let shortest = micros(reading.sent.saturating_duration_since(previous.received));
-        let longest = micros(reading.received.duration_since(previous.sent));
-        let tolerance = micros(CLOCK_TOLERANCE);
+        let shortest = saturating_micros(reading.sent.saturating_duration_since(previous.received));
+        let longest = saturating_micros(reading.received.duration_since(previous.sent));
+        let tolerance = saturating_micros(CLOCK_TOLERANCE);
         if (shortest - tolerance..=longest + tolerance).contains(&moved) {
             return None;
         }
@@ -433,10 +433,6 @@ impl ClockWatch {
     fn allows_rescue(&self, now: Instant) -> bool {
         self.frozen_until.is_none_or(|until| now >= until)
     }
-}
-
-fn micros(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
 fn format_micros(step: i64) -> humantime::FormattedDuration {

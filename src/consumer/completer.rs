@@ -57,17 +57,14 @@ impl Consumer {
     }
 
     /// Records a native job's start before its process exists; `Some` (give the job back,
-    /// do not start it) when that record is not certain.
+    /// do not start it) when that record is not certain. The store's call deadline, well
+    /// inside the fence, bounds the wait.
     pub(super) async fn record_start_before_spawn(&self, job: &ClaimedJob) -> Option<Outcome> {
-        let bounded = tokio::time::timeout(
-            self.timings.fence_after(),
-            self.store.mark_started(&job.lease, Timestamp::now()),
-        );
-        let why = match self.db(bounded).await {
-            Ok(Ok(true)) => return None,
-            Ok(Ok(false)) => "the job is no longer held by this worker".to_string(),
-            Ok(Err(error)) => format!("its start could not be recorded ({error})"),
-            Err(_) => "recording its start did not answer in time".to_string(),
+        let start = self.store.mark_started(&job.lease, Timestamp::now());
+        let why = match self.db(start).await {
+            Ok(true) => return None,
+            Ok(false) => "the job is no longer held by this worker".to_string(),
+            Err(error) => format!("its start could not be recorded ({error})"),
         };
         warn!("job not started: {why}");
         Some(Outcome::GivenUp(format!("not started: {why}")))

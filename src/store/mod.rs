@@ -54,7 +54,7 @@ impl Timestamp {
 
 /// A duration in microseconds, saturating instead of wrapping around (a wrapped delay would
 /// run a job at once).
-fn saturating_micros(duration: Duration) -> i64 {
+pub fn saturating_micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 

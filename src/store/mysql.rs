@@ -378,12 +378,8 @@ impl JobStore for MysqlStore {
     }
 
     async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
-        let result = sqlx::query(&insert_job())
-            .bind(&job.queue)
-            .bind(&job.code)
-            .bind(&job.payload)
-            .bind(rows::delay_micros(job.delay))
-            .bind(job.max_attempts as i64)
+        let insert = insert_job();
+        let result = rows::bind_new_job(sqlx::query(&insert), job)
             .execute(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
@@ -394,12 +390,7 @@ impl JobStore for MysqlStore {
         let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
         let insert = insert_job();
         for job in jobs {
-            sqlx::query(&insert)
-                .bind(&job.queue)
-                .bind(&job.code)
-                .bind(&job.payload)
-                .bind(rows::delay_micros(job.delay))
-                .bind(job.max_attempts as i64)
+            rows::bind_new_job(sqlx::query(&insert), job)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| self.error(e))?;

@@ -169,9 +169,27 @@ pub fn insert_job(db_now: &str, params: [&str; 5]) -> String {
     )
 }
 
+/// Binds a new job to [`insert_job`]'s placeholders, in their order.
+pub fn bind_new_job<'q, DB>(
+    query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    job: &'q super::NewJob,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'q, DB> + Type<DB>,
+    i64: sqlx::Encode<'q, DB> + Type<DB>,
+{
+    query
+        .bind(&job.queue)
+        .bind(&job.code)
+        .bind(&job.payload)
+        .bind(delay_micros(job.delay))
+        .bind(job.max_attempts as i64)
+}
+
 /// A job's delay in microseconds, at most a thousand years: far enough to mean "not before
 /// an operator says so", near enough that adding the clock cannot overflow.
 pub fn delay_micros(delay: Duration) -> i64 {
     const MOST: i64 = 1000 * 366 * 86_400 * 1_000_000;
-    i64::try_from(delay.as_micros()).map_or(MOST, |micros| micros.min(MOST))
+    super::saturating_micros(delay).min(MOST)
 }

@@ -309,12 +309,7 @@ impl JobStore for SqliteStore {
             .map_err(|e| self.error(e))?;
         let insert = insert_job();
         for job in jobs {
-            sqlx::query(&insert)
-                .bind(&job.queue)
-                .bind(&job.code)
-                .bind(&job.payload)
-                .bind(rows::delay_micros(job.delay))
-                .bind(job.max_attempts as i64)
+            rows::bind_new_job(sqlx::query(&insert), job)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| self.error(e))?;
