@@ -79,6 +79,8 @@ struct ContactState {
     current_job: Option<JobId>,
     /// A job this worker was found to have lost (its registration taken away while it ran).
     lost_job: Option<JobId>,
+    /// Queues a reload chose, for the heartbeat to record with its next beat.
+    new_queues: Option<Vec<String>>,
 }
 
 impl Contact {
@@ -90,6 +92,7 @@ impl Contact {
                 connected_since: Instant::now(),
                 current_job: None,
                 lost_job: None,
+                new_queues: None,
             }),
             lease_lost: tokio::sync::Notify::new(),
         }
@@ -128,6 +131,21 @@ impl Contact {
 
     fn current_job(&self) -> Option<JobId> {
         self.lock().current_job
+    }
+
+    /// Hands the queues a reload chose to the heartbeat, which records them with its next
+    /// beat: the consumer never waits on the database for a reload, even while a job runs.
+    pub fn record_queues(&self, queues: Vec<String>) {
+        self.lock().new_queues = Some(queues);
+    }
+
+    fn take_new_queues(&self) -> Option<Vec<String>> {
+        self.lock().new_queues.take()
+    }
+
+    /// Puts back queues the heartbeat could not record, unless a newer reload replaced them.
+    fn keep_new_queues(&self, queues: Vec<String>) {
+        self.lock().new_queues.get_or_insert(queues);
     }
 
     /// Records a successful heartbeat; returns since when the outage it ends had lasted.
@@ -232,7 +250,7 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut ticks = tokio::time::interval(self.timings.heartbeat_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
@@ -262,7 +280,8 @@ impl Heartbeat {
         }
     }
 
-    async fn beat(&self) -> StoreResult<()> {
+    async fn beat(&mut self) -> StoreResult<()> {
+        self.record_new_queues().await?;
         let current = self.contact.current_job();
         if !self.store.heartbeat(&self.worker, current).await? {
             match current {
@@ -283,6 +302,23 @@ impl Heartbeat {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Records the queues a reload chose; kept for the next beat if the write fails.
+    async fn record_new_queues(&mut self) -> StoreResult<()> {
+        let Some(queues) = self.contact.take_new_queues() else {
+            return Ok(());
+        };
+        match self.store.register_worker(&self.worker, &queues).await {
+            Ok(()) => {
+                self.queues = queues;
+                Ok(())
+            }
+            Err(error) => {
+                self.contact.keep_new_queues(queues);
+                Err(error)
+            }
+        }
     }
 }
 

@@ -73,8 +73,10 @@ fn main() {
         } else {
             eprintln!("pim-job-queue: {}", failure.message);
         }
+        logging::flush();
         std::process::exit(failure.exit.code());
     }
+    logging::flush();
 }
 
 /// A job runs as the worker's user, so it could read the worker's `/proc/PID/environ` (the

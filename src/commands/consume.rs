@@ -80,6 +80,7 @@ pub(super) async fn consume(
             ExitCode::Restart,
             "stop-workers requested: exiting so that the service manager restarts the worker",
         )),
+        StopReason::StoreUnusable(exit, why) => Err(Failure::new(exit, why)),
         _ => Ok(()),
     }
 }

@@ -1,10 +1,20 @@
 //! The executor: one claimed job from its launch to its end, watched by a loop that keeps
 //! the worker's duties (watchdog, STATUS, reloads, stops with their grace, the timeout, the
-//! fence and a lost lease). Inside that loop a store call (Akeneo 6's per-tick health check)
-//! is bounded by a watchdog slice; the start record around the spawn is bounded by the call
-//! deadline, with the watchdog pinged meanwhile.
+//! fence and a lost lease).
+//!
+//! That loop never awaits the database, so a black-holed connection or a lock wait cannot
+//! freeze the fence, the timeout, stop handling or the watchdog while a job runs: the fence
+//! and a lost lease reach it as events from the heartbeat task; a store's per-job heartbeat
+//! (Akeneo 6's health check) is written by a task of its own ([`JobTouch`]); Akeneo's
+//! acknowledgement after the exec is a write the loop waits for *beside* the job; a reload
+//! hands new queues to the heartbeat. The only store calls on the executor's path are
+//! before the process exists (a native job's start record, bounded by the call deadline
+//! with the watchdog pinged) and after it ended (the completer's).
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -17,7 +27,7 @@ use crate::config::Transport;
 use crate::fleet::Contact;
 use crate::runner::{self, Ending, JobLaunch, RunReport, RunningJob};
 use crate::signals::StopLevel;
-use crate::store::{ClaimedJob, Completion, JobResult, Timestamp};
+use crate::store::{ClaimedJob, Completion, JobResult, JobStore, Lease, StoreResult, Timestamp};
 use crate::template::JobFacts;
 use crate::units::format_duration;
 
@@ -192,28 +202,19 @@ impl Consumer {
             "job started"
         );
         self.notifier.status(&running_status(job, Duration::ZERO));
-        if !start_recorded_first {
-            match self
-                .db(self.store.mark_started(&job.lease, Timestamp::now()))
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    // Another consumer holds it now (it redelivered the message): the job
-                    // is theirs to run, so this copy ends at once.
-                    error!("the job was taken over before its start was recorded");
-                    const REASON: &str = "the job is no longer held by this worker";
-                    let report = self
-                        .end_now(running, REASON, self.timings.fence_grace())
-                        .await;
-                    let outcome = outcome_of(&report);
-                    log_end(&report, &outcome);
-                    return (outcome, Some(report.duration));
-                }
-                Err(error) => warn!("could not record the job's start: {error}"),
-            }
-        }
-        let report = self.watch(running, job, launch.kill_grace, contact).await;
+        let acknowledgement = (!start_recorded_first).then(|| {
+            let store = self.store.clone();
+            let lease = job.lease.clone();
+            Box::pin(async move { store.mark_started(&lease, Timestamp::now()).await })
+                as PendingWrite
+        });
+        let watched = Watched {
+            job,
+            kill_grace: launch.kill_grace,
+            contact,
+            acknowledgement,
+        };
+        let report = self.watch(running, watched).await;
         let outcome = outcome_of(&report);
         log_end(&report, &outcome);
         (outcome, Some(report.duration))
@@ -237,19 +238,29 @@ impl Consumer {
     }
 
     /// Waits for the job while keeping the worker's duties: watchdog, STATUS, reloads, stop
-    /// requests with their grace, the timeout and the fence.
+    /// requests with their grace, the timeout, the fence and a lost lease. Nothing here
+    /// awaits the database (see the module doc).
     pub(super) async fn watch(
         &mut self,
         mut running: RunningJob,
-        job: &ClaimedJob,
-        kill_grace: Duration,
-        contact: &Contact,
+        watched: Watched<'_>,
     ) -> RunReport {
+        let Watched {
+            job,
+            kill_grace,
+            contact,
+            mut acknowledgement,
+        } = watched;
+        let _touch = JobTouch::start(
+            self.store.clone(),
+            job.lease.clone(),
+            self.heartbeat_slice(),
+        );
         let mut ticks = tokio::time::interval(self.heartbeat_slice());
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let timeout = running.deadline();
         let mut stop_deadline: Option<tokio::time::Instant> = None;
-        loop {
+        let report = loop {
             let event = tokio::select! {
                 status = running.exited() => JobEvent::Exited(status),
                 _ = sleep_until(timeout) => JobEvent::TimedOut,
@@ -270,11 +281,18 @@ impl Consumer {
                 _ = contact.lease_lost(job.id) => {
                     JobEvent::Interrupt("this worker was declared lost: the job is someone else's", self.timings.fence_grace())
                 }
+                held = settle(&mut acknowledgement), if acknowledgement.is_some() => {
+                    acknowledgement = None;
+                    match acknowledged(held) {
+                        Some(reason) => JobEvent::Interrupt(reason, self.timings.fence_grace()),
+                        None => continue,
+                    }
+                }
             };
             match event {
                 JobEvent::Exited(status) => {
                     let ending = RunningJob::ending_of(status);
-                    return self
+                    break self
                         .notifier
                         .while_pinging(running.finish(ending, status))
                         .await;
@@ -285,27 +303,16 @@ impl Consumer {
                         .notifier
                         .while_pinging(running.end_group(kill_grace))
                         .await;
-                    return self
+                    break self
                         .notifier
                         .while_pinging(running.finish(Ending::TimedOut, status))
                         .await;
                 }
                 JobEvent::Interrupt(reason, grace) => {
-                    return self.end_now(running, reason, grace).await;
+                    break self.end_now(running, reason, grace).await;
                 }
-                JobEvent::Tick => {
-                    self.keep_alive_while_running(job, &running, stop_deadline);
-                    // Bounded: a black-holed connection must not hold up the fence, the
-                    // timeout, stop handling and the watchdog, which this loop also serves.
-                    let touch =
-                        tokio::time::timeout(self.heartbeat_slice(), self.store.touch(&job.lease));
-                    match touch.await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => warn!("could not refresh the job's heartbeat: {error}"),
-                        Err(_) => warn!("refreshing the job's heartbeat did not answer in time"),
-                    }
-                }
-                JobEvent::Reload => self.reload().await,
+                JobEvent::Tick => self.keep_alive_while_running(job, &running, stop_deadline),
+                JobEvent::Reload => self.reload(contact),
                 JobEvent::StopRequested => {
                     let grace = self.config.stop_grace;
                     stop_deadline = Some(tokio::time::Instant::now() + grace);
@@ -319,7 +326,13 @@ impl Consumer {
                     self.keep_alive_while_running(job, &running, stop_deadline);
                 }
             }
+        };
+        // A job that ended before its acknowledgement answered: the answer is still needed
+        // (the result is only recorded for a message this worker holds), within the deadline.
+        if let Some(pending) = acknowledgement {
+            acknowledged(self.db(pending).await);
         }
+        report
     }
 
     /// Watchdog ping and STATUS while a job runs; during a stop, also asks systemd for more
@@ -346,6 +359,68 @@ impl Consumer {
                     .extend_timeout(left.min(STATUS_REFRESH * 3) + STATUS_REFRESH);
             }
         }
+    }
+}
+
+/// One job as the watching loop sees it.
+pub(super) struct Watched<'a> {
+    pub job: &'a ClaimedJob,
+    pub kill_grace: Duration,
+    pub contact: &'a Contact,
+    /// Akeneo's acknowledgement of the job's message, still on its way.
+    pub acknowledgement: Option<PendingWrite>,
+}
+
+/// A store write the watching loop waits for beside the job, never instead of it.
+pub(super) type PendingWrite = Pin<Box<dyn Future<Output = StoreResult<bool>> + Send>>;
+
+/// Resolves with the pending write's answer; never when there is none.
+async fn settle(pending: &mut Option<PendingWrite>) -> StoreResult<bool> {
+    match pending {
+        Some(write) => write.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Why the job must end, from its acknowledgement's answer: taken over by another consumer
+/// (it redelivered the message), the job is theirs to run, so this copy ends at once.
+fn acknowledged(held: StoreResult<bool>) -> Option<&'static str> {
+    match held {
+        Ok(true) => None,
+        Ok(false) => {
+            error!("the job was taken over before its start was recorded");
+            Some("the job is no longer held by this worker")
+        }
+        Err(error) => {
+            warn!("could not record the job's start: {error}");
+            None
+        }
+    }
+}
+
+/// A store's per-job heartbeat (Akeneo 6's `health_check_time`), written on a task of its
+/// own for as long as this value lives: a slow write delays nothing but the next one.
+struct JobTouch(tokio::task::JoinHandle<()>);
+
+impl JobTouch {
+    fn start(store: Arc<dyn JobStore>, lease: Lease, every: Duration) -> JobTouch {
+        let touching = async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                if let Err(error) = store.touch(&lease).await {
+                    warn!("could not refresh the job's heartbeat: {error}");
+                }
+            }
+        };
+        JobTouch(tokio::spawn(touching.in_current_span()))
+    }
+}
+
+impl Drop for JobTouch {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

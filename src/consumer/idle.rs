@@ -41,7 +41,7 @@ impl Consumer {
 
     /// Sleeps one poll interval, or less when a push, a stop, a reload, the time limit or
     /// the watchdog comes first.
-    pub(super) async fn idle(&mut self) {
+    pub(super) async fn idle(&mut self, contact: &Contact) {
         let mut nap = self.poll_interval().min(self.heartbeat_slice());
         if let Some(limit) = self.options.time_limit {
             nap = nap.min(limit.saturating_sub(self.started.elapsed()));
@@ -63,7 +63,7 @@ impl Consumer {
         }
         self.wake.woken_by_socket = woken_by_socket;
         if reload {
-            self.reload().await;
+            self.reload(contact);
         }
         if let Some(error) = listener_failed {
             // The listener reconnects on its next use; until then polling carries on.

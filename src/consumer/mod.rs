@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::akeneo::restart_signal::RestartSignal;
 use crate::breaker::LaunchBreaker;
 use crate::config::{Config, Transport};
-use crate::exit::Failure;
+use crate::exit::{ExitCode, Failure};
 use crate::fleet::{Contact, FleetTimings, Membership, clock};
 use crate::notify::Notifier;
 use crate::signals::{Signals, StopLevel};
@@ -69,6 +69,9 @@ pub enum StopReason {
     /// The environment cannot run jobs (the Akeneo preflight failed after a reload or after
     /// launches kept failing): a configuration problem for a person to fix.
     CannotLaunch(String),
+    /// The job store refuses this worker in a way waiting cannot fix (a SQLite file this
+    /// user may not write): exit with the store's code (77) instead of retrying forever.
+    StoreUnusable(ExitCode, String),
 }
 
 impl StopReason {
@@ -80,6 +83,7 @@ impl StopReason {
             StopReason::MemoryLimit => "memory limit reached".into(),
             StopReason::StopWorkersRequested => "stop-workers requested".into(),
             StopReason::CannotLaunch(reason) => format!("jobs cannot be launched: {reason}"),
+            StopReason::StoreUnusable(_, reason) => format!("the job store is unusable: {reason}"),
         }
     }
 }
@@ -157,9 +161,12 @@ impl Consumer {
 
     /// Runs until a stop condition; returns which.
     pub async fn run(&mut self) -> StopReason {
-        let Some(membership) = self.join_fleet().await else {
-            self.notifier.stopping("Stopping");
-            return StopReason::Signal;
+        let membership = match self.join_fleet().await {
+            Ok(membership) => membership,
+            Err(reason) => {
+                self.notifier.stopping("Stopping");
+                return reason;
+            }
         };
         self.wake = self.open_wake_sources().await;
         info!(
@@ -177,7 +184,10 @@ impl Consumer {
             match self.next_step(&contact).await {
                 Ok(Some(reason)) => break reason,
                 Ok(None) => self.backoff.reset(),
-                Err(error) => self.wait_after_error(&error, &contact).await,
+                Err(error) => match unusable(&error) {
+                    Some(reason) => break reason,
+                    None => self.wait_after_error(&error, &contact).await,
+                },
             }
         };
         self.notifier.stopping("Stopping");
@@ -189,8 +199,9 @@ impl Consumer {
         &self.signals.shutdown
     }
 
-    /// Registers in the fleet, retrying through outages; `None` if stopped meanwhile.
-    async fn join_fleet(&mut self) -> Option<Membership> {
+    /// Registers in the fleet, retrying through outages; why not when stopped meanwhile or
+    /// refused for good.
+    async fn join_fleet(&mut self) -> Result<Membership, StopReason> {
         loop {
             let joined = self
                 .db(Membership::join(
@@ -201,8 +212,11 @@ impl Consumer {
                 ))
                 .await;
             match joined {
-                Ok(membership) => return Some(membership),
+                Ok(membership) => return Ok(membership),
                 Err(error) => {
+                    if let Some(reason) = unusable(&error) {
+                        return Err(reason);
+                    }
                     let delay = self.backoff.next_delay();
                     self.notifier.status(&format!(
                         "Waiting for database (attempt {}, next in {})",
@@ -214,7 +228,7 @@ impl Consumer {
                 }
             }
             if self.shutdown().is_stopping() {
-                return None;
+                return Err(StopReason::Signal);
             }
         }
     }
@@ -261,7 +275,7 @@ impl Consumer {
             None => {
                 debug!("no job due");
                 self.notifier.status(&self.idle_status());
-                self.idle().await;
+                self.idle(contact).await;
             }
         }
         Ok(None)
@@ -370,8 +384,10 @@ impl Consumer {
     }
 
     /// Re-reads the config and the queue selection. An invalid new configuration is logged
-    /// and the old one kept; a running job is never disturbed.
-    async fn reload(&mut self) {
+    /// and the old one kept; a running job is never disturbed. No database call: the
+    /// heartbeat records new queues with its next beat, so a reload during a job never
+    /// holds up the loop that watches it.
+    fn reload(&mut self, contact: &Contact) {
         self.notifier.reloading();
         match (self.reloader)() {
             Ok((mut config, queues)) => {
@@ -390,12 +406,7 @@ impl Consumer {
                         queues.join(", "),
                         self.options.queues.join(", ")
                     );
-                    if let Err(error) = self
-                        .db(self.store.register_worker(&self.worker, &queues))
-                        .await
-                    {
-                        warn!("could not record the new queues: {error}");
-                    }
+                    contact.record_queues(queues.clone());
                 } else {
                     info!("reloaded: queues unchanged ({})", queues.join(", "));
                 }
@@ -435,6 +446,17 @@ fn same_transport(a: &Transport, b: &Transport) -> bool {
     match (a, b) {
         (Transport::Akeneo(a), Transport::Akeneo(b)) => a.as_configured() == b.as_configured(),
         (a, b) => a == b,
+    }
+}
+
+/// Why the worker must stop, for a store error that no retry can fix: whichever call meets
+/// it first (opening, registering, claiming), the worker ends the same way.
+fn unusable(error: &StoreError) -> Option<StopReason> {
+    match error {
+        StoreError::PermissionDenied(reason) => {
+            Some(StopReason::StoreUnusable(ExitCode::NoPerm, reason.clone()))
+        }
+        _ => None,
     }
 }
 

@@ -442,7 +442,9 @@ pub trait JobStore: Send + Sync {
     /// failed with `reason` otherwise. Guarded like [`JobStore::complete`].
     async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release>;
 
-    /// Adds (or replaces) this worker's row, with a fresh heartbeat.
+    /// Adds this worker's row, or refreshes its heartbeat and queues. The job a registered
+    /// worker names stays named: clearing it, even until the next heartbeat, would let a
+    /// rescuer judge a long-running job disowned and run it twice.
     async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()>;
 
     /// Refreshes this worker's heartbeat, by the database's clock, so that workers on hosts

@@ -486,9 +486,11 @@ impl JobStore for SqliteStore {
 
     async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()> {
         sqlx::query(&format!(
-            "INSERT OR REPLACE INTO pjq_workers
+            "INSERT INTO pjq_workers
                 (token, host, instance, pid, queues, started_at, heartbeat_at, current_job)
-             VALUES (?, ?, ?, ?, ?, ?, {DB_NOW}, NULL)"
+             VALUES (?, ?, ?, ?, ?, ?, {DB_NOW}, NULL)
+             ON CONFLICT (token) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,
+                queues = excluded.queues"
         ))
         .bind(&worker.token)
         .bind(&worker.host)

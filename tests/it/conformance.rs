@@ -19,6 +19,7 @@ backend_tests!(
     retry_resets_a_failed_job,
     rescue_takes_back_only_lost_workers_jobs_once,
     a_claim_whose_reply_was_lost_is_taken_back,
+    registering_again_keeps_the_running_job_owned,
     prune_removes_only_old_finished_jobs,
     release_requeues_while_attempts_remain,
 );
@@ -312,6 +313,45 @@ fn a_claim_whose_reply_was_lost_is_taken_back(backend: Backend) {
             2,
             "live workers keep their rows: {workers:?}"
         );
+    });
+}
+
+/// A worker that records new queues (a reload) while a long job runs keeps naming that job:
+/// a registration that cleared it, even until the next heartbeat, would let any rescuer take
+/// back a job running for longer than `rescue_after` and run it a second time.
+fn registering_again_keeps_the_running_job_owned(backend: Backend) {
+    use std::time::Duration;
+    const RESCUE_AFTER: Duration = Duration::from_secs(1);
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let me = worker("reloading");
+        store.register_worker(&me, &queues()).await.unwrap();
+        let id = store.push(&new_job("ui_job", "long", "{}")).await.unwrap();
+        let claimed = store.claim(&queues(), &me).await.unwrap().unwrap();
+        assert!(
+            store
+                .mark_started(&claimed.lease, Timestamp::now())
+                .await
+                .unwrap()
+        );
+        assert!(store.heartbeat(&me, Some(id)).await.unwrap());
+        tokio::time::sleep(RESCUE_AFTER + Duration::from_millis(300)).await;
+        assert!(store.heartbeat(&me, Some(id)).await.unwrap());
+        store
+            .register_worker(&me, &["ui_job".to_string()])
+            .await
+            .unwrap();
+        let orphaned = store.orphaned_jobs(RESCUE_AFTER).await.unwrap();
+        assert_eq!(
+            orphaned,
+            vec![],
+            "a re-registered worker's job looks disowned"
+        );
+        let listed = store.list_workers().await.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].queues, "ui_job");
+        assert_eq!(listed[0].current_job, Some(id));
     });
 }
 

@@ -18,15 +18,24 @@ use crate::support::*;
 /// Runs a consumer in this process, on the scratch's config, through `faults`, until it
 /// has run `limit` jobs (or 30 s pass).
 fn consume_through(scratch: &Scratch, faults: Arc<Faults>, limit: u64) -> StopReason {
+    let reloader: Reloader = Box::new(|| Err(Failure::config("no reloads in this test")));
+    consume_reloadable(scratch, faults, limit, Arc::default(), reloader)
+}
+
+/// [`consume_through`], reloading through `reloader` whenever `reload` is notified.
+fn consume_reloadable(
+    scratch: &Scratch,
+    faults: Arc<Faults>,
+    limit: u64,
+    reload: Arc<tokio::sync::Notify>,
+    reloader: Reloader,
+) -> StopReason {
     let config = Config::load(Some(&scratch.config_path())).unwrap();
     block_on(async {
         let inner = store::open_configured(&config, &scratch.url).await.unwrap();
         let store: Arc<dyn JobStore> = Arc::new(Wrapped::new(inner, faults));
         let (_trigger, shutdown) = Shutdown::new();
-        let signals = Signals {
-            shutdown,
-            reload: Arc::default(),
-        };
+        let signals = Signals { shutdown, reload };
         let options = ConsumerOptions {
             queues: ["ui_job", "import_export_job", "data_maintenance_job"]
                 .map(String::from)
@@ -37,7 +46,6 @@ fn consume_through(scratch: &Scratch, faults: Arc<Faults>, limit: u64) -> StopRe
             memory_limit: None,
         };
         let worker = WorkerIdentity::for_this_process(None, Some("host-a".into()));
-        let reloader: Reloader = Box::new(|| Err(Failure::config("no reloads in this test")));
         let notifier = Arc::new(Notifier::disabled());
         let mut consumer =
             Consumer::new(store, config, options, worker, signals, notifier, reloader);
@@ -116,4 +124,82 @@ fn heartbeats_that_answer_too_late_fence_the_job() {
     let job = scratch.show(id);
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["reason"], "lost contact with the database", "{job}");
+}
+
+/// A reload while a job runs, with the database slow to take the new queues (8 s): the loop
+/// that watches the job does not wait for that write, so the job's end is seen, and
+/// recorded, when it happens. (It used to wait in the reload, blind to the job, the fence
+/// and stop requests, for as long as the write took.)
+#[test]
+fn a_reload_during_a_job_never_waits_on_the_database() {
+    let scratch = Scratch::new(Backend::Sqlite);
+    let started = scratch.path("started");
+    scratch.write_config(&format!(
+        "[jobs.short]\ncommand = [\"/bin/sh\", \"-c\", \"touch {}; sleep 1.5\"]",
+        started.display()
+    ));
+    let id = scratch.push("ui_job", "short");
+    let faults = Arc::new(Faults::default());
+    let reload = Arc::new(tokio::sync::Notify::new());
+    let config_path = scratch.config_path();
+    let reloader: Reloader = Box::new(move || {
+        let config = Config::load(Some(&config_path))?;
+        Ok((config, vec!["ui_job".to_string()]))
+    });
+    let reloading = {
+        let (faults, reload) = (faults.clone(), reload.clone());
+        std::thread::spawn(move || {
+            wait_until(Duration::from_secs(10), "the job to start", || {
+                started.exists()
+            });
+            faults.arm("register", Fault::Delay(Duration::from_secs(8)), 1);
+            reload.notify_one();
+        })
+    };
+    let began = Instant::now();
+    let reason = consume_reloadable(&scratch, faults, 1, reload, reloader);
+    reloading.join().unwrap();
+    assert_eq!(reason, StopReason::JobLimit);
+    let job = scratch.show(id);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let ran_for = job["finished_at"].as_i64().unwrap() - job["started_at"].as_i64().unwrap();
+    assert!(
+        ran_for < 4_000_000,
+        "the end of a 1.5 s job was recorded {ran_for} µs after its start"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        began.elapsed()
+    );
+}
+
+/// A store that refuses this worker for good (a SQLite file it may not write) ends the
+/// worker with exit 77, whichever call meets the refusal first: registering used to retry
+/// it forever, so whether the worker exited depended on which statement failed first.
+#[test]
+fn a_store_that_refuses_this_user_ends_the_worker_whichever_call_meets_it() {
+    use pim_job_queue::exit::ExitCode;
+    use pim_job_queue::store::StoreError;
+    for call in ["register", "claim"] {
+        let scratch = Scratch::new(Backend::Sqlite);
+        scratch.write_config("[jobs.x]\ncommand = [\"/bin/true\"]");
+        let id = scratch.push("ui_job", "x");
+        let faults = Arc::new(Faults::default());
+        let refusal = StoreError::PermissionDenied("not writable by this user".into());
+        faults.arm(call, Fault::Fail(refusal), 1);
+        let started = Instant::now();
+        let reason = consume_through(&scratch, faults, 1);
+        assert_eq!(
+            reason,
+            StopReason::StoreUnusable(ExitCode::NoPerm, "not writable by this user".into()),
+            "{call}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{call}: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(scratch.show(id)["status"], "waiting", "{call}");
+    }
 }

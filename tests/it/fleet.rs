@@ -14,6 +14,7 @@ backend_tests!(
     a_crashed_workers_job_fails_as_worker_lost,
     a_crashed_workers_job_runs_again_with_attempts_left,
     a_slow_but_alive_worker_keeps_its_job,
+    reloads_during_a_long_job_never_let_it_be_rescued,
     push_wakes_an_idle_worker_on_the_same_host,
     a_steady_ui_stream_keeps_lower_queues_waiting,
 );
@@ -28,6 +29,11 @@ fn pid_in(path: &std::path::Path) -> i32 {
         .trim()
         .parse()
         .unwrap()
+}
+
+fn assert_rescued_nothing(scratch: &Scratch, worker: &str) {
+    let log = scratch.log_of(worker);
+    assert!(!log.contains("rescued"), "{worker} rescued a job: {log}");
 }
 
 fn workers(scratch: &Scratch) -> Vec<Value> {
@@ -159,11 +165,56 @@ fn a_slow_but_alive_worker_keeps_its_job(backend: Backend) {
     let job = scratch.show(id);
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["attempts"], 1);
-    assert!(
-        !scratch.log_of("b").contains("rescued"),
-        "{}",
-        scratch.log_of("b")
+    assert_rescued_nothing(&scratch, "b");
+    send_signal(&b, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut b, Duration::from_secs(5)), 0);
+}
+
+/// Reloads that change a worker's queues while it runs a job older than `rescue_after`: the
+/// job stays its worker's (its registration keeps naming it), so the other worker, rescuing
+/// every heartbeat, never takes it back. SQLite's registration used to clear the job it
+/// named until the next heartbeat; six reloads made that window hard to miss.
+fn reloads_during_a_long_job_never_let_it_be_rescued(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let runs = scratch.path("runs");
+    scratch.write_config(&format!(
+        "heartbeat_interval = \"500ms\"\nrescue_after = \"3s\"\n\
+         [jobs.long]\ncommand = [\"/bin/sh\", \"-c\", \"echo run >> {}; sleep 8\"]",
+        runs.display()
+    ));
+    let conf = scratch.path("1.conf");
+    std::fs::write(&conf, "ui_job\n").unwrap();
+    std::fs::write(scratch.path("2.conf"), "data_maintenance_job\n").unwrap();
+    let mut b = scratch.spawn_consumer("b", &["--instance", "2", "--host-id", "host-b"]);
+    let mut a = scratch.spawn_consumer(
+        "a",
+        &["--instance", "1", "--host-id", "host-a", "--limit", "1"],
     );
+    let id = scratch.push("ui_job", "long");
+    wait_until(Duration::from_secs(10), "the job to start", || {
+        std::fs::read_to_string(&runs).is_ok_and(|text| !text.is_empty())
+    });
+    // From now on the job is older than rescue_after, and B may rescue.
+    std::thread::sleep(Duration::from_millis(3200));
+    for round in 0..6 {
+        let queues = if round % 2 == 0 {
+            "ui_job\nimport_export_job\n"
+        } else {
+            "ui_job\n"
+        };
+        std::fs::write(&conf, queues).unwrap();
+        send_signal(&a, Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    assert_eq!(wait_exit(&mut a, Duration::from_secs(15)), 0);
+    let job = scratch.show(id);
+    assert_eq!(
+        (job["status"].as_str(), job["attempts"].as_i64()),
+        (Some("succeeded"), Some(1)),
+        "{job}"
+    );
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n");
+    assert_rescued_nothing(&scratch, "b");
     send_signal(&b, Signal::SIGTERM);
     assert_eq!(wait_exit(&mut b, Duration::from_secs(5)), 0);
 }

@@ -375,6 +375,65 @@ fn sighup_during_a_job_does_not_disturb_it() {
     assert_eq!(scratch.show(id)["status"], "succeeded");
 }
 
+/// A journald that stops reading (its socket queue full) must not freeze the worker: the
+/// thread that would block on the journal is the one that watches jobs, pings the watchdog
+/// and applies the fence. Two jobs of 20,000 output lines each run and are recorded while
+/// nothing reads the journal; the surplus is dropped, not waited for.
+#[test]
+fn a_journal_that_stops_reading_never_freezes_the_worker() {
+    if !fake_journald_or_loud_skip() {
+        return;
+    }
+    let scratch = Scratch::new(Backend::Sqlite);
+    scratch.write_config("[jobs.chatty]\ncommand = [\"/usr/bin/seq\", \"20000\"]");
+    let ids = [
+        scratch.push("ui_job", "chatty"),
+        scratch.push("ui_job", "chatty"),
+    ];
+    let journal_dir = tempfile::Builder::new()
+        .prefix("pjqj")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let _never_read =
+        std::os::unix::net::UnixDatagram::bind(journal_dir.path().join("socket")).unwrap();
+    let stderr = std::fs::File::create(scratch.path("stderr")).unwrap();
+    let meta = std::os::unix::fs::MetadataExt::dev(&stderr.metadata().unwrap());
+    let ino = std::os::unix::fs::MetadataExt::ino(&stderr.metadata().unwrap());
+    let mut worker = fake_journald_command(
+        &scratch,
+        journal_dir.path(),
+        &["consume", "--limit", "2"],
+        &format!("{meta}:{ino}"),
+    )
+    .stdout(Stdio::null())
+    .stderr(stderr)
+    .spawn()
+    .unwrap();
+    let exited = wait_exit_or_kill(&mut worker, Duration::from_secs(30));
+    assert_eq!(
+        exited,
+        Some(0),
+        "the worker froze on a journal that stopped reading"
+    );
+    for id in ids {
+        assert_eq!(scratch.show(id)["status"], "succeeded", "job {id}");
+    }
+}
+
+/// Waits up to `limit` for the child; kills it (and says `None`) if it has not exited.
+fn wait_exit_or_kill(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 /// One native-protocol datagram: `KEY=value` lines, or `KEY\n` + 64-bit LE length + data.
 fn parse_journal_entry(bytes: &[u8]) -> std::collections::HashMap<String, String> {
     let mut fields = std::collections::HashMap::new();
@@ -406,14 +465,22 @@ fn can_fake_journald() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Whether the journald tests can run here; under CI they must, elsewhere a loud skip.
+fn fake_journald_or_loud_skip() -> bool {
+    if can_fake_journald() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").map_or(true, |v| v != "true"),
+        "CI must be able to run the journald tests (needs root for unshare --mount)"
+    );
+    eprintln!("\n!!! SKIPPED journald test: unshare --mount needs root !!!\n");
+    false
+}
+
 #[test]
 fn journald_mode_sends_job_fields_and_priorities() {
-    if !can_fake_journald() {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "CI must be able to run the journald test (needs root for unshare --mount)"
-        );
-        eprintln!("\n!!! SKIPPED journald test: unshare --mount needs root !!!\n");
+    if !fake_journald_or_loud_skip() {
         return;
     }
     let scratch = Scratch::new(Backend::Sqlite);
@@ -521,10 +588,25 @@ fn run_with_fake_journald(
     stdout: std::fs::File,
     stderr: std::fs::File,
 ) -> std::process::ExitStatus {
+    fake_journald_command(scratch, journal_dir, args, journal_stream)
+        .stdout(stdout)
+        .stderr(stderr)
+        .status()
+        .unwrap()
+}
+
+/// The binary with `args`, its /run/systemd/journal the fake journald's directory.
+fn fake_journald_command(
+    scratch: &Scratch,
+    journal_dir: &std::path::Path,
+    args: &[&str],
+    journal_stream: &str,
+) -> std::process::Command {
     let script = "if [ -d /run/systemd ]; then mount -t tmpfs tmpfs /run/systemd; \
                   else mount -t tmpfs tmpfs /run && mkdir /run/systemd; fi && \
                   mkdir /run/systemd/journal && mount --bind \"$0\" /run/systemd/journal && exec \"$@\"";
-    std::process::Command::new("unshare")
+    let mut command = std::process::Command::new("unshare");
+    command
         .args(["--mount", "--propagation", "private", "sh", "-c", script])
         .arg(journal_dir)
         .arg(BIN)
@@ -533,9 +615,6 @@ fn run_with_fake_journald(
         .env("JOURNAL_STREAM", journal_stream)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("PIM_JOB_QUEUE_LOG")
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .status()
-        .unwrap()
+        .stdin(Stdio::null());
+    command
 }

@@ -4,10 +4,14 @@
 //! Otherwise they are human-readable text: on stdout for the daemon, on stderr for one-shot
 //! commands (whose stdout is data, such as the id `push` prints). Never both, and never ANSI
 //! colours into a file or pipe.
+//!
+//! Writing to the journal never blocks the worker's thread ([`journal`]).
+
+mod journal;
 
 use std::io::IsTerminal;
+use std::time::Duration;
 
-use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
 
@@ -55,18 +59,17 @@ pub fn init(verbosity: i8, target: LogTarget, instance: Option<&str>) {
     }
 }
 
-fn journald_layer(instance: Option<&str>) -> std::io::Result<tracing_journald::Layer> {
-    let mappings = PriorityMappings {
-        // journald's default maps INFO to "notice", which journalctl shows in bold.
-        info: Priority::Informational,
-        debug: Priority::Debug,
-        ..PriorityMappings::new()
-    };
-    Ok(tracing_journald::layer()?
-        .with_field_prefix(None)
-        .with_syslog_identifier("pim-job-queue".into())
-        .with_priority_mappings(mappings)
-        .with_custom_fields([("WORKER_INSTANCE", instance.unwrap_or("-"))]))
+fn journald_layer(instance: Option<&str>) -> std::io::Result<journal::JournalLayer> {
+    journal::JournalLayer::new(
+        "pim-job-queue",
+        &[("WORKER_INSTANCE", instance.unwrap_or("-"))],
+    )
+}
+
+/// Waits a little for log entries still on their way to the journal; called before the
+/// process exits, so its last words are not lost.
+pub fn flush() {
+    journal::flush(Duration::from_secs(2));
 }
 
 fn init_text(verbosity: i8, target: LogTarget) {
