@@ -23,6 +23,7 @@ pub mod fleet;
 pub mod instance;
 pub mod logging;
 pub mod notify;
+pub mod outcome;
 pub mod runner;
 pub mod secrets;
 pub mod signals;

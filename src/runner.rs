@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -22,6 +21,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
+
+use crate::outcome::JobOutcome;
 
 /// How many output lines are kept with the job's record.
 pub const OUTPUT_TAIL_LINES: usize = 50;
@@ -67,26 +68,6 @@ pub struct JobLaunch {
 
 /// The descriptor a job reads its payload from: `PIM_JOB_PAYLOAD_FILE=/dev/fd/3`.
 pub const PAYLOAD_FD: i32 = 3;
-
-/// Why the job's process ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ending {
-    Exited(i32),
-    Signalled(i32),
-    /// The configured timeout ran out and the process group was ended.
-    TimedOut,
-    /// The worker ended the process group before the job finished, for this reason.
-    Interrupted(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct RunReport {
-    pub ending: Ending,
-    /// The exit status, when the process was reaped normally or after being signalled.
-    pub status: Option<ExitStatus>,
-    pub output_tail: Vec<String>,
-    pub duration: Duration,
-}
 
 /// A started job.
 pub struct RunningJob {
@@ -256,35 +237,41 @@ impl RunningJob {
         self.child.wait().await.ok()
     }
 
-    /// Cleans up once the main process is gone (leftover processes, output) and reports.
-    pub async fn finish(mut self, ending: Ending, status: Option<ExitStatus>) -> RunReport {
+    /// The job's main process exited by itself (`status`, as [`RunningJob::exited`] gave it).
+    pub async fn exited_with(self, status: Option<ExitStatus>) -> JobOutcome {
+        let (output, ran_for) = self.conclude().await;
+        JobOutcome::exited(status, output, ran_for)
+    }
+
+    /// The timeout ran out and [`RunningJob::end_group`] ended the job with `status`.
+    pub async fn timed_out(self, status: Option<ExitStatus>) -> JobOutcome {
+        let (output, ran_for) = self.conclude().await;
+        JobOutcome::timed_out(status, output, ran_for)
+    }
+
+    /// The worker ended the job (with [`RunningJob::end_group`]) before it finished.
+    pub async fn interrupted(self, reason: &str) -> JobOutcome {
+        let (output, ran_for) = self.conclude().await;
+        JobOutcome::Interrupted {
+            reason: reason.to_string(),
+            output,
+            ran_for,
+        }
+    }
+
+    /// Cleans up once the main process is gone (leftover processes, output); returns the
+    /// last lines of output and how long the job ran.
+    async fn conclude(mut self) -> (Vec<String>, Duration) {
         self.kill_leftovers();
         self.drain_output().await;
-        let output_tail = self
+        let output = self
             .tail
             .lock()
             .expect("tail lock")
             .iter()
             .cloned()
             .collect();
-        RunReport {
-            ending,
-            status,
-            output_tail,
-            duration: self.started.elapsed(),
-        }
-    }
-
-    /// The ending of a process that exited on its own (not ended by the worker).
-    pub fn ending_of(status: Option<ExitStatus>) -> Ending {
-        match status {
-            Some(status) => match (status.code(), status.signal()) {
-                (Some(code), _) => Ending::Exited(code),
-                (None, Some(signal)) => Ending::Signalled(signal),
-                (None, None) => Ending::Exited(-1),
-            },
-            None => Ending::Exited(-1),
-        }
+        (output, self.started.elapsed())
     }
 
     /// SIGTERM (to the main process first when it forwards signals itself, then to the whole

@@ -4,26 +4,29 @@
 use tracing::{error, info, warn};
 
 use super::{Backoff, Consumer};
+use crate::outcome::JobOutcome;
 use crate::signals::StopLevel;
-use crate::store::{ClaimedJob, Completion, JobResult, Release, StoreError, Timestamp};
+use crate::store::{ClaimedJob, Release, StoreError, Timestamp};
 use crate::units::format_duration;
 
 impl Consumer {
     /// Stores the outcome, retrying through database outages: a finished job's result is
     /// kept in memory until it is written, or until an abort is requested.
-    pub(super) async fn record(&mut self, job: &ClaimedJob, outcome: &Outcome) {
+    pub(super) async fn record(&mut self, job: &ClaimedJob, outcome: &JobOutcome) {
         let mut backoff = Backoff::default();
         loop {
             let stored = match outcome {
-                Outcome::Finished(completion) => self
-                    .db(self.store.complete(&job.lease, completion))
-                    .await
-                    .map(|held| held.then_some(Release::Failed)),
-                Outcome::GivenUp(reason) => self
+                JobOutcome::NotStarted { reason } => self.put_back_unstarted(job, reason).await,
+                JobOutcome::Interrupted { reason, .. } => self
                     .db(self.store.release(&job.lease, reason, Timestamp::now()))
                     .await
                     .map(|release| (release != Release::NotHeld).then_some(release)),
-                Outcome::NotStarted(reason) => self.put_back_unstarted(job, reason).await,
+                JobOutcome::Finished { .. } | JobOutcome::Refused { .. } => {
+                    let completion = outcome.completion().expect("a final outcome");
+                    self.db(self.store.complete(&job.lease, &completion))
+                        .await
+                        .map(|held| held.then_some(Release::Failed))
+                }
             };
             match stored {
                 Ok(Some(Release::Requeued)) => {
@@ -59,15 +62,18 @@ impl Consumer {
     /// Records a native job's start before its process exists; `Some` (give the job back,
     /// do not start it) when that record is not certain. The store's call deadline, well
     /// inside the fence, bounds the wait.
-    pub(super) async fn record_start_before_spawn(&self, job: &ClaimedJob) -> Option<Outcome> {
+    pub(super) async fn record_start_before_spawn(&self, job: &ClaimedJob) -> Option<JobOutcome> {
         let start = self.store.mark_started(&job.lease, Timestamp::now());
         let why = match self.db(start).await {
             Ok(true) => return None,
             Ok(false) => "the job is no longer held by this worker".to_string(),
             Err(error) => format!("its start could not be recorded ({error})"),
         };
-        warn!("job not started: {why}");
-        Some(Outcome::GivenUp(format!("not started: {why}")))
+        Some(JobOutcome::Interrupted {
+            reason: format!("not started: {why}"),
+            output: Vec::new(),
+            ran_for: std::time::Duration::ZERO,
+        })
     }
 
     /// A stop request arrived while the claim was on its way: the job has not started, so it
@@ -113,34 +119,13 @@ impl Consumer {
             info!("job put back in its queue: its process never started");
             return Ok(Some(Release::Requeued));
         }
+        let refused = JobOutcome::Refused {
+            reason: reason.to_string(),
+        };
+        let completion = refused.completion().expect("a final outcome");
         let held = self
-            .db(self
-                .store
-                .complete(&job.lease, &failure_without_run(reason.to_string())))
+            .db(self.store.complete(&job.lease, &completion))
             .await?;
         Ok(held.then_some(Release::Failed))
-    }
-}
-
-/// How a claimed job ended, from the worker's side.
-#[derive(Debug)]
-pub(super) enum Outcome {
-    /// It ran (or could not start); the result is final.
-    Finished(Completion),
-    /// The worker ended it early; it goes back to its queue if it has attempts left.
-    GivenUp(String),
-    /// Its process could not be started at all.
-    NotStarted(String),
-}
-
-pub(super) fn failure_without_run(reason: String) -> Completion {
-    Completion {
-        result: JobResult::Failed {
-            exit_code: None,
-            signal: None,
-            reason,
-        },
-        output: Vec::new(),
-        finished_at: Timestamp::now(),
     }
 }

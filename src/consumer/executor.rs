@@ -20,14 +20,14 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tracing::{Instrument, error, info, info_span, warn};
 
-use super::completer::{Outcome, failure_without_run};
 use super::{Consumer, FIRST_BACKOFF, STATUS_REFRESH};
 use crate::breaker::FailedLaunch;
 use crate::config::Transport;
 use crate::fleet::Contact;
-use crate::runner::{self, Ending, JobLaunch, RunReport, RunningJob};
+use crate::outcome::JobOutcome;
+use crate::runner::{self, JobLaunch, RunningJob};
 use crate::signals::StopLevel;
-use crate::store::{ClaimedJob, Completion, JobResult, JobStore, Lease, StoreResult, Timestamp};
+use crate::store::{ClaimedJob, JobResult, JobStore, Lease, StoreResult, Timestamp};
 use crate::template::JobFacts;
 use crate::units::format_duration;
 
@@ -41,14 +41,12 @@ impl Consumer {
             job_code = %job.code
         );
         async {
-            let (outcome, ran_for) = match self.prepare_launch(&job) {
+            let outcome = match self.prepare_launch(&job) {
                 Ok(launch) => self.execute(&job, &launch, contact).await,
-                Err(reason) => {
-                    warn!("job failed before it started: {reason}");
-                    (Outcome::Finished(failure_without_run(reason)), None)
-                }
+                Err(reason) => JobOutcome::Refused { reason },
             };
-            let failed_launch = self.failed_at_start(&job, &outcome, ran_for).await;
+            outcome.log();
+            let failed_launch = self.failed_at_start(&job, &outcome).await;
             self.record(&job, &outcome).await;
             self.account_launch(&job, failed_launch).await;
         }
@@ -61,25 +59,28 @@ impl Consumer {
     pub(super) async fn failed_at_start(
         &self,
         job: &ClaimedJob,
-        outcome: &Outcome,
-        ran_for: Option<Duration>,
+        outcome: &JobOutcome,
     ) -> Option<Result<(), String>> {
         if !self.breaker.is_enabled() {
             return None;
         }
-        let reason = match (outcome, ran_for) {
-            (Outcome::NotStarted(reason), _) => return Some(Err(reason.clone())),
-            (Outcome::Finished(completion), Some(ran_for)) => match &completion.result {
+        let reason = match outcome {
+            JobOutcome::NotStarted { reason } => return Some(Err(reason.clone())),
+            JobOutcome::Finished {
+                result,
+                output,
+                ran_for,
+            } => match result {
                 JobResult::Succeeded => return Some(Ok(())),
-                JobResult::Failed { .. } if !self.breaker.within_window(ran_for) => {
+                JobResult::Failed { .. } if !self.breaker.within_window(*ran_for) => {
                     return Some(Ok(()));
                 }
-                JobResult::Failed { reason, .. } => match completion.output.last() {
+                JobResult::Failed { reason, .. } => match output.last() {
                     Some(line) => format!("{reason}: {line}"),
                     None => reason.clone(),
                 },
             },
-            _ => return None,
+            JobOutcome::Refused { .. } | JobOutcome::Interrupted { .. } => return None,
         };
         match self.db(self.store.launch_took_effect(&job.lease)).await {
             Ok(Some(true)) => Some(Ok(())),
@@ -170,7 +171,7 @@ impl Consumer {
         })
     }
 
-    /// Starts and watches the job; also returns how long its process ran.
+    /// Starts and watches the job.
     ///
     /// A native job's start is recorded *before* its process is spawned: a job whose start
     /// is not recorded has certainly not run, which is what lets a rescue (or a give-back)
@@ -182,18 +183,17 @@ impl Consumer {
         job: &ClaimedJob,
         launch: &JobLaunch,
         contact: &Contact,
-    ) -> (Outcome, Option<Duration>) {
+    ) -> JobOutcome {
         let start_recorded_first = matches!(self.config.transport, Transport::Native);
         if start_recorded_first && let Some(not_started) = self.record_start_before_spawn(job).await
         {
-            return (not_started, None);
+            return not_started;
         }
         let running = match runner::start(launch) {
             Ok(running) => running,
             Err(error) => {
                 let reason = format!("cannot start {}: {error}", launch.argv[0]);
-                warn!("job did not start: {reason}");
-                return (Outcome::NotStarted(reason), None);
+                return JobOutcome::NotStarted { reason };
             }
         };
         info!(
@@ -214,10 +214,7 @@ impl Consumer {
             contact,
             acknowledgement,
         };
-        let report = self.watch(running, watched).await;
-        let outcome = outcome_of(&report);
-        log_end(&report, &outcome);
-        (outcome, Some(report.duration))
+        self.watch(running, watched).await
     }
 
     /// Ends the job's process group now (SIGTERM, SIGKILL after `grace`), pinging the
@@ -227,13 +224,12 @@ impl Consumer {
         mut running: RunningJob,
         reason: &str,
         grace: Duration,
-    ) -> RunReport {
+    ) -> JobOutcome {
         warn!("ending the job's process group: {reason}");
         self.notifier.extend_timeout(grace + STATUS_REFRESH);
-        let status = self.notifier.while_pinging(running.end_group(grace)).await;
-        let ending = Ending::Interrupted(reason.into());
+        self.notifier.while_pinging(running.end_group(grace)).await;
         self.notifier
-            .while_pinging(running.finish(ending, status))
+            .while_pinging(running.interrupted(reason))
             .await
     }
 
@@ -244,7 +240,7 @@ impl Consumer {
         &mut self,
         mut running: RunningJob,
         watched: Watched<'_>,
-    ) -> RunReport {
+    ) -> JobOutcome {
         let Watched {
             job,
             kill_grace,
@@ -260,7 +256,7 @@ impl Consumer {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let timeout = running.deadline();
         let mut stop_deadline: Option<tokio::time::Instant> = None;
-        let report = loop {
+        let outcome = loop {
             let event = tokio::select! {
                 status = running.exited() => JobEvent::Exited(status),
                 _ = sleep_until(timeout) => JobEvent::TimedOut,
@@ -291,10 +287,9 @@ impl Consumer {
             };
             match event {
                 JobEvent::Exited(status) => {
-                    let ending = RunningJob::ending_of(status);
                     break self
                         .notifier
-                        .while_pinging(running.finish(ending, status))
+                        .while_pinging(running.exited_with(status))
                         .await;
                 }
                 JobEvent::TimedOut => {
@@ -303,10 +298,7 @@ impl Consumer {
                         .notifier
                         .while_pinging(running.end_group(kill_grace))
                         .await;
-                    break self
-                        .notifier
-                        .while_pinging(running.finish(Ending::TimedOut, status))
-                        .await;
+                    break self.notifier.while_pinging(running.timed_out(status)).await;
                 }
                 JobEvent::Interrupt(reason, grace) => {
                     break self.end_now(running, reason, grace).await;
@@ -332,7 +324,7 @@ impl Consumer {
         if let Some(pending) = acknowledgement {
             acknowledged(self.db(pending).await);
         }
-        report
+        outcome
     }
 
     /// Watchdog ping and STATUS while a job runs; during a stop, also asks systemd for more
@@ -458,61 +450,6 @@ pub(super) fn parse_payload(text: &str) -> Result<Map<String, Value>, String> {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err("invalid payload: not a JSON object".into()),
         Err(error) => Err(format!("invalid payload: {error}")),
-    }
-}
-
-pub(super) fn outcome_of(report: &RunReport) -> Outcome {
-    let signal = report
-        .status
-        .and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s));
-    let exit_code = report.status.and_then(|s| s.code());
-    let result = match &report.ending {
-        Ending::Exited(0) => JobResult::Succeeded,
-        Ending::Exited(code) => JobResult::Failed {
-            exit_code: Some(*code),
-            signal: None,
-            reason: format!("exit code {code}"),
-        },
-        Ending::Signalled(number) => JobResult::Failed {
-            exit_code: None,
-            signal: Some(*number),
-            reason: format!("killed by signal {}", signal_name(*number)),
-        },
-        Ending::TimedOut => JobResult::Failed {
-            exit_code,
-            signal,
-            reason: "timeout".into(),
-        },
-        Ending::Interrupted(reason) => return Outcome::GivenUp(reason.clone()),
-    };
-    Outcome::Finished(Completion {
-        result,
-        output: report.output_tail.clone(),
-        finished_at: Timestamp::now(),
-    })
-}
-
-pub(super) fn signal_name(number: i32) -> String {
-    nix::sys::signal::Signal::try_from(number)
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_else(|_| number.to_string())
-}
-
-pub(super) fn log_end(report: &RunReport, outcome: &Outcome) {
-    let duration = format_duration(report.duration);
-    match outcome {
-        Outcome::Finished(Completion {
-            result: JobResult::Succeeded,
-            ..
-        }) => info!(duration = %duration, result = "succeeded", "job finished"),
-        Outcome::Finished(Completion {
-            result: JobResult::Failed { reason, .. },
-            ..
-        }) => warn!(duration = %duration, result = "failed", "job finished: {reason}"),
-        Outcome::GivenUp(reason) => {
-            warn!(duration = %duration, result = "interrupted", "job interrupted: {reason}")
-        }
-        Outcome::NotStarted(reason) => warn!(result = "not started", "job not started: {reason}"),
     }
 }
 

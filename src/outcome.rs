@@ -1,0 +1,190 @@
+//! How a claimed job ended, from the worker's side: one value from the moment its process
+//! ends (or the worker learns it cannot run) to the store write that records it.
+//!
+//! The runner makes it, the executor logs it and feeds the launch breaker with it, the
+//! completer turns it into exactly one store call: a final result ([`JobStore::complete`]),
+//! a give-back ([`JobStore::release`]), or a put-back of a job that never started
+//! ([`JobStore::release_unstarted`]).
+//!
+//! [`JobStore::complete`]: crate::store::JobStore::complete
+//! [`JobStore::release`]: crate::store::JobStore::release
+//! [`JobStore::release_unstarted`]: crate::store::JobStore::release_unstarted
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::store::{Completion, JobResult, Timestamp};
+use crate::units::format_duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobOutcome {
+    /// The job's process ended by itself, or was ended by its timeout: the result is final.
+    Finished {
+        result: JobResult,
+        /// The last lines of its output.
+        output: Vec<String>,
+        ran_for: Duration,
+    },
+    /// The job cannot run, now or ever (its payload or command template does not make a
+    /// launch): failed, final, no process was started.
+    Refused { reason: String },
+    /// The worker ended the job early, or gave it back before starting it (a stop, the
+    /// fence, a lost lease, a start it could not record): back to its queue while it has
+    /// attempts left.
+    Interrupted {
+        reason: String,
+        output: Vec<String>,
+        ran_for: Duration,
+    },
+    /// Its process could not be started (the program could not be executed): put back in
+    /// its queue where the store allows it, failed elsewhere.
+    NotStarted { reason: String },
+}
+
+impl JobOutcome {
+    /// The outcome of a process that exited by itself with `status` (none: it could not be
+    /// reaped).
+    pub fn exited(status: Option<ExitStatus>, output: Vec<String>, ran_for: Duration) -> Self {
+        let result = match status.map(|s| (s.code(), s.signal())) {
+            Some((Some(0), _)) => JobResult::Succeeded,
+            Some((Some(code), _)) => failed(Some(code), None, format!("exit code {code}")),
+            Some((None, Some(number))) => failed(
+                None,
+                Some(number),
+                format!("killed by signal {}", signal_name(number)),
+            ),
+            Some((None, None)) | None => failed(Some(-1), None, "exit code -1".into()),
+        };
+        JobOutcome::Finished {
+            result,
+            output,
+            ran_for,
+        }
+    }
+
+    /// The outcome of a process its timeout ended; `status` is how it died.
+    pub fn timed_out(status: Option<ExitStatus>, output: Vec<String>, ran_for: Duration) -> Self {
+        let exit_code = status.and_then(|s| s.code());
+        let signal = status.and_then(|s| s.signal());
+        JobOutcome::Finished {
+            result: failed(exit_code, signal, "timeout".into()),
+            output,
+            ran_for,
+        }
+    }
+
+    /// The record of a final outcome; `None` for one that gives the job back.
+    pub fn completion(&self) -> Option<Completion> {
+        let (result, output) = match self {
+            JobOutcome::Finished { result, output, .. } => (result.clone(), output.clone()),
+            JobOutcome::Refused { reason } => (failed(None, None, reason.clone()), Vec::new()),
+            JobOutcome::Interrupted { .. } | JobOutcome::NotStarted { .. } => return None,
+        };
+        Some(Completion {
+            result,
+            output,
+            finished_at: Timestamp::now(),
+        })
+    }
+
+    /// How long the job's process ran, when one ran.
+    pub fn ran_for(&self) -> Option<Duration> {
+        match self {
+            JobOutcome::Finished { ran_for, .. } | JobOutcome::Interrupted { ran_for, .. } => {
+                Some(*ran_for)
+            }
+            JobOutcome::Refused { .. } | JobOutcome::NotStarted { .. } => None,
+        }
+    }
+
+    /// The journal line that ends the job's story.
+    pub fn log(&self) {
+        let duration = self.ran_for().map(format_duration).unwrap_or_default();
+        match self {
+            JobOutcome::Finished {
+                result: JobResult::Succeeded,
+                ..
+            } => info!(duration = %duration, result = "succeeded", "job finished"),
+            JobOutcome::Finished {
+                result: JobResult::Failed { reason, .. },
+                ..
+            } => warn!(duration = %duration, result = "failed", "job finished: {reason}"),
+            JobOutcome::Refused { reason } => {
+                warn!(result = "failed", "job failed before it started: {reason}")
+            }
+            JobOutcome::Interrupted { reason, .. } => {
+                warn!(duration = %duration, result = "interrupted", "job interrupted: {reason}")
+            }
+            JobOutcome::NotStarted { reason } => {
+                warn!(result = "not started", "job not started: {reason}")
+            }
+        }
+    }
+}
+
+fn failed(exit_code: Option<i32>, signal: Option<i32>, reason: String) -> JobResult {
+    JobResult::Failed {
+        exit_code,
+        signal,
+        reason,
+    }
+}
+
+fn signal_name(number: i32) -> String {
+    nix::sys::signal::Signal::try_from(number)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| number.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exit_status(raw: i32) -> Option<ExitStatus> {
+        Some(ExitStatus::from_raw(raw))
+    }
+
+    #[test]
+    fn exits_and_signals_become_results() {
+        let of = |status| match JobOutcome::exited(status, vec![], Duration::ZERO) {
+            JobOutcome::Finished { result, .. } => result,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(of(exit_status(0)), JobResult::Succeeded);
+        assert_eq!(
+            of(exit_status(3 << 8)),
+            failed(Some(3), None, "exit code 3".into())
+        );
+        assert_eq!(
+            of(exit_status(9)),
+            failed(None, Some(9), "killed by signal SIGKILL".into())
+        );
+        assert_eq!(of(None), failed(Some(-1), None, "exit code -1".into()));
+    }
+
+    #[test]
+    fn only_final_outcomes_have_a_completion() {
+        let refused = JobOutcome::Refused {
+            reason: "invalid payload".into(),
+        };
+        let completion = refused.completion().unwrap();
+        assert_eq!(
+            completion.result,
+            failed(None, None, "invalid payload".into())
+        );
+        let given_back = JobOutcome::Interrupted {
+            reason: "stop".into(),
+            output: vec![],
+            ran_for: Duration::ZERO,
+        };
+        assert!(given_back.completion().is_none());
+        assert!(
+            JobOutcome::timed_out(exit_status(9), vec![], Duration::ZERO)
+                .completion()
+                .is_some()
+        );
+    }
+}
