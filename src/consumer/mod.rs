@@ -453,9 +453,10 @@ fn same_transport(a: &Transport, b: &Transport) -> bool {
 /// it first (opening, registering, claiming), the worker ends the same way.
 fn unusable(error: &StoreError) -> Option<StopReason> {
     match error {
-        StoreError::PermissionDenied(reason) => {
-            Some(StopReason::StoreUnusable(ExitCode::NoPerm, reason.clone()))
-        }
+        StoreError::PermissionDenied(reason) => Some(StopReason::StoreUnusable(
+            ExitCode::NoPerm,
+            reason.to_string(),
+        )),
         _ => None,
     }
 }

@@ -6,8 +6,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::StoreError;
 use super::wrap::{Call, CallHook, Wrapped};
+use super::{Detail, StoreError};
 
 /// What happens to a call.
 #[derive(Debug, Clone)]
@@ -60,9 +60,9 @@ impl CallHook for std::sync::Arc<Faults> {
                 Fault::Fail(error) => Err(error),
                 Fault::LoseReply => {
                     let _done = call.await;
-                    Err(StoreError::Unavailable(format!(
+                    Err(StoreError::Unavailable(Detail::from(format!(
                         "injected: the reply to `{what}` was lost"
-                    )))
+                    ))))
                 }
             }
         })

@@ -15,6 +15,7 @@ pub mod wrap;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -289,11 +290,69 @@ pub struct SchemaVersion {
     pub latest: i64,
 }
 
+/// What a store error says, free of secrets, and the driver's error behind it when there is
+/// one: callers sort errors by their variant, and code that needs the database's own error
+/// (its number, its SQLSTATE) reads it from [`Detail::driver_error`] or the error's
+/// `source()`, never from the text.
+#[derive(Debug, Clone)]
+pub struct Detail {
+    text: String,
+    cause: Option<Arc<sqlx::Error>>,
+}
+
+impl Detail {
+    /// The driver's `error`, said after `context` (the store's location, never with a
+    /// password).
+    pub fn of(context: &str, error: sqlx::Error) -> Detail {
+        Detail {
+            text: format!("{context}: {error}"),
+            cause: Some(Arc::new(error)),
+        }
+    }
+
+    /// The same cause, said as `text`.
+    pub fn worded(self, text: String) -> Detail {
+        Detail { text, ..self }
+    }
+
+    pub fn driver_error(&self) -> Option<&sqlx::Error> {
+        self.cause.as_deref()
+    }
+}
+
+impl fmt::Display for Detail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// The source is the driver's error, whose own text (never shown by `Display`, which says
+/// the scrubbed text) may quote what it parsed from the database URL.
+impl std::error::Error for Detail {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|error| error as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<String> for Detail {
+    fn from(text: String) -> Detail {
+        Detail { text, cause: None }
+    }
+}
+
+impl From<&str> for Detail {
+    fn from(text: &str) -> Detail {
+        Detail::from(text.to_string())
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached now; trying again later may work.
     #[error("database unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Detail),
     #[error(
         "the database schema is at version {found}, newer than this binary knows ({latest}): upgrade pim-job-queue"
     )]
@@ -307,17 +366,17 @@ pub enum StoreError {
     /// A table of this project's schema is gone (a PIM reinstall or a staging refresh drops
     /// tables it does not know); running the migrations again brings it back.
     #[error("the job store's tables are missing: {0}")]
-    SchemaMissing(String),
+    SchemaMissing(#[source] Detail),
     /// The operation does not exist for this store (for example `push` on the Akeneo
     /// transport, whose jobs the PIM queues).
     #[error("{0}")]
     Unsupported(String),
     #[error("database error: {0}")]
-    Database(String),
+    Database(#[source] Detail),
     /// This user may not write the store (a SQLite file created by root for a worker that
     /// runs as the service user): waiting does not help, an operator must fix the owner.
     #[error("{0}")]
-    PermissionDenied(String),
+    PermissionDenied(#[source] Detail),
 }
 
 impl StoreError {
@@ -325,14 +384,29 @@ impl StoreError {
     /// quote what it parsed out of the URL (MySQL's "Unknown database '...'").
     pub fn without_secrets_of(self, url: &str) -> StoreError {
         let scrub = |text: String| crate::secrets::scrub_url_secrets(&text, url);
+        let reword = |detail: Detail| {
+            let text = scrub(detail.text.clone());
+            detail.worded(text)
+        };
         match self {
-            StoreError::Unavailable(text) => StoreError::Unavailable(scrub(text)),
+            StoreError::Unavailable(detail) => StoreError::Unavailable(reword(detail)),
             StoreError::InvalidUrl(text) => StoreError::InvalidUrl(scrub(text)),
-            StoreError::SchemaMissing(text) => StoreError::SchemaMissing(scrub(text)),
+            StoreError::SchemaMissing(detail) => StoreError::SchemaMissing(reword(detail)),
             StoreError::Unsupported(text) => StoreError::Unsupported(scrub(text)),
-            StoreError::Database(text) => StoreError::Database(scrub(text)),
-            StoreError::PermissionDenied(text) => StoreError::PermissionDenied(scrub(text)),
+            StoreError::Database(detail) => StoreError::Database(reword(detail)),
+            StoreError::PermissionDenied(detail) => StoreError::PermissionDenied(reword(detail)),
             other => other,
+        }
+    }
+
+    /// The database driver's error behind this one, when there is one.
+    pub fn driver_error(&self) -> Option<&sqlx::Error> {
+        match self {
+            StoreError::Unavailable(detail)
+            | StoreError::SchemaMissing(detail)
+            | StoreError::Database(detail)
+            | StoreError::PermissionDenied(detail) => detail.driver_error(),
+            _ => None,
         }
     }
 
@@ -681,11 +755,11 @@ async fn bounded_open<T>(
     tokio::time::timeout(limit, opening)
         .await
         .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!(
+            Err(StoreError::Unavailable(Detail::from(format!(
                 "{}: no answer within {}",
                 redact_url(url),
                 humantime::format_duration(limit)
-            )))
+            ))))
         })
 }
 

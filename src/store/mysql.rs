@@ -16,9 +16,9 @@ use sqlx::{ConnectOptions, Connection, Executor, Row};
 
 use super::rows::{self, JOB_RECORD_COLUMNS, RUNS_AGAIN};
 use super::{
-    CallLimits, ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus,
-    JobStore, Lease, NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError,
-    StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord, redact_url,
+    CallLimits, ChangeOutcome, ClaimedJob, Completion, Detail, JobFilter, JobId, JobRecord,
+    JobStatus, JobStore, Lease, NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion,
+    StoreError, StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord, redact_url,
 };
 
 /// The database's clock in microseconds since the epoch; sessions run at time zone +00:00,
@@ -299,10 +299,10 @@ impl JobStore for MysqlStore {
             .await
             .map_err(|e| self.error(e))?;
         if locked != Some(1) {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::Unavailable(Detail::from(format!(
                 "{}: another process holds the migration lock",
                 self.location
-            )));
+            ))));
         }
         let outcome = async {
             sqlx::query(
@@ -746,11 +746,11 @@ pub fn classify(error: sqlx::Error, location: &str) -> StoreError {
         None if super::is_connection_error(&error) => ErrorKind::Transient,
         None => ErrorKind::Permanent,
     };
-    let text = format!("{location}: {error}");
+    let detail = Detail::of(location, error);
     match kind {
-        ErrorKind::Transient => StoreError::Unavailable(text),
-        ErrorKind::SchemaMissing => StoreError::SchemaMissing(text),
-        ErrorKind::Permanent => StoreError::Database(text),
+        ErrorKind::Transient => StoreError::Unavailable(detail),
+        ErrorKind::SchemaMissing => StoreError::SchemaMissing(detail),
+        ErrorKind::Permanent => StoreError::Database(detail),
     }
 }
 

@@ -13,9 +13,10 @@ use sqlx::{ConnectOptions, Row};
 
 use super::rows::{self, JOB_RECORD_COLUMNS, RUNS_AGAIN};
 use super::{
-    CallLimits, ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus,
-    JobStore, Lease, NewJob, OrphanedJob, PushListener, QueueCounts, Release, SchemaVersion,
-    StoreError, StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord, redact_url,
+    CallLimits, ChangeOutcome, ClaimedJob, Completion, Detail, JobFilter, JobId, JobRecord,
+    JobStatus, JobStore, Lease, NewJob, OrphanedJob, PushListener, QueueCounts, Release,
+    SchemaVersion, StoreError, StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord,
+    redact_url,
 };
 
 /// The channel `push` notifies and idle workers listen on.
@@ -645,7 +646,6 @@ impl PushListener for PgPushListener {
     }
 }
 
-/// Sorts PostgreSQL failures into "try again later" and "something is wrong".
 /// Sorts a PostgreSQL error by its SQLSTATE: the one place that decides what waiting can fix.
 pub fn classify(error: sqlx::Error, location: &str) -> StoreError {
     let transient = match &error {
@@ -663,8 +663,8 @@ pub fn classify(error: sqlx::Error, location: &str) -> StoreError {
         other => super::is_connection_error(other),
     };
     if transient {
-        StoreError::Unavailable(format!("{location}: {error}"))
+        StoreError::Unavailable(Detail::of(location, error))
     } else {
-        StoreError::Database(format!("{location}: {error}"))
+        StoreError::Database(Detail::of(location, error))
     }
 }

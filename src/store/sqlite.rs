@@ -19,9 +19,9 @@ use sqlx::{ConnectOptions, Row};
 
 use super::rows::{self, JOB_RECORD_COLUMNS, RUNS_AGAIN};
 use super::{
-    CallLimits, ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStatus,
-    JobStore, Lease, NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError,
-    StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord,
+    CallLimits, ChangeOutcome, ClaimedJob, Completion, Detail, JobFilter, JobId, JobRecord,
+    JobStatus, JobStore, Lease, NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion,
+    StoreError, StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord,
 };
 
 /// The database's clock in microseconds since the epoch (for SQLite: this host's clock).
@@ -617,9 +617,9 @@ fn create_store_file(file: &Path) -> StoreResult<()> {
     let cannot = |what: &Path, error: std::io::Error| {
         let message = format!("cannot create {}: {error}", what.display());
         if error.kind() == std::io::ErrorKind::PermissionDenied {
-            StoreError::PermissionDenied(message)
+            StoreError::PermissionDenied(message.into())
         } else {
-            StoreError::Unavailable(message)
+            StoreError::Unavailable(message.into())
         }
     };
     let dir = file.parent().filter(|dir| !dir.as_os_str().is_empty());
@@ -676,7 +676,6 @@ fn permission_problem(path: &str) -> Option<String> {
     None
 }
 
-/// Sorts SQLite failures into "try again later" and "something is wrong".
 /// Sorts a SQLite error by its primary result code: the one place that decides what waiting
 /// can fix.
 pub fn classify(error: sqlx::Error, path: &str) -> StoreError {
@@ -695,15 +694,16 @@ pub fn classify(error: sqlx::Error, path: &str) -> StoreError {
     if primary.is_some()
         && let Some(problem) = permission_problem(path)
     {
-        return StoreError::PermissionDenied(format!("{problem} ({error})"));
+        let text = format!("{problem} ({error})");
+        return StoreError::PermissionDenied(Detail::of(path, error).worded(text));
     }
     let transient = match primary {
         Some(code) => TRANSIENT.contains(&code),
         None => super::is_connection_error(&error),
     };
     if transient {
-        StoreError::Unavailable(format!("{path}: {error}"))
+        StoreError::Unavailable(Detail::of(path, error))
     } else {
-        StoreError::Database(format!("{path}: {error}"))
+        StoreError::Database(Detail::of(path, error))
     }
 }

@@ -20,9 +20,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobStore, Lease, NewJob,
-    OrphanedJob, PushListener, QueueCounts, Release, SchemaVersion, StoreError, StoreResult,
-    Timestamp, WorkerIdentity, WorkerRecord,
+    ChangeOutcome, ClaimedJob, Completion, Detail, JobFilter, JobId, JobRecord, JobStore, Lease,
+    NewJob, OrphanedJob, PushListener, QueueCounts, Release, SchemaVersion, StoreError,
+    StoreResult, Timestamp, WorkerIdentity, WorkerRecord,
 };
 
 /// One store call, boxed so that a hook can wrap calls of every result type.
@@ -83,11 +83,11 @@ impl CallHook for Deadline {
         Box::pin(async move {
             match tokio::time::timeout(limit, call).await {
                 Ok(result) => result,
-                Err(_) => Err(StoreError::Unavailable(format!(
+                Err(_) => Err(StoreError::Unavailable(Detail::from(format!(
                     "{}: no answer to `{what}` within {}",
                     self.location,
                     humantime::format_duration(limit)
-                ))),
+                )))),
             }
         })
     }

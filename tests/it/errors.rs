@@ -14,20 +14,34 @@ use pim_job_queue::store::mysql::classify;
 use crate::support::*;
 
 fn assert_transient(error: sqlx::Error, what: &str) {
-    assert_sorted_transient(error, what, |e| classify(e, "test"));
+    let sorted = assert_sorted_transient(error, what, |e| classify(e, "test"));
+    let number = match sorted.driver_error() {
+        Some(sqlx::Error::Database(db)) => db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .map(|mysql| mysql.number()),
+        _ => None,
+    };
+    // A connection error has no number; a server error keeps it, for code, not text.
+    if let Some(sqlx::Error::Database(_)) = sorted.driver_error() {
+        assert!(number.is_some(), "{what}: {sorted:?}");
+    }
 }
 
 fn assert_sorted_transient(
     error: sqlx::Error,
     what: &str,
     classify: impl FnOnce(sqlx::Error) -> pim_job_queue::store::StoreError,
-) {
+) -> pim_job_queue::store::StoreError {
     let text = error.to_string();
     let sorted = classify(error);
     assert!(
         sorted.is_transient(),
         "{what}: {text} was sorted as {sorted:?}"
     );
+    // Typed, not a string: the driver's error is the source, reachable through the chain.
+    let cause = std::error::Error::source(&sorted).and_then(std::error::Error::source);
+    assert_eq!(cause.map(ToString::to_string), Some(text), "{what}");
+    sorted
 }
 
 fn assert_pg_transient(error: sqlx::Error, what: &str, sqlstate: &str) {
