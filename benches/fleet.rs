@@ -1,5 +1,8 @@
 //! The benchmark behind `scripts/bench.sh`: throughput, pickup latency, claim time against
-//! queue depth, and idle cost, per backend, printed as Markdown tables.
+//! queue depth, and idle cost, per backend, printed as Markdown tables; and, measured in the
+//! same run, the machine's limit for a process-per-job worker (one `/bin/true` spawn plus one
+//! durable commit per job) and what a job and an idle second cost the database by its own
+//! counters (MariaDB `Questions`/`Com_commit`, PostgreSQL `xact_commit`).
 //!
 //! `cargo bench` passes `--bench`; `cargo test --all-targets` does not, and then this does
 //! nothing, so the test suite never runs (or times) it.
@@ -40,9 +43,26 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let spawn = spawn_time(2_000);
+    println!(
+        "\nspawn ceiling: {:.3} ms per `/bin/true` spawn + wait ({:.0}/s)",
+        spawn * 1e3,
+        1.0 / spawn
+    );
     for backend in only.split(',') {
-        runtime.block_on(bench_backend(backend.trim(), &settings));
+        runtime.block_on(bench_backend(backend.trim(), &settings, spawn));
     }
+}
+
+/// Seconds per spawn and wait of `/bin/true`, the floor of any process-per-job worker here
+/// (as `../shared/bench/spawn-ceiling.c` measures it in C).
+fn spawn_time(count: u32) -> f64 {
+    let started = Instant::now();
+    for _ in 0..count {
+        let status = Command::new("/bin/true").status().unwrap();
+        assert!(status.success());
+    }
+    started.elapsed().as_secs_f64() / f64::from(count)
 }
 
 struct Bench {
@@ -180,10 +200,22 @@ async fn fresh_database(backend: &str, dir: &std::path::Path) -> (String, Option
     (format!("{server}/{name}"), Some(name))
 }
 
-async fn bench_backend(backend: &str, settings: &Settings) {
+async fn bench_backend(backend: &str, settings: &Settings, spawn: f64) {
     eprintln!("== {backend}");
     let bench = Bench::new(backend).await;
     let mut rows: Vec<(String, String, &str)> = Vec::new();
+    let commit = commit_time(&bench.url, 500).await;
+    rows.push((
+        "durable commit (single-row autocommit insert, median)".into(),
+        format!("{:.3} ms", commit * 1e3),
+        "",
+    ));
+    let limit = 1.0 / (spawn + commit);
+    rows.push((
+        "limit: 1 / (spawn + commit)".into(),
+        format!("{limit:.0} jobs/s"),
+        "",
+    ));
     for workers in [1, 4, 8] {
         let rate = throughput(&bench, workers, settings.throughput_jobs).await;
         rows.push((
@@ -191,10 +223,42 @@ async fn bench_backend(backend: &str, settings: &Settings) {
                 "throughput, {} × /bin/true, {workers} worker(s)",
                 settings.throughput_jobs
             ),
-            format!("{rate:.0} jobs/s"),
-            "spawn-bound",
+            format!(
+                "{rate:.0} jobs/s ({:.0} % of the limit)",
+                rate / limit * 100.0
+            ),
+            if workers == 1 {
+                "≥ 70 % of the limit"
+            } else {
+                ""
+            },
         ));
     }
+    let cost = per_job_cost(&bench, settings.throughput_jobs.min(2_000)).await;
+    rows.push((
+        "statements per job (1 worker)".into(),
+        cost.statements,
+        "≤ 4",
+    ));
+    rows.push((
+        "durable commits (log flushes) per job (1 worker)".into(),
+        cost.commits,
+        "1",
+    ));
+    for poll in ["200ms", "1s"] {
+        let cost = idle_load(&bench, poll, settings.idle_seconds).await;
+        rows.push((
+            format!("idle worker, poll_interval {poll}: statements/s"),
+            cost.statements,
+            if poll == "1s" { "≤ 1.5" } else { "≤ 6" },
+        ));
+        rows.push((
+            format!("idle worker, poll_interval {poll}: log flushes/s"),
+            cost.commits,
+            "",
+        ));
+    }
+
     let (p50, p95) = pickup_latency(&bench, settings.latency_samples).await;
     rows.push((
         format!(
@@ -320,6 +384,155 @@ async fn idle_cost(bench: &Bench, seconds: u64) -> (u64, f64) {
         .unwrap()
         .unwrap() as f64;
     (rss, ticks as f64 / hz / seconds as f64 * 100.0)
+}
+
+/// Seconds per durable commit: the median of `count` single-row autocommit inserts, on a
+/// connection set up as the store's are (SQLite: WAL, `synchronous = FULL`).
+async fn commit_time(url: &str, count: usize) -> f64 {
+    use sqlx::{Connection, Executor};
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url).await.unwrap();
+    if url.starts_with("sqlite:") {
+        conn.execute("PRAGMA journal_mode = WAL").await.unwrap();
+        conn.execute("PRAGMA synchronous = FULL").await.unwrap();
+    }
+    conn.execute("CREATE TABLE pjq_bench_commit (n INTEGER)")
+        .await
+        .unwrap();
+    let mut seconds = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        sqlx::query("INSERT INTO pjq_bench_commit (n) VALUES (1)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        seconds.push(started.elapsed().as_secs_f64());
+    }
+    conn.execute("DROP TABLE pjq_bench_commit").await.unwrap();
+    seconds.sort_by(f64::total_cmp);
+    percentile(&seconds, 0.5)
+}
+
+/// What the database counted, per job or per second, formatted.
+struct Cost {
+    statements: String,
+    commits: String,
+}
+
+impl Cost {
+    /// SQLite keeps no counters a second process can read.
+    fn uncounted() -> Cost {
+        let none = "n/a (SQLite has no server counters)".to_string();
+        Cost {
+            statements: none.clone(),
+            commits: none,
+        }
+    }
+}
+
+/// The server's own counters, read on one connection kept open for the measurement:
+/// MariaDB's `Questions` (statements) and `Innodb_data_fsyncs` (durable flushes: with one
+/// client nothing is grouped), PostgreSQL's `pg_stat_wal.wal_sync` (WAL flushes; it has no
+/// statement counter without `pg_stat_statements`, which needs a server restart to load).
+/// Both are server-wide: the bench is the only client. SQLite has none.
+struct Counters {
+    conn: sqlx::AnyConnection,
+    backend: String,
+}
+
+/// One reading: statements (when counted) and durable flushes.
+type Reading = (Option<f64>, f64);
+
+impl Counters {
+    async fn open(bench: &Bench) -> Option<Counters> {
+        if bench.backend == "sqlite" {
+            return None;
+        }
+        Some(Counters {
+            conn: admin_connection(&server_urls(&bench.backend).0).await,
+            backend: bench.backend.clone(),
+        })
+    }
+
+    async fn read(&mut self) -> Reading {
+        use sqlx::Row;
+        if self.backend == "postgres" {
+            // Backends report their counts to the statistics at most once a second.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let syncs: i64 = sqlx::query_scalar("SELECT wal_sync FROM pg_stat_wal")
+                .fetch_one(&mut self.conn)
+                .await
+                .unwrap();
+            return (None, syncs as f64);
+        }
+        let rows = sqlx::query(
+            "SELECT VARIABLE_NAME, VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS
+             WHERE VARIABLE_NAME IN ('QUESTIONS', 'INNODB_DATA_FSYNCS')",
+        )
+        .fetch_all(&mut self.conn)
+        .await
+        .unwrap();
+        let value = |name: &str| -> f64 {
+            rows.iter()
+                .find(|row| row.get::<String, _>(0).eq_ignore_ascii_case(name))
+                .map(|row| row.get::<String, _>(1).parse().unwrap())
+                .unwrap_or(f64::NAN)
+        };
+        (Some(value("QUESTIONS")), value("INNODB_DATA_FSYNCS"))
+    }
+}
+
+/// The cost between two readings, per `per` (jobs or seconds); the second reading's own
+/// statement is not the worker's.
+fn cost_of(before: Reading, after: Reading, per: f64) -> Cost {
+    let statements = match (before.0, after.0) {
+        (Some(b), Some(a)) => format!("{:.2}", (a - b - 1.0) / per),
+        _ => "n/a (no counter)".into(),
+    };
+    Cost {
+        statements,
+        commits: format!("{:.2}", (after.1 - before.1) / per),
+    }
+}
+
+/// Statements and durable commits per job: one worker runs `jobs` jobs and exits
+/// (`--limit`), so nothing else talks to the database meanwhile; its start-up and exit are
+/// in the count, spread over the jobs.
+async fn per_job_cost(bench: &Bench, jobs: usize) -> Cost {
+    let Some(mut counters) = Counters::open(bench).await else {
+        return Cost::uncounted();
+    };
+    bench.seed(jobs, |n| QUEUES[n % 3]).await;
+    let before = counters.read().await;
+    let limit = jobs.to_string();
+    let status = bench
+        .command(&["consume", "-q", "--limit", &limit])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let after = counters.read().await;
+    bench.clear().await;
+    cost_of(before, after, jobs as f64)
+}
+
+/// Statements and durable commits per second of one idle worker polling every `poll`.
+async fn idle_load(bench: &Bench, poll: &str, seconds: u64) -> Cost {
+    let Some(mut counters) = Counters::open(bench).await else {
+        return Cost::uncounted();
+    };
+    let worker = bench
+        .command(&["consume", "-q", "--sleep", poll])
+        .spawn()
+        .unwrap();
+    let mut children = vec![worker];
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = counters.read().await;
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let after = counters.read().await;
+    let window = window.elapsed().as_secs_f64();
+    stop(bench, &mut children);
+    cost_of(before, after, window)
 }
 
 fn stop(bench: &Bench, children: &mut Vec<Child>) {
