@@ -76,18 +76,18 @@ impl JobOutcome {
         }
     }
 
-    /// The record of a final outcome; `None` for one that gives the job back.
-    pub fn completion(&self) -> Option<Completion> {
-        let (result, output) = match self {
-            JobOutcome::Finished { result, output, .. } => (result.clone(), output.clone()),
-            JobOutcome::Refused { reason } => (failed(None, None, reason.clone()), Vec::new()),
-            JobOutcome::Interrupted { .. } | JobOutcome::NotStarted { .. } => return None,
-        };
-        Some(Completion {
-            result,
-            output,
-            finished_at: Timestamp::now(),
-        })
+    /// The one store write that records this outcome.
+    pub fn record(&self) -> Record<'_> {
+        match self {
+            JobOutcome::Finished { result, output, .. } => Record::Complete(Completion {
+                result: result.clone(),
+                output: output.clone(),
+                finished_at: Timestamp::now(),
+            }),
+            JobOutcome::Refused { reason } => Record::Complete(refusal(reason)),
+            JobOutcome::Interrupted { reason, .. } => Record::GiveBack(reason),
+            JobOutcome::NotStarted { reason } => Record::PutBack(reason),
+        }
     }
 
     /// How long the job's process ran, when one ran.
@@ -122,6 +122,34 @@ impl JobOutcome {
                 warn!(result = "not started", "job not started: {reason}")
             }
         }
+    }
+}
+
+/// How an outcome is written: exactly one of the store's three ways out of `running`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record<'a> {
+    /// A final result ([`JobStore::complete`]).
+    ///
+    /// [`JobStore::complete`]: crate::store::JobStore::complete
+    Complete(Completion),
+    /// Back to the queue while the job has attempts left, failed with the reason otherwise
+    /// ([`JobStore::release`]).
+    ///
+    /// [`JobStore::release`]: crate::store::JobStore::release
+    GiveBack(&'a str),
+    /// The job never started: back to its queue, its attempt refunded, where the store
+    /// allows it ([`JobStore::release_unstarted`]); a [`refusal`] elsewhere.
+    ///
+    /// [`JobStore::release_unstarted`]: crate::store::JobStore::release_unstarted
+    PutBack(&'a str),
+}
+
+/// The final record of a job that failed without a process: no output, no exit status.
+pub fn refusal(reason: &str) -> Completion {
+    Completion {
+        result: failed(None, None, reason.to_string()),
+        output: Vec::new(),
+        finished_at: Timestamp::now(),
     }
 }
 
@@ -166,11 +194,13 @@ mod tests {
     }
 
     #[test]
-    fn only_final_outcomes_have_a_completion() {
+    fn each_outcome_is_written_one_way() {
         let refused = JobOutcome::Refused {
             reason: "invalid payload".into(),
         };
-        let completion = refused.completion().unwrap();
+        let Record::Complete(completion) = refused.record() else {
+            panic!("a refusal is final");
+        };
         assert_eq!(
             completion.result,
             failed(None, None, "invalid payload".into())
@@ -180,11 +210,12 @@ mod tests {
             output: vec![],
             ran_for: Duration::ZERO,
         };
-        assert!(given_back.completion().is_none());
-        assert!(
-            JobOutcome::timed_out(exit_status(9), vec![], Duration::ZERO)
-                .completion()
-                .is_some()
-        );
+        assert_eq!(given_back.record(), Record::GiveBack("stop"));
+        let not_started = JobOutcome::NotStarted {
+            reason: "no such file".into(),
+        };
+        assert_eq!(not_started.record(), Record::PutBack("no such file"));
+        let timed_out = JobOutcome::timed_out(exit_status(9), vec![], Duration::ZERO);
+        assert!(matches!(timed_out.record(), Record::Complete(_)));
     }
 }

@@ -4,7 +4,7 @@
 use tracing::{error, info, warn};
 
 use super::{Backoff, Consumer};
-use crate::outcome::JobOutcome;
+use crate::outcome::{JobOutcome, Record, refusal};
 use crate::signals::StopLevel;
 use crate::store::{ClaimedJob, Release, StoreError, Timestamp};
 use crate::units::format_duration;
@@ -15,18 +15,16 @@ impl Consumer {
     pub(super) async fn record(&mut self, job: &ClaimedJob, outcome: &JobOutcome) {
         let mut backoff = Backoff::default();
         loop {
-            let stored = match outcome {
-                JobOutcome::NotStarted { reason } => self.put_back_unstarted(job, reason).await,
-                JobOutcome::Interrupted { reason, .. } => self
+            let stored = match outcome.record() {
+                Record::PutBack(reason) => self.put_back_unstarted(job, reason).await,
+                Record::GiveBack(reason) => self
                     .db(self.store.release(&job.lease, reason, Timestamp::now()))
                     .await
                     .map(|release| (release != Release::NotHeld).then_some(release)),
-                JobOutcome::Finished { .. } | JobOutcome::Refused { .. } => {
-                    let completion = outcome.completion().expect("a final outcome");
-                    self.db(self.store.complete(&job.lease, &completion))
-                        .await
-                        .map(|held| held.then_some(Release::Failed))
-                }
+                Record::Complete(completion) => self
+                    .db(self.store.complete(&job.lease, &completion))
+                    .await
+                    .map(|held| held.then_some(Release::Failed)),
             };
             match stored {
                 Ok(Some(Release::Requeued)) => {
@@ -119,10 +117,7 @@ impl Consumer {
             info!("job put back in its queue: its process never started");
             return Ok(Some(Release::Requeued));
         }
-        let refused = JobOutcome::Refused {
-            reason: reason.to_string(),
-        };
-        let completion = refused.completion().expect("a final outcome");
+        let completion = refusal(reason);
         let held = self
             .db(self.store.complete(&job.lease, &completion))
             .await?;

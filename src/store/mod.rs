@@ -174,7 +174,7 @@ pub enum JobResult {
 }
 
 /// A job's result with the last lines of its output.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
     pub result: JobResult,
     pub output: Vec<String>,
