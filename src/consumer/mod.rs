@@ -451,14 +451,13 @@ fn same_transport(a: &Transport, b: &Transport) -> bool {
 
 /// Why the worker must stop, for a store error that no retry can fix: whichever call meets
 /// it first (opening, registering, claiming), the worker ends the same way.
+/// The exit code and message are the ones every command gives for that error.
 fn unusable(error: &StoreError) -> Option<StopReason> {
-    match error {
-        StoreError::PermissionDenied(reason) => Some(StopReason::StoreUnusable(
-            ExitCode::NoPerm,
-            reason.to_string(),
-        )),
-        _ => None,
+    if !matches!(error, StoreError::PermissionDenied(_)) {
+        return None;
     }
+    let failure = Failure::from(error.clone());
+    Some(StopReason::StoreUnusable(failure.exit, failure.message))
 }
 
 fn unavailable_status(contact: &Contact) -> String {

@@ -92,9 +92,7 @@ impl JournalLayer {
 
     /// Queues an entry; never waits. A full queue drops it and counts it.
     fn enqueue(&self, entry: Vec<u8>) {
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.queue.try_send(Work::Entry(entry))
-        {
+        if self.queue.try_send(Work::Entry(entry)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -286,21 +284,18 @@ fn priority(level: &Level) -> &'static [u8] {
     }
 }
 
+/// `TARGET`, `CODE_FILE` and `CODE_LINE`, each name after `prefix` (`SPAN_` for a span's).
 fn put_metadata(entry: &mut Vec<u8>, metadata: &Metadata<'_>, prefix: &str) {
-    put_field(
-        entry,
-        &format!("{prefix}TARGET"),
-        metadata.target().as_bytes(),
-    );
+    let mut put = |name: &str, value: &[u8]| {
+        entry.extend_from_slice(prefix.as_bytes());
+        put_field(entry, name, value);
+    };
+    put("TARGET", metadata.target().as_bytes());
     if let Some(file) = metadata.file() {
-        put_field(entry, &format!("{prefix}CODE_FILE"), file.as_bytes());
+        put("CODE_FILE", file.as_bytes());
     }
     if let Some(line) = metadata.line() {
-        put_field(
-            entry,
-            &format!("{prefix}CODE_LINE"),
-            line.to_string().as_bytes(),
-        );
+        put("CODE_LINE", line.to_string().as_bytes());
     }
 }
 

@@ -390,23 +390,15 @@ fn a_journal_that_stops_reading_never_freezes_the_worker() {
         scratch.push("ui_job", "chatty"),
         scratch.push("ui_job", "chatty"),
     ];
-    let journal_dir = tempfile::Builder::new()
-        .prefix("pjqj")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let _never_read =
-        std::os::unix::net::UnixDatagram::bind(journal_dir.path().join("socket")).unwrap();
-    let stderr = std::fs::File::create(scratch.path("stderr")).unwrap();
-    let meta = std::os::unix::fs::MetadataExt::dev(&stderr.metadata().unwrap());
-    let ino = std::os::unix::fs::MetadataExt::ino(&stderr.metadata().unwrap());
+    let journald = FakeJournald::new(&scratch);
     let mut worker = fake_journald_command(
         &scratch,
-        journal_dir.path(),
+        journald.dir.path(),
         &["consume", "--limit", "2"],
-        &format!("{meta}:{ino}"),
+        &journald.stream,
     )
     .stdout(Stdio::null())
-    .stderr(stderr)
+    .stderr(journald.stderr)
     .spawn()
     .unwrap();
     let exited = wait_exit_or_kill(&mut worker, Duration::from_secs(30));
@@ -465,6 +457,36 @@ fn can_fake_journald() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The fake journald: a datagram socket in a directory the worker will see as
+/// /run/systemd/journal, and the stderr file whose `dev:ino` systemd would hand the service
+/// as `JOURNAL_STREAM`.
+struct FakeJournald {
+    dir: tempfile::TempDir,
+    socket: std::os::unix::net::UnixDatagram,
+    stream: String,
+    stderr: std::fs::File,
+}
+
+impl FakeJournald {
+    fn new(scratch: &Scratch) -> FakeJournald {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::Builder::new()
+            .prefix("pjqj")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let socket = std::os::unix::net::UnixDatagram::bind(dir.path().join("socket")).unwrap();
+        let stderr = std::fs::File::create(scratch.path("stderr")).unwrap();
+        let meta = stderr.metadata().unwrap();
+        let stream = format!("{}:{}", meta.dev(), meta.ino());
+        FakeJournald {
+            dir,
+            socket,
+            stream,
+            stderr,
+        }
+    }
+}
+
 /// Whether the journald tests can run here; under CI they must, elsewhere a loud skip.
 fn fake_journald_or_loud_skip() -> bool {
     if can_fake_journald() {
@@ -488,28 +510,19 @@ fn journald_mode_sends_job_fields_and_priorities() {
         "[jobs.talk]\ncommand = [\"/bin/sh\", \"-c\", \"echo out-line; echo err-line >&2\"]",
     );
     let id = scratch.push("ui_job", "talk");
-    // The fake journald: a datagram socket where the worker will see /run/systemd/journal.
-    let journal_dir = tempfile::Builder::new()
-        .prefix("pjqj")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let journal =
-        std::os::unix::net::UnixDatagram::bind(journal_dir.path().join("socket")).unwrap();
+    let journald = FakeJournald::new(&scratch);
+    let journal = &journald.socket;
     journal
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
-    // systemd hands services JOURNAL_STREAM=dev:ino of their stderr; a file stands in.
-    let stderr = std::fs::File::create(scratch.path("stderr")).unwrap();
     let stdout = std::fs::File::create(scratch.path("stdout")).unwrap();
-    let meta = std::os::unix::fs::MetadataExt::dev(&stderr.metadata().unwrap());
-    let ino = std::os::unix::fs::MetadataExt::ino(&stderr.metadata().unwrap());
     let status = run_with_fake_journald(
         &scratch,
-        journal_dir.path(),
+        journald.dir.path(),
         &["consume", "--instance", "7", "--limit", "1"],
-        &format!("{meta}:{ino}"),
+        &journald.stream,
         stdout,
-        stderr,
+        journald.stderr,
     );
     assert!(status.success());
     let mut entries = Vec::new();
