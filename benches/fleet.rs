@@ -236,7 +236,7 @@ async fn bench_backend(backend: &str, settings: &Settings, spawn: f64) {
     }
     let cost = per_job_cost(&bench, settings.throughput_jobs.min(2_000)).await;
     rows.push((
-        "statements per job (1 worker)".into(),
+        "statements per job (1 worker; PostgreSQL: transactions)".into(),
         cost.statements,
         "≤ 4",
     ));
@@ -248,7 +248,7 @@ async fn bench_backend(backend: &str, settings: &Settings, spawn: f64) {
     for poll in ["200ms", "1s"] {
         let cost = idle_load(&bench, poll, settings.idle_seconds).await;
         rows.push((
-            format!("idle worker, poll_interval {poll}: statements/s"),
+            format!("idle worker, poll_interval {poll}: statements/s (PostgreSQL: transactions)"),
             cost.statements,
             if poll == "1s" { "≤ 1.5" } else { "≤ 6" },
         ));
@@ -432,8 +432,10 @@ impl Cost {
 
 /// The server's own counters, read on one connection kept open for the measurement:
 /// MariaDB's `Questions` (statements) and `Innodb_data_fsyncs` (durable flushes: with one
-/// client nothing is grouped), PostgreSQL's `pg_stat_wal.wal_sync` (WAL flushes; it has no
-/// statement counter without `pg_stat_statements`, which needs a server restart to load).
+/// client nothing is grouped), PostgreSQL's `pg_stat_wal.wal_sync` (WAL flushes) and
+/// `pg_stat_database` transactions (it has no statement counter without
+/// `pg_stat_statements`, which needs a server restart to load; the worker sends no
+/// BEGIN/COMMIT on PostgreSQL, so each of its statements is one transaction).
 /// Both are server-wide: the bench is the only client. SQLite has none.
 struct Counters {
     conn: sqlx::AnyConnection,
@@ -459,11 +461,17 @@ impl Counters {
         if self.backend == "postgres" {
             // Backends report their counts to the statistics at most once a second.
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            let syncs: i64 = sqlx::query_scalar("SELECT wal_sync FROM pg_stat_wal")
-                .fetch_one(&mut self.conn)
-                .await
-                .unwrap();
-            return (None, syncs as f64);
+            let row = sqlx::query(
+                "SELECT (SELECT wal_sync FROM pg_stat_wal) AS syncs,
+                        (SELECT SUM(xact_commit + xact_rollback)::BIGINT FROM pg_stat_database)
+                            AS transactions",
+            )
+            .fetch_one(&mut self.conn)
+            .await
+            .unwrap();
+            let syncs: i64 = row.get("syncs");
+            let transactions: i64 = row.get("transactions");
+            return (Some(transactions as f64), syncs as f64);
         }
         let rows = sqlx::query(
             "SELECT VARIABLE_NAME, VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS

@@ -1,44 +1,86 @@
 //! The completer: a job's result (or its give-back) written to the store, retried through
 //! outages, guarded by the lease so a late or repeated write changes nothing.
+//!
+//! A final result is not written on its own: it waits, in memory, for the worker's next turn
+//! ([`JobStore::next_job`]), which records it in the same transaction as the next claim, so a
+//! busy worker pays one durable commit per job. Whenever the worker is not about to take its
+//! next turn (it stops, or it must wait), the result is written by itself first
+//! ([`Consumer::write_finished`]).
+//!
+//! [`JobStore::next_job`]: crate::store::JobStore::next_job
 
 use tracing::{error, info, warn};
 
 use super::{Backoff, Consumer};
 use crate::outcome::{JobOutcome, Record, refusal};
 use crate::signals::StopLevel;
-use crate::store::{ClaimedJob, Release, StoreError, Timestamp};
+use crate::store::{ClaimedJob, Completion, Release, StoreError, Timestamp};
 use crate::units::format_duration;
 
+/// The most job ids kept as "held, result not recorded" (see [`Consumer::unrecorded`]).
+const MOST_UNRECORDED: usize = 64;
+
+/// A finished job and its result, waiting for the next turn.
+pub(super) struct Finished {
+    pub job: ClaimedJob,
+    pub completion: Completion,
+}
+
 impl Consumer {
-    /// Stores the outcome, retrying through database outages: a finished job's result is
-    /// kept in memory until it is written, or until an abort is requested.
+    /// Records the outcome: a final result waits for the next turn (see the module doc);
+    /// a give-back or put-back is written now, retried through outages.
     pub(super) async fn record(&mut self, job: &ClaimedJob, outcome: &JobOutcome) {
+        match outcome.record() {
+            Record::Complete(completion) => {
+                self.finished = Some(Finished {
+                    job: job.clone(),
+                    completion,
+                });
+            }
+            record => self.write(job, record).await,
+        }
+    }
+
+    /// Writes the result waiting for the next turn by itself, when there is one.
+    pub(super) async fn write_finished(&mut self) {
+        if let Some(Finished { job, completion }) = self.finished.take() {
+            self.write(&job, Record::Complete(completion)).await;
+        }
+    }
+
+    /// Writes one record, retrying through database outages: the result is kept in memory
+    /// until it is written, or until an abort is requested.
+    async fn write(&mut self, job: &ClaimedJob, record: Record<'_>) {
         let mut backoff = Backoff::default();
         loop {
-            let stored = match outcome.record() {
+            let stored = match &record {
                 Record::PutBack(reason) => self.put_back_unstarted(job, reason).await,
                 Record::GiveBack(reason) => self
                     .db(self.store.release(&job.lease, reason, Timestamp::now()))
                     .await
                     .map(|release| (release != Release::NotHeld).then_some(release)),
                 Record::Complete(completion) => self
-                    .db(self.store.complete(&job.lease, &completion))
+                    .db(self.store.complete(&job.lease, completion))
                     .await
                     .map(|held| held.then_some(Release::Failed)),
             };
             match stored {
                 Ok(Some(Release::Requeued)) => {
-                    info!("job put back in its queue (attempts left)");
+                    info!(job_id = job.id, "job put back in its queue (attempts left)");
                     return;
                 }
                 Ok(Some(_)) => return,
                 Ok(None) => {
-                    warn!("result not recorded: the job is no longer held by this worker");
+                    warn!(
+                        job_id = job.id,
+                        "result not recorded: the job is no longer held by this worker"
+                    );
                     return;
                 }
                 Err(error) if error.is_transient() && !self.aborting() => {
                     let delay = backoff.next_delay();
                     warn!(
+                        job_id = job.id,
                         attempt = backoff.attempts,
                         "cannot record the job's result: {error}; retrying in {}",
                         format_duration(delay)
@@ -50,49 +92,37 @@ impl Consumer {
                     self.pause(delay, StopLevel::Abort).await;
                 }
                 Err(error) => {
-                    error!(?outcome, "giving up on recording the job's result: {error}");
+                    error!(
+                        job_id = job.id,
+                        ?record,
+                        "giving up on recording the job's result: {error}"
+                    );
+                    self.note_unrecorded(job);
                     return;
                 }
             }
         }
     }
 
-    /// Records a native job's start before its process exists; `Some` (give the job back,
-    /// do not start it) when that record is not certain. The store's call deadline, well
-    /// inside the fence, bounds the wait.
-    pub(super) async fn record_start_before_spawn(&self, job: &ClaimedJob) -> Option<JobOutcome> {
-        let start = self.store.mark_started(&job.lease, Timestamp::now());
-        let why = match self.db(start).await {
-            Ok(true) => return None,
-            Ok(false) => "the job is no longer held by this worker".to_string(),
-            Err(error) => format!("its start could not be recorded ({error})"),
-        };
-        Some(JobOutcome::Interrupted {
-            reason: format!("not started: {why}"),
-            output: Vec::new(),
-            ran_for: std::time::Duration::ZERO,
-        })
+    /// A job left running under this worker's token because its result could not be
+    /// written: it ran, so no put-back of unanswered claims may take it (only a rescue).
+    fn note_unrecorded(&mut self, job: &ClaimedJob) {
+        if self.unrecorded.len() == MOST_UNRECORDED {
+            self.unrecorded.remove(0);
+        }
+        self.unrecorded.push(job.lease.job_id);
     }
 
     /// A stop request arrived while the claim was on its way: the job has not started, so it
     /// goes back to its queue (its attempt refunded) instead of holding up the stop.
     pub(super) async fn give_back_claim(&self, job: &ClaimedJob) {
         const REASON: &str = "claimed while the worker was stopping";
-        let released = match self
-            .db(self.store.release_unstarted(&job.lease, REASON))
-            .await
-        {
-            Ok(true) => Ok(Release::Requeued),
-            Ok(false) => {
-                self.db(self.store.release(&job.lease, REASON, Timestamp::now()))
-                    .await
-            }
-            Err(error) => Err(error),
-        };
-        match released {
-            Ok(release) => info!(
+        match self.db(self.store.put_back_unrun(&job.lease, REASON)).await {
+            Ok(held) => info!(
                 job_id = job.id,
-                "stop requested during the claim: job {} given back ({release:?})", job.id
+                "stop requested during the claim: job {} given back{}",
+                job.id,
+                if held { "" } else { " (already taken back)" }
             ),
             Err(error) => warn!(
                 job_id = job.id,

@@ -7,9 +7,9 @@
 //! and a lost lease reach it as events from the heartbeat task; a store's per-job heartbeat
 //! (Akeneo 6's health check) is written by a task of its own ([`JobTouch`]); Akeneo's
 //! acknowledgement after the exec is a write the loop waits for *beside* the job; a reload
-//! hands new queues to the heartbeat. The only store calls on the executor's path are
-//! before the process exists (a native job's start record, bounded by the call deadline
-//! with the watchdog pinged) and after it ended (the completer's).
+//! hands new queues to the heartbeat. Before the process exists there is nothing to write
+//! (the claim was the job's start record); after it ended come the breaker's launch check
+//! and the completer's record.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -27,7 +27,7 @@ use crate::fleet::Contact;
 use crate::outcome::JobOutcome;
 use crate::runner::{self, JobLaunch, RunningJob};
 use crate::signals::StopLevel;
-use crate::store::{ClaimedJob, JobResult, JobStore, Lease, StoreResult, Timestamp};
+use crate::store::{ClaimedJob, JobResult, JobStore, Lease, StoreResult};
 use crate::template::JobFacts;
 use crate::units::format_duration;
 
@@ -171,24 +171,17 @@ impl Consumer {
         })
     }
 
-    /// Starts and watches the job.
+    /// Starts and watches the job. Its claim was its start record (see
+    /// [`JobStore::next_job`]); the Akeneo store also acknowledges the PIM's message once
+    /// the process exists, a write the watching loop waits for beside the job.
     ///
-    /// A native job's start is recorded *before* its process is spawned: a job whose start
-    /// is not recorded has certainly not run, which is what lets a rescue (or a give-back)
-    /// run it again with its attempt refunded. If the record cannot be written, the job is
-    /// not started but given back. (The Akeneo store records the start after the exec: its
-    /// start acknowledges the PIM's message, which must wait for a process that runs.)
+    /// [`JobStore::next_job`]: crate::store::JobStore::next_job
     pub(super) async fn execute(
         &mut self,
         job: &ClaimedJob,
         launch: &JobLaunch,
         contact: &Contact,
     ) -> JobOutcome {
-        let start_recorded_first = matches!(self.config.transport, Transport::Native);
-        if start_recorded_first && let Some(not_started) = self.record_start_before_spawn(job).await
-        {
-            return not_started;
-        }
         let running = match runner::start(launch) {
             Ok(running) => running,
             Err(error) => {
@@ -202,11 +195,11 @@ impl Consumer {
             "job started"
         );
         self.notifier.status(&running_status(job, Duration::ZERO));
-        let acknowledgement = (!start_recorded_first).then(|| {
+        let acknowledges = matches!(self.config.transport, Transport::Akeneo(_));
+        let acknowledgement = acknowledges.then(|| {
             let store = self.store.clone();
             let lease = job.lease.clone();
-            Box::pin(async move { store.mark_started(&lease, Timestamp::now()).await })
-                as PendingWrite
+            Box::pin(async move { store.acknowledge_start(&lease).await }) as PendingWrite
         });
         let watched = Watched {
             job,

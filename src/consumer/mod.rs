@@ -20,7 +20,7 @@ use crate::exit::{ExitCode, Failure};
 use crate::fleet::{Contact, FleetTimings, Membership, clock};
 use crate::notify::Notifier;
 use crate::signals::{Signals, StopLevel};
-use crate::store::{JobStore, StoreError, WorkerIdentity};
+use crate::store::{JobId, JobStore, Poll, StoreError, Turn, WorkerIdentity};
 use crate::units::format_duration;
 use crate::worker::resident_memory_bytes;
 
@@ -37,6 +37,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// more often when the watchdog needs it. Under 5 s: Akeneo expects a job heartbeat at
 /// least every 5 s.
 const STATUS_REFRESH: Duration = Duration::from_secs(4);
+/// How many turns in a row may find a due job another worker is taking before the worker
+/// sleeps a poll interval (their waits, 0 to 16 ms, add up to about 100 ms).
+const MOST_CONTENDED_TURNS: u32 = 12;
 
 /// What the operator asked of this consumer run.
 #[derive(Debug, Clone)]
@@ -110,6 +113,15 @@ pub struct Consumer {
     breaker: LaunchBreaker,
     /// The Akeneo preflight must run again before the next claim (after a reload).
     preflight_due: bool,
+    /// The last job's result, recorded with the next claim (see `completer`).
+    finished: Option<completer::Finished>,
+    /// A claim's answer never arrived: before the next one, jobs claimed under this
+    /// worker's token that it never learnt of are put back.
+    claim_unanswered: bool,
+    /// Jobs this worker ran whose result it could not record; never put back as unanswered.
+    unrecorded: Vec<JobId>,
+    /// Turns in a row that found a due job another worker was taking.
+    contended: u32,
 }
 
 impl Consumer {
@@ -155,6 +167,10 @@ impl Consumer {
                 Transport::Native => LaunchBreaker::disabled(),
             },
             preflight_due: false,
+            finished: None,
+            claim_unanswered: false,
+            unrecorded: Vec::new(),
+            contended: 0,
             config,
         }
     }
@@ -190,6 +206,7 @@ impl Consumer {
                 },
             }
         };
+        self.write_finished().await;
         self.notifier.stopping("Stopping");
         self.db(membership.leave()).await;
         reason
@@ -244,26 +261,41 @@ impl Consumer {
         )
     }
 
-    /// One pass: check for a stop request, then claim and run a job or sleep.
+    /// One pass: a turn (the last job's result, a claim, the stop-workers generation, in
+    /// one transaction), then run the job or sleep.
     async fn next_step(&mut self, contact: &Contact) -> Result<Option<StopReason>, StoreError> {
-        if self.stop_requested_by_operator().await? || self.symfony_stop_requested() {
+        if self.symfony_stop_requested() {
             return Ok(Some(StopReason::StopWorkersRequested));
+        }
+        if self.breaker.blocked_for().is_some() || self.preflight_due {
+            self.write_finished().await;
         }
         if let Some(reason) = self.launching_blocked().await {
             return Ok(reason);
         }
         // A job claimed now would be fenced at once: wait for the heartbeat to get through.
         if contact.last_ok().elapsed() >= self.timings.fence_after() {
+            self.write_finished().await;
             return Err(StoreError::Unavailable(
                 "no heartbeat has reached the database recently; not taking jobs".into(),
             ));
         }
-        let claimed = self
-            .db(self.store.claim(&self.options.queues, &self.worker))
-            .await?;
+        self.put_back_unanswered_claims().await?;
+        let poll = self.take_turn().await?;
+        if self.stop_requested_by_operator(poll.stop_generation) {
+            if let Some(job) = &poll.job {
+                self.give_back_claim(job).await;
+            }
+            return Ok(Some(StopReason::StopWorkersRequested));
+        }
         self.wake
-            .note_claim(claimed.is_some(), self.poll_interval());
-        match claimed {
+            .note_claim(poll.job.is_some(), self.poll_interval());
+        self.contended = if poll.contended {
+            self.contended + 1
+        } else {
+            0
+        };
+        match poll.job {
             Some(job) if self.shutdown().is_stopping() => self.give_back_claim(&job).await,
             Some(job) => {
                 contact.set_current_job(Some(job.id));
@@ -272,6 +304,13 @@ impl Consumer {
                 self.jobs_done += 1;
                 self.notifier.status(&self.idle_status());
             }
+            None if poll.contended && self.contended <= MOST_CONTENDED_TURNS => {
+                // Another worker is taking the due job this turn saw; the next may be free
+                // at once. Not a poll interval's sleep: that is the stall of a busy queue.
+                let step = u64::from(self.contended - 1).min(4);
+                self.pause(Duration::from_millis(step * step), StopLevel::Drain)
+                    .await;
+            }
             None => {
                 debug!("no job due");
                 self.notifier.status(&self.idle_status());
@@ -279,6 +318,75 @@ impl Consumer {
             }
         }
         Ok(None)
+    }
+
+    /// The store's turn, carrying the last job's result. On an error the result is kept
+    /// for the next turn (or written by itself when waiting cannot help), and the claim may
+    /// have gone through unanswered.
+    async fn take_turn(&mut self) -> Result<Poll, StoreError> {
+        let finished = self.finished.take();
+        let turn = Turn {
+            queues: &self.options.queues,
+            worker: &self.worker,
+            finished: finished
+                .as_ref()
+                .map(|finished| (&finished.job.lease, &finished.completion)),
+            pass_over: self.pass_over(),
+        };
+        let answer = self.db(self.store.next_job(&turn)).await;
+        match answer {
+            Ok(poll) => {
+                if let (Some(finished), Some(false)) = (&finished, poll.recorded) {
+                    warn!(
+                        job_id = finished.job.id,
+                        "result not recorded: the job is no longer held by this worker (taken \
+                         back, or recorded by an earlier attempt whose answer was lost)"
+                    );
+                }
+                Ok(poll)
+            }
+            Err(error) => {
+                self.claim_unanswered = true;
+                self.finished = finished;
+                if !error.is_transient() {
+                    self.write_finished().await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// After turns that lost the race for a head: 1 to 3 of the next jobs may be taken
+    /// instead, varied by worker and by turn so that racing workers spread out.
+    fn pass_over(&self) -> u32 {
+        match self.contended {
+            0 => 0,
+            turns => (self.worker.pid + turns) % 3 + 1,
+        }
+    }
+
+    /// After a claim whose answer never arrived: any job still claimed under this worker's
+    /// token, other than the one whose result it holds and those it ran but could not
+    /// record, was never seen by this worker, so never started: back to its queue,
+    /// refunded, before the next claim.
+    async fn put_back_unanswered_claims(&mut self) -> Result<(), StoreError> {
+        if !self.claim_unanswered {
+            return Ok(());
+        }
+        let mut keep = self.unrecorded.clone();
+        keep.extend(
+            self.finished
+                .as_ref()
+                .map(|finished| finished.job.lease.job_id),
+        );
+        let put_back = self
+            .db(self.store.put_back_unanswered_claims(&self.worker, &keep))
+            .await?;
+        self.claim_unanswered = false;
+        if put_back > 0 {
+            info!("{put_back} job(s) claimed by an unanswered claim put back in their queue");
+        }
+        Ok(())
     }
 
     /// `messenger:stop-workers` run in the PIM since this worker started.
@@ -333,10 +441,10 @@ impl Consumer {
             .map(drop)
     }
 
-    async fn stop_requested_by_operator(&mut self) -> Result<bool, StoreError> {
-        let current = self.db(self.store.stop_generation()).await?;
+    /// Whether `pim-job-queue stop-workers` ran since this worker's first turn.
+    fn stop_requested_by_operator(&mut self, current: i64) -> bool {
         let seen_at_start = *self.stop_generation.get_or_insert(current);
-        Ok(current > seen_at_start)
+        current > seen_at_start
     }
 
     fn limit_reached(&self) -> Option<StopReason> {

@@ -13,7 +13,7 @@ use tracing::warn;
 use super::FleetTimings;
 use super::clock::{ClockReading, ClockWatch, format_micros};
 use super::contact::Contact;
-use crate::store::{JobStore, Timestamp};
+use crate::store::{JobStore, OrphanedJob, Timestamp};
 
 pub(super) struct Rescuer {
     pub(super) store: Arc<dyn JobStore>,
@@ -26,31 +26,47 @@ impl Rescuer {
     pub(super) async fn run(mut self) {
         let mut ticks = tokio::time::interval(self.timings.heartbeat_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_forget: Option<Instant> = None;
         loop {
             ticks.tick().await;
-            // Read every round, so that a step is seen even before this worker may rescue.
-            let steady = self.clock_is_steady().await;
-            if steady && self.contact.may_rescue(&self.timings) {
-                self.rescue().await;
+            // Scanned every round, so that a clock step is seen even before this worker
+            // may rescue; the clock comes with the orphans, one statement a round.
+            let Some(orphans) = self.scan().await else {
+                continue;
+            };
+            if !self.contact.may_rescue(&self.timings) {
+                continue;
+            }
+            self.take_back(orphans).await;
+            // Lost workers' rows only need to go eventually: once per `rescue_after`.
+            if last_forget.is_none_or(|at| at.elapsed() >= self.timings.rescue_after) {
+                match self
+                    .store
+                    .forget_lost_workers(self.timings.rescue_after)
+                    .await
+                {
+                    Ok(()) => last_forget = Some(Instant::now()),
+                    Err(error) => warn!("could not forget lost workers: {error}"),
+                }
             }
         }
     }
 
-    /// Reads the database's clock; false when it stepped forward within the last
-    /// `rescue_after`, or cannot be read.
-    async fn clock_is_steady(&mut self) -> bool {
+    /// Reads the database's clock and the orphaned jobs; `None` when the clock stepped
+    /// forward within the last `rescue_after`, or the scan failed.
+    async fn scan(&mut self) -> Option<Vec<OrphanedJob>> {
         let sent = Instant::now();
-        let database = match self.store.database_time().await {
-            Ok(time) => time,
+        let scan = match self.store.rescue_scan(self.timings.rescue_after).await {
+            Ok(scan) => scan,
             Err(error) => {
-                warn!("cannot read the database's clock, not rescuing this round: {error}");
-                return false;
+                warn!("could not look for orphaned jobs: {error}");
+                return None;
             }
         };
         let reading = ClockReading {
             sent,
             received: Instant::now(),
-            database,
+            database: scan.now,
         };
         match self.clock.record(reading, self.timings.rescue_after) {
             Some(step) if step > 0 => warn!(
@@ -66,29 +82,32 @@ impl Rescuer {
             ),
             None => {}
         }
-        self.clock.allows_rescue(Instant::now())
+        self.clock
+            .allows_rescue(Instant::now())
+            .then_some(scan.orphans)
     }
 
-    async fn rescue(&self) {
-        match self
-            .store
-            .rescue_orphans(self.timings.rescue_after, Timestamp::now())
-            .await
-        {
-            Ok(rescued) => {
-                for job in rescued {
-                    let what = if job.requeued {
-                        "requeued"
-                    } else {
-                        "marked failed (worker lost)"
-                    };
-                    warn!(
-                        rescued_job = job.id,
-                        "rescued job {} from lost worker {}: {what}", job.id, job.lost_worker
-                    );
+    /// Takes back each orphan that is still orphaned at the lease seen, exactly once.
+    async fn take_back(&self, orphans: Vec<OrphanedJob>) {
+        for job in orphans {
+            let taken = self
+                .store
+                .take_back_orphan(&job, self.timings.rescue_after, Timestamp::now())
+                .await;
+            let what = match taken {
+                Ok(Some(true)) => "requeued",
+                Ok(Some(false)) => "marked failed (worker lost)",
+                // Its worker came back, or another rescuer was first.
+                Ok(None) => continue,
+                Err(error) => {
+                    warn!("could not take back orphaned job {}: {error}", job.id);
+                    continue;
                 }
-            }
-            Err(error) => warn!("could not look for orphaned jobs: {error}"),
+            };
+            warn!(
+                rescued_job = job.id,
+                "rescued job {} from lost worker {}: {what}", job.id, job.lost_worker
+            );
         }
     }
 }

@@ -2,10 +2,13 @@
 //! `messenger_messages`, in the PIM's MySQL/MariaDB database, beside (or instead of) PHP
 //! `messenger:consume` processes.
 //!
-//! Claims follow Symfony's query (queue, `delivered_at` null or older than the redeliver
-//! timeout, `available_at` due, oldest first) with `FOR UPDATE SKIP LOCKED` where the server
-//! has it, and mark the row delivered as Symfony's `get()` does, so no other consumer, PHP or
-//! ours, takes it. The row is deleted (acknowledged) only once the job's process has really
+//! A poll is one consistent read that takes no lock: the stop-workers generation and the
+//! message Symfony's `get()` would pick (queue by queue in priority order; `delivered_at` null
+//! or older than the redeliver timeout; `available_at` due; oldest first). The claim marks
+//! that row delivered, as `get()` does, with an update by primary key guarded by the same
+//! condition, so no other consumer, PHP or ours, takes it twice; one that lost the race
+//! reads again at once. It locks one row, so it never deadlocks with PHP's `SELECT … FOR
+//! UPDATE`, and it works on servers without `SKIP LOCKED`. The row is deleted (acknowledged) only once the job's process has really
 //! started; a launch that fails before that puts it back at once, as Symfony's reject-to-retry
 //! would, so a broken PHP setup cannot eat the queue. Rows that cannot be run are never
 //! deleted: they are set aside (`delivered_at` far in the future, which PHP consumers skip
@@ -26,8 +29,8 @@ use sqlx::{MySqlConnection, Row};
 use super::mysql::{MysqlStore, classify, is_lock_conflict};
 use super::{
     ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobResult, JobStore, Lease,
-    NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion, StoreError, StoreResult, Timestamp,
-    WorkerIdentity, WorkerRecord,
+    NewJob, OrphanedJob, Poll, QueueCounts, Release, RescueScan, SchemaVersion, StoreError,
+    StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
 };
 use crate::akeneo::{AkeneoSettings, JobMessage, Launcher, Target};
 
@@ -40,7 +43,6 @@ const SOFT_DELETED_FROM: &str = "9999-12-31 00:00:00";
 /// delivered before now minus the redeliver timeout) and not a soft-delete sentinel, so
 /// neither consumer kind takes or purges it. `UPDATE ... SET delivered_at = NULL` releases it.
 const SET_ASIDE: &str = "9000-01-01 00:00:00";
-const LOCK_RETRIES: u32 = 10;
 /// Akeneo's BatchStatus values the worker reads or writes.
 const STARTING: i64 = 2;
 const FAILED: i64 = 6;
@@ -55,8 +57,25 @@ enum Taken {
         code: String,
         delivered_at: String,
     },
-    /// Cannot be run: left in the table, out of every consumer's way.
-    SetAside { id: i64, reason: String },
+    /// Cannot be run: left in the table, out of every consumer's way (its execution, when
+    /// it names one still waiting to start, failed with the reason).
+    SetAside {
+        id: i64,
+        execution: Option<i64>,
+        reason: String,
+    },
+}
+
+/// The oldest due message of a queue, as a probe read it (a message's row never changes
+/// but for `delivered_at`).
+struct Head {
+    id: i64,
+    queue: String,
+    headers: String,
+    body: String,
+    /// The execution its body names, read in the same statement: its id, job instance
+    /// code and status, when it exists.
+    execution: Option<(i64, String, i64)>,
 }
 
 /// A message this worker claimed and has not finished with.
@@ -72,7 +91,6 @@ struct Claim {
 pub struct AkeneoStore {
     fleet: MysqlStore,
     settings: AkeneoSettings,
-    skip_locked: bool,
     last_purge: Mutex<Option<Instant>>,
     /// Messages claimed by this process and not finished, by message id.
     claims: Mutex<HashMap<JobId, Claim>>,
@@ -85,12 +103,7 @@ impl AkeneoStore {
         limits: super::CallLimits,
     ) -> StoreResult<AkeneoStore> {
         let fleet = MysqlStore::open(url, limits).await?;
-        let version: String = sqlx::query_scalar("SELECT VERSION()")
-            .fetch_one(fleet.pool())
-            .await
-            .map_err(|e| classify(e, &fleet.location()))?;
         Ok(AkeneoStore {
-            skip_locked: supports_skip_locked(&version),
             fleet,
             settings,
             last_purge: Mutex::new(None),
@@ -136,97 +149,246 @@ impl AkeneoStore {
         }
     }
 
-    /// Claims the next due message of `queue`, retrying lock conflicts.
-    async fn take_message(&self, queue: &str) -> StoreResult<Option<Taken>> {
-        let mut attempt = 0;
+    /// The idle poll, one consistent read that takes no lock: the stop-workers generation
+    /// and the oldest due message of the first of `queues` that has one, as Symfony's
+    /// `get()` picks it (not delivered, or delivered before the redeliver timeout; due).
+    async fn probe(
+        &self,
+        queues: &[String],
+        now: SystemTime,
+        pass_over: u32,
+    ) -> Result<(i64, Option<Head>), sqlx::Error> {
+        let redeliver_before = utc_seconds(now - self.settings.redeliver_timeout);
+        // As the native stores' `next_due_id`: a queue is looked at only while those before
+        // it are empty; after a lost race, among its first few messages. Symfony's table
+        // has single-column indexes only, and MariaDB takes `available_at`'s for the ordered
+        // lookup, which for a queue with nothing to take reads every row of the table (2 ms
+        // at 1,300 rows, once per empty higher queue per poll): `queue_name`'s index answers
+        // "nothing here" first.
+        let heads: Vec<String> = (0..queues.len())
+            .map(|i| {
+                let any = "EXISTS (SELECT 1 FROM messenger_messages
+                     WHERE queue_name = ? AND (delivered_at IS NULL OR delivered_at < ?))";
+                let due = "SELECT id FROM messenger_messages
+                     WHERE queue_name = ? AND (delivered_at IS NULL OR delivered_at < ?)
+                       AND available_at <= ?
+                     ORDER BY available_at ASC, id ASC";
+                let head = match pass_over {
+                    0 => format!("({due} LIMIT 1)"),
+                    n => format!("(SELECT MAX(id) FROM ({due} LIMIT {}) AS q{i})", n + 1),
+                };
+                format!("CASE WHEN {any} THEN {head} END")
+            })
+            .collect();
+        // The execution lookup rides along (Akeneo's bodies are JSON with an integer
+        // `job_execution_id`); the message is still decoded, and checked, in Rust.
+        let statement = format!(
+            "SELECT g.generation, m.id, m.queue_name, m.headers, m.body,
+                e.id AS execution_id, i.code AS execution_code,
+                CAST(e.status AS SIGNED) AS execution_status
+             FROM (SELECT value AS generation, COALESCE({}, NULL) AS next_id
+                   FROM pjq_control WHERE name = 'stop_generation') AS g
+             LEFT JOIN messenger_messages m ON m.id = g.next_id
+             LEFT JOIN akeneo_batch_job_execution e ON e.id = CASE WHEN JSON_VALID(m.body)
+                THEN CAST(JSON_VALUE(m.body, '$.job_execution_id') AS UNSIGNED) END
+             LEFT JOIN akeneo_batch_job_instance i ON i.id = e.job_instance_id",
+            heads.join(", ")
+        );
+        let mut query = sqlx::query(&statement);
+        for queue in queues {
+            query = query
+                .bind(queue.as_str())
+                .bind(redeliver_before.as_str())
+                .bind(queue.as_str())
+                .bind(redeliver_before.as_str())
+                .bind(utc_seconds(now));
+        }
+        let row = query.fetch_one(self.pool()).await?;
+        let id: Option<i64> = row.try_get("id")?;
+        let head = match id {
+            Some(id) => Some(Head {
+                id,
+                queue: row.try_get("queue_name")?,
+                headers: row.try_get("headers")?,
+                body: row.try_get("body")?,
+                execution: match row.try_get::<Option<i64>, _>("execution_id")? {
+                    Some(execution) => Some((
+                        execution,
+                        row.try_get::<Option<String>, _>("execution_code")?
+                            .unwrap_or_default(),
+                        row.try_get("execution_status")?,
+                    )),
+                    None => None,
+                },
+            }),
+            None => None,
+        };
+        Ok((row.try_get("generation")?, head))
+    }
+
+    /// Takes the message a probe found, if no consumer (PHP or ours) took it since: decode
+    /// it, look up its execution, then mark it delivered (a job) or set it aside (anything
+    /// that cannot run) with an update guarded as Symfony's redelivery is. `None`: another
+    /// consumer was first.
+    async fn take(&self, head: Head, now: SystemTime) -> Result<Option<Taken>, sqlx::Error> {
+        let Head {
+            id,
+            headers,
+            body,
+            execution,
+            ..
+        } = head;
+        let taken = match JobMessage::decode(&headers, &body) {
+            Ok(message) => self.examine(id, message, execution, now).await?,
+            Err(undecodable) => Taken::SetAside {
+                id,
+                execution: undecodable.execution,
+                reason: undecodable.reason,
+            },
+        };
+        let redelivered_before = utc_seconds(now - self.settings.redeliver_timeout);
+        let mark = |delivered_at: &str| {
+            sqlx::query(
+                "UPDATE messenger_messages SET delivered_at = ?
+                 WHERE id = ? AND (delivered_at IS NULL OR delivered_at < ?)",
+            )
+            .bind(delivered_at.to_string())
+            .bind(id)
+            .bind(redelivered_before.clone())
+        };
+        let set_aside_execution = match &taken {
+            Taken::Job { delivered_at, .. } => {
+                let marked = mark(delivered_at).execute(self.pool()).await?;
+                return Ok((marked.rows_affected() == 1).then_some(taken));
+            }
+            Taken::SetAside {
+                execution: None, ..
+            } => {
+                let marked = mark(SET_ASIDE).execute(self.pool()).await?;
+                return Ok((marked.rows_affected() == 1).then_some(taken));
+            }
+            Taken::SetAside {
+                execution: Some(execution),
+                reason,
+                ..
+            } => (
+                *execution,
+                format!("pim-job-queue set aside message {id}: {reason}"),
+            ),
+        };
+        // Set aside with its execution failed, both or neither.
+        let mut tx = self.pool().begin().await?;
+        let marked = mark(SET_ASIDE).execute(&mut *tx).await?;
+        if marked.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let (execution, reason) = set_aside_execution;
+        fail_waiting_execution(&mut tx, execution, &reason).await?;
+        tx.commit().await?;
+        Ok(Some(taken))
+    }
+
+    /// Probes and takes until a job is claimed, nothing is due, or another consumer wins
+    /// the race for the head (said as `contended`, so the worker looks again at once).
+    async fn claim_next(&self, turn: &Turn<'_>) -> StoreResult<(i64, Option<ClaimedJob>, bool)> {
         loop {
-            match self.try_take_message(queue).await {
-                Err(error) if is_lock_conflict(&error) && attempt < LOCK_RETRIES => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+            let now = SystemTime::now();
+            let (generation, head) = self
+                .probe(turn.queues, now, turn.pass_over)
+                .await
+                .map_err(|e| self.error(e))?;
+            let Some(head) = head else {
+                return Ok((generation, None, false));
+            };
+            let queue = head.queue.clone();
+            let taken = match self.take(head, now).await {
+                // A deadlock with a PHP consumer's purge: the worker looks again at once.
+                Err(error) if is_lock_conflict(&error) => None,
+                other => other.map_err(|e| self.error(e))?,
+            };
+            match taken {
+                None => return Ok((generation, None, true)),
+                Some(Taken::SetAside { id, reason, .. }) => tracing::error!(
+                    message_id = id,
+                    "set aside message {id} of {queue}, which cannot be run: {reason} \
+                     (it stays in messenger_messages; `status` counts it)"
+                ),
+                Some(Taken::Job {
+                    id,
+                    message,
+                    code,
+                    delivered_at,
+                }) => {
+                    let job = self.claimed(id, queue, message, code, delivered_at, turn.worker);
+                    return Ok((generation, Some(job), false));
                 }
-                other => return other.map_err(|e| self.error(e)),
             }
         }
     }
 
-    /// One claim transaction: lock the row, decode it, look up its execution, then mark it
-    /// delivered (a job) or set it aside (anything that cannot run), and commit. Any
-    /// database error rolls everything back.
-    async fn try_take_message(&self, queue: &str) -> Result<Option<Taken>, sqlx::Error> {
-        let now = SystemTime::now();
-        let redeliver_before = now - self.settings.redeliver_timeout;
-        let lock = if self.skip_locked {
-            "FOR UPDATE SKIP LOCKED"
-        } else {
-            "FOR UPDATE"
+    /// Remembers a message this worker took, and says it as a job.
+    fn claimed(
+        &self,
+        message_id: i64,
+        queue: String,
+        message: JobMessage,
+        code: String,
+        delivered_at: String,
+        worker: &WorkerIdentity,
+    ) -> ClaimedJob {
+        let (id, execution) = match message.target {
+            Target::Execution(execution) => (execution, Some(execution)),
+            Target::Scheduled(_) => (message_id, None),
         };
-        let mut tx = self.pool().begin().await?;
-        let row = sqlx::query(&format!(
-            "SELECT id, headers, body FROM messenger_messages
-             WHERE queue_name = ? AND (delivered_at IS NULL OR delivered_at < ?)
-               AND available_at <= ?
-             ORDER BY available_at ASC, id ASC LIMIT 1 {lock}"
-        ))
-        .bind(queue)
-        .bind(utc_seconds(redeliver_before))
-        .bind(utc_seconds(now))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            tx.commit().await?;
-            return Ok(None);
-        };
-        let id: i64 = row.try_get("id")?;
-        let headers: String = row.try_get("headers")?;
-        let body: String = row.try_get("body")?;
-        let taken = match JobMessage::decode(&headers, &body) {
-            Ok(message) => self.examine(&mut tx, id, message, now).await?,
-            Err(undecodable) => {
-                if let Some(execution) = undecodable.execution {
-                    let reason = format!(
-                        "pim-job-queue set aside message {id}: {}",
-                        undecodable.reason
-                    );
-                    fail_waiting_execution(&mut tx, execution, &reason).await?;
-                }
-                Taken::SetAside {
-                    id,
-                    reason: undecodable.reason,
-                }
-            }
-        };
-        let delivered_at = match &taken {
-            Taken::Job { delivered_at, .. } => delivered_at.as_str(),
-            Taken::SetAside { .. } => SET_ASIDE,
-        };
-        sqlx::query("UPDATE messenger_messages SET delivered_at = ? WHERE id = ?")
-            .bind(delivered_at)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Some(taken))
+        self.claims.lock().expect("claims lock").insert(
+            message_id,
+            Claim {
+                execution,
+                delivered_at,
+                acknowledged: false,
+            },
+        );
+        ClaimedJob {
+            id,
+            queue,
+            code,
+            payload: message.to_payload().to_string(),
+            attempts: 1,
+            lease: Lease {
+                job_id: message_id,
+                token: worker.token.clone(),
+                lease: 0,
+            },
+        }
     }
 
     /// Looks up what a decoded message names; a message of a class this worker does not
     /// know is run only when its execution is still waiting to start.
     async fn examine(
         &self,
-        tx: &mut MySqlConnection,
         id: i64,
         message: JobMessage,
+        looked_up: Option<(i64, String, i64)>,
         now: SystemTime,
     ) -> Result<Taken, sqlx::Error> {
         let code = match &message.target {
             Target::Execution(execution) => {
-                let found = execution_state(tx, *execution).await?;
+                let found = match looked_up {
+                    Some((seen, code, status)) if seen == *execution => Some((code, status)),
+                    // The SQL read of the body disagreed with the decoder: ask again.
+                    _ => {
+                        let mut conn = self.pool().acquire().await?;
+                        execution_state(&mut conn, *execution).await?
+                    }
+                };
                 let waiting = found
                     .as_ref()
                     .is_some_and(|(_, status)| *status == STARTING);
                 if !message.known_class && !waiting {
                     return Ok(Taken::SetAside {
                         id,
+                        execution: None,
                         reason: format!(
                             "unknown message class {} names job execution {execution}, which is not waiting to start",
                             message.class
@@ -431,62 +593,26 @@ impl JobStore for AkeneoStore {
         Err(Self::unsupported("push"))
     }
 
-    async fn claim(
-        &self,
-        queues: &[String],
-        worker: &WorkerIdentity,
-    ) -> StoreResult<Option<ClaimedJob>> {
+    /// The previous job's end (Akeneo's record is its execution row, written by the job:
+    /// only an execution it left unfinished is failed), then the next message.
+    async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
+        let recorded = match turn.finished {
+            Some((lease, completion)) => Some(self.complete(lease, completion).await?),
+            None => None,
+        };
         self.purge_soft_deleted().await;
-        for queue in queues {
-            while let Some(taken) = self.take_message(queue).await? {
-                let (message_id, message, code, delivered_at) = match taken {
-                    Taken::SetAside { id, reason } => {
-                        tracing::error!(
-                            message_id = id,
-                            "set aside message {id} of {queue}, which cannot be run: {reason} \
-                             (it stays in messenger_messages; `status` counts it)"
-                        );
-                        continue;
-                    }
-                    Taken::Job {
-                        id,
-                        message,
-                        code,
-                        delivered_at,
-                    } => (id, message, code, delivered_at),
-                };
-                let (id, execution) = match message.target {
-                    Target::Execution(execution) => (execution, Some(execution)),
-                    Target::Scheduled(_) => (message_id, None),
-                };
-                self.claims.lock().expect("claims lock").insert(
-                    message_id,
-                    Claim {
-                        execution,
-                        delivered_at,
-                        acknowledged: false,
-                    },
-                );
-                return Ok(Some(ClaimedJob {
-                    id,
-                    queue: queue.clone(),
-                    code,
-                    payload: message.to_payload().to_string(),
-                    attempts: 1,
-                    lease: Lease {
-                        job_id: message_id,
-                        token: worker.token.clone(),
-                        lease: 0,
-                    },
-                }));
-            }
-        }
-        Ok(None)
+        let (stop_generation, job, contended) = self.claim_next(turn).await?;
+        Ok(Poll {
+            stop_generation,
+            job,
+            recorded,
+            contended,
+        })
     }
 
     /// The acknowledgement, once the job's process exists: from now on the message is gone,
     /// as with Akeneo's ack-on-receipt, and the execution row is the job's record.
-    async fn mark_started(&self, lease: &Lease, _now: Timestamp) -> StoreResult<bool> {
+    async fn acknowledge_start(&self, lease: &Lease) -> StoreResult<bool> {
         let Some(claim) = self.claim_of(lease) else {
             return Ok(false);
         };
@@ -514,6 +640,21 @@ impl JobStore for AkeneoStore {
         }
         self.touch(lease).await?;
         Ok(true)
+    }
+
+    async fn put_back_unrun(&self, lease: &Lease, reason: &str) -> StoreResult<bool> {
+        self.release_unstarted(lease, reason).await
+    }
+
+    /// A message whose claim's answer was lost stays delivered, and comes back after the
+    /// redeliver timeout as with PHP consumers: this worker cannot tell it from a message
+    /// another consumer is running (its `delivered_at` names no consumer).
+    async fn put_back_unanswered_claims(
+        &self,
+        _worker: &WorkerIdentity,
+        _keep: &[JobId],
+    ) -> StoreResult<u64> {
+        Ok(0)
     }
 
     async fn touch(&self, lease: &Lease) -> StoreResult<()> {
@@ -650,8 +791,8 @@ impl JobStore for AkeneoStore {
 
     // Messages are acknowledged on receipt, so the Messenger side has nothing to take back
     // (Akeneo's own heartbeat shows a dead job as failed); these clear stale worker rows.
-    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>> {
-        self.fleet.orphaned_jobs(rescue_after).await
+    async fn rescue_scan(&self, rescue_after: Duration) -> StoreResult<RescueScan> {
+        self.fleet.rescue_scan(rescue_after).await
     }
 
     async fn take_back_orphan(
@@ -672,24 +813,6 @@ impl JobStore for AkeneoStore {
     }
 }
 
-/// `SKIP LOCKED` exists from MariaDB 10.6 and MySQL 8.0.1.
-fn supports_skip_locked(version: &str) -> bool {
-    let numbers: Vec<u32> = version
-        .split(|c: char| !c.is_ascii_digit())
-        .take(2)
-        .filter_map(|part| part.parse().ok())
-        .collect();
-    let (major, minor) = (
-        numbers.first().copied().unwrap_or(0),
-        numbers.get(1).copied().unwrap_or(0),
-    );
-    if version.to_ascii_lowercase().contains("mariadb") {
-        (major, minor) >= (10, 6)
-    } else {
-        major >= 8
-    }
-}
-
 /// A UTC time as MySQL DATETIME text with second precision, as Akeneo's UTCDateTimeType
 /// writes it.
 pub fn utc_seconds(time: SystemTime) -> String {
@@ -700,15 +823,6 @@ pub fn utc_seconds(time: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn skip_locked_by_server_version() {
-        assert!(supports_skip_locked("10.11.19-MariaDB-0+deb12u1"));
-        assert!(supports_skip_locked("10.6.4-MariaDB"));
-        assert!(!supports_skip_locked("10.5.23-MariaDB"));
-        assert!(supports_skip_locked("8.0.36"));
-        assert!(!supports_skip_locked("5.7.44-log"));
-    }
 
     #[test]
     fn datetimes_are_utc_seconds() {

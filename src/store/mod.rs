@@ -162,6 +162,37 @@ pub struct ClaimedJob {
     pub lease: Lease,
 }
 
+/// What a worker asks of the store between two jobs (see [`JobStore::next_job`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Turn<'a> {
+    /// The queues to claim from, highest priority first.
+    pub queues: &'a [String],
+    pub worker: &'a WorkerIdentity,
+    /// The job this worker just ran and its result, recorded in the same transaction as the
+    /// claim (one durable commit per job).
+    pub finished: Option<(&'a Lease, &'a Completion)>,
+    /// After a turn that lost the race for a queue's head to another worker: how many of
+    /// the next due jobs of that queue this one may take instead (see `contended`). Stores
+    /// whose claims skip rows others hold (`SKIP LOCKED`), or that serialize writers, ignore
+    /// it.
+    pub pass_over: u32,
+}
+
+/// What one turn found.
+#[derive(Debug, Clone, Default)]
+pub struct Poll {
+    /// The stop-workers generation, read in the same statement as the claim.
+    pub stop_generation: i64,
+    /// The job claimed for this worker, already marked started.
+    pub job: Option<ClaimedJob>,
+    /// Whether the finished job's result was recorded: false when the lease was no longer
+    /// held (the job was rescued, or this is a repeat); `None` when there was none.
+    pub recorded: Option<bool>,
+    /// No job was claimed although a due one exists: another worker was taking it at that
+    /// moment. Not "empty": ask again at once instead of sleeping a poll interval.
+    pub contended: bool,
+}
+
 /// How a job ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobResult {
@@ -269,6 +300,14 @@ pub struct OrphanedJob {
     pub lease: i64,
     /// `host/instance/pid` of the lost worker.
     pub lost_worker: String,
+}
+
+/// What a rescuer's round read, in one statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RescueScan {
+    /// The database's clock when it was read.
+    pub now: Timestamp,
+    pub orphans: Vec<OrphanedJob>,
 }
 
 /// What became of a job this worker gave up (interrupted by a stop, or fenced off).
@@ -453,17 +492,50 @@ pub trait JobStore: Send + Sync {
     /// Stores many jobs in one transaction (one commit, one flush), for bulk loads.
     async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64>;
 
-    /// Claims the oldest due job of the first non-empty queue in `queues`, or nothing. Due
-    /// means due by the database's clock; the claim time is written by it too, as heartbeats
-    /// are (rescue compares the two).
+    /// One turn of a worker between jobs, in one transaction (on PostgreSQL one statement):
+    /// records the result of the job it just ran, claims the oldest due job of the first
+    /// non-empty queue in `turn.queues` (due and claimed by the database's clock, as
+    /// heartbeats are: rescue compares the two), and reads the stop-workers generation.
+    ///
+    /// A claim is the job's start record: it is written, durably, before the job's process
+    /// exists, so a job whose claim is not recorded has certainly not run. A job this worker
+    /// then does not start goes back with [`JobStore::put_back_unrun`].
+    async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll>;
+
+    /// Claims the next job as [`JobStore::next_job`] does, recording nothing.
     async fn claim(
         &self,
         queues: &[String],
         worker: &WorkerIdentity,
-    ) -> StoreResult<Option<ClaimedJob>>;
+    ) -> StoreResult<Option<ClaimedJob>> {
+        let turn = Turn {
+            queues,
+            worker,
+            finished: None,
+            pass_over: 0,
+        };
+        Ok(self.next_job(&turn).await?.job)
+    }
 
-    /// Records that the job's process started. False if the lease is no longer held.
-    async fn mark_started(&self, lease: &Lease, now: Timestamp) -> StoreResult<bool>;
+    /// Tells the job's own system that its process started, for stores that acknowledge a
+    /// message only then (Akeneo's). False when the claim is no longer held.
+    async fn acknowledge_start(&self, _lease: &Lease) -> StoreResult<bool> {
+        Ok(true)
+    }
+
+    /// Puts back a job this worker claimed and certainly never started (a stop arrived with
+    /// the claim), its attempt refunded. False when the claim is no longer held.
+    async fn put_back_unrun(&self, lease: &Lease, reason: &str) -> StoreResult<bool>;
+
+    /// Puts back, refunded, every job still claimed under this worker's token except
+    /// `keep`: after a claim whose answer never arrived, a job may be claimed that this
+    /// worker never learnt of, and so never started. Only the worker itself can tell (the
+    /// rescuer cannot refund it). Returns how many were put back.
+    async fn put_back_unanswered_claims(
+        &self,
+        worker: &WorkerIdentity,
+        keep: &[JobId],
+    ) -> StoreResult<u64>;
 
     /// Called every few seconds while the job runs, for stores that keep a per-job
     /// heartbeat of their own (the Akeneo 6 launcher writes `health_check_time`).
@@ -535,10 +607,16 @@ pub trait JobStore: Send + Sync {
 
     async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>>;
 
-    /// Running jobs whose worker's heartbeat is older than `rescue_after`, or whose worker
-    /// row is gone, or whose live worker has not named them in its heartbeats for
-    /// `rescue_after` since the claim (a claim whose reply was lost).
-    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>>;
+    /// The rescuer's round, one statement: the database's clock, and the running jobs whose
+    /// worker's heartbeat is older than `rescue_after`, or whose worker row is gone, or whose
+    /// live worker has not named them in its heartbeats for `rescue_after` since the claim
+    /// (a claim whose reply was lost, a result the worker gave up writing).
+    async fn rescue_scan(&self, rescue_after: Duration) -> StoreResult<RescueScan>;
+
+    /// The orphaned jobs of a [`JobStore::rescue_scan`].
+    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>> {
+        Ok(self.rescue_scan(rescue_after).await?.orphans)
+    }
 
     /// Takes one orphaned job back if it is still orphaned and still at the lease seen:
     /// `Some(true)` requeued, `Some(false)` failed as `worker lost`, `None` left alone (its

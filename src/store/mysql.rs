@@ -1,11 +1,14 @@
 //! The MariaDB (10.6+) / MySQL (8.0+) backend, for installations that keep jobs in the PIM's
 //! own database server, shared by many hosts.
 //!
-//! A claim is a short transaction: the oldest due row of a queue is locked with
-//! `FOR UPDATE SKIP LOCKED` and updated. Sessions run at READ COMMITTED so the claim locks
-//! only the row it takes (no gap locks), and the rare deadlock or lock-wait timeout is
-//! retried here instead of surfacing. MySQL 8 has no `UPDATE … RETURNING`, so rows are read
-//! back inside the same transaction.
+//! An idle poll is one consistent read that takes no lock: the stop-workers generation and
+//! the head of the first queue with a due job. A claim is a short transaction, with the
+//! previous job's result when there is one (one durable commit per job): the same read with
+//! `FOR UPDATE SKIP LOCKED` in each queue's lookup (so concurrent workers pass over each
+//! other's rows instead of waiting on them, and never deadlock), then the update of the row
+//! it locked. Sessions run at READ COMMITTED (no gap locks), and the rare lock-wait timeout
+//! is retried here instead of surfacing. MySQL has no `UPDATE … RETURNING`: the claimed row
+//! is the row read, with the lease and attempt the update added.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,16 +17,45 @@ use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, Row};
 
-use super::rows::{self, JOB_RECORD_COLUMNS, RUNS_AGAIN};
+use super::rows::{self, Dialect, JOB_RECORD_COLUMNS, RUNS_AGAIN};
 use super::{
     CallLimits, ChangeOutcome, ClaimedJob, Completion, Detail, JobFilter, JobId, JobRecord,
-    JobStatus, JobStore, Lease, NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion,
-    StoreError, StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord, redact_url,
+    JobStatus, JobStore, Lease, NewJob, OrphanedJob, Poll, QueueCounts, Release, RescueScan,
+    SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WORKER_LOST, WorkerIdentity,
+    WorkerRecord, redact_url,
 };
 
 /// The database's clock in microseconds since the epoch; sessions run at time zone +00:00,
 /// so `NOW(6)` is UTC and the conversion is exact.
 const DB_NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)";
+const DIALECT: Dialect = Dialect {
+    db_now: DB_NOW,
+    placeholder: positional,
+};
+
+fn positional(_: usize) -> String {
+    "?".to_string()
+}
+
+/// The head of a queue as a probe read it, before any claim.
+struct Head(ClaimedJob);
+
+impl Head {
+    /// The job as the claim that matched it left it: one more attempt, the next lease.
+    fn claimed_by(self, worker: &WorkerIdentity) -> ClaimedJob {
+        let Head(job) = self;
+        ClaimedJob {
+            attempts: job.attempts + 1,
+            lease: Lease {
+                job_id: job.id,
+                token: worker.token.clone(),
+                lease: job.lease.lease + 1,
+            },
+            ..job
+        }
+    }
+}
+
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a claim is retried after a deadlock or lock-wait timeout before giving up.
 const LOCK_RETRIES: u32 = 10;
@@ -120,6 +152,10 @@ impl MysqlStore {
         let lock_waits =
             format!("SET SESSION innodb_lock_wait_timeout = {wait}, lock_wait_timeout = {wait}");
         let pool = MySqlPoolOptions::new()
+            // No ping before each use: it doubled every call's round trips, and a
+            // connection that died meanwhile fails its statement, which is retried like
+            // any other transient error.
+            .test_before_acquire(false)
             .max_connections(3)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(move |connection, _| {
@@ -144,69 +180,83 @@ impl MysqlStore {
         &self.pool
     }
 
-    /// Claims from one queue, retrying lock conflicts a few times.
-    async fn claim_from(
-        &self,
-        queue: &str,
-        worker: &WorkerIdentity,
-    ) -> StoreResult<Option<ClaimedJob>> {
-        let mut attempt = 0;
-        loop {
-            match self.try_claim_from(queue, worker).await {
-                Err(error) if is_lock_conflict(&error) && attempt < LOCK_RETRIES => {
-                    attempt += 1;
-                    tracing::debug!(attempt, "claim hit a lock conflict, retrying: {error}");
-                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
-                }
-                other => return other.map_err(|e| self.error(e)),
-            }
+    /// Reads the stop-workers generation and the next job of the first of `queues` that
+    /// has one. Plain, it is the idle poll: one consistent read that takes no lock. With
+    /// `skip_locked`, inside the claim's transaction, the job is locked, passing over jobs
+    /// other workers hold.
+    async fn next_head<'c, E>(
+        executor: E,
+        queues: &[String],
+        skip_locked: bool,
+    ) -> Result<(i64, Option<Head>), sqlx::Error>
+    where
+        E: sqlx::Executor<'c, Database = sqlx::MySql>,
+    {
+        let statement = format!(
+            "SELECT g.generation, j.id, j.queue, j.code, j.payload, j.attempts, j.lease
+             FROM (SELECT value AS generation, {} AS next_id
+                   FROM pjq_control WHERE name = 'stop_generation') AS g
+             LEFT JOIN pjq_jobs j ON j.id = g.next_id",
+            DIALECT.next_due_id(queues.len(), 1, skip_locked)
+        );
+        let mut query = sqlx::query(&statement);
+        for queue in queues {
+            query = query.bind(queue.as_str());
         }
+        let row = query.fetch_one(executor).await?;
+        let id: Option<JobId> = row.try_get("id")?;
+        let head = match id {
+            Some(_) => Some(Head(rows::claimed_job(&row, "")?)),
+            None => None,
+        };
+        Ok((row.try_get("generation")?, head))
     }
 
-    async fn try_claim_from(
-        &self,
-        queue: &str,
-        worker: &WorkerIdentity,
-    ) -> Result<Option<ClaimedJob>, sqlx::Error> {
+    /// An idle worker's turn reads first (one statement, no lock, nothing written), and
+    /// opens a transaction only when a job is due; a busy worker's turn records its last
+    /// result and claims in one transaction: BEGIN, the result, the locking read, the
+    /// claim, COMMIT (no `UPDATE … RETURNING` here), one durable commit.
+    async fn turn(&self, turn: &Turn<'_>) -> Result<Poll, sqlx::Error> {
+        if turn.finished.is_none() {
+            let (stop_generation, head) = Self::next_head(&self.pool, turn.queues, false).await?;
+            if head.is_none() {
+                return Ok(Poll {
+                    stop_generation,
+                    ..Poll::default()
+                });
+            }
+        }
         let mut tx = self.pool.begin().await?;
-        let id: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT id FROM pjq_jobs
-             WHERE queue = ? AND status = 'waiting' AND available_at <= {DB_NOW}
-             ORDER BY available_at, id LIMIT 1
-             FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(queue)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(id) = id else {
-            tx.commit().await?;
-            return Ok(None);
+        let recorded = match turn.finished {
+            Some((lease, completion)) => {
+                let complete = DIALECT.complete_job(1);
+                let done = rows::bind_completion(sqlx::query(&complete), lease, completion)
+                    .execute(&mut *tx)
+                    .await?;
+                Some(done.rows_affected() == 1)
+            }
+            None => None,
         };
-        sqlx::query(&format!(
-            "UPDATE pjq_jobs SET status = 'running', lease = lease + 1, attempts = attempts + 1,
-                claimed_at = {DB_NOW}, started_at = NULL, finished_at = NULL, worker_token = ?,
-                worker_host = ?, worker_instance = ?, worker_pid = ?, exit_code = NULL,
-                exit_signal = NULL, reason = NULL, output = NULL
-             WHERE id = ?"
-        ))
-        .bind(&worker.token)
-        .bind(&worker.host)
-        .bind(&worker.instance)
-        .bind(worker.pid as i64)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        let row = sqlx::query(
-            "SELECT id, queue, code, payload, attempts, lease FROM pjq_jobs WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-        // Decoded before the commit: should it ever fail, the claim is rolled back rather
-        // than leaving a job running that nobody runs.
-        let claimed = rows::claimed_job(&row, &worker.token)?;
+        let (stop_generation, head) = Self::next_head(&mut *tx, turn.queues, true).await?;
+        if let Some(head) = &head {
+            let claim = format!(
+                "UPDATE pjq_jobs SET {} WHERE id = ? AND lease = ? AND status = 'waiting'",
+                DIALECT.claim_assignments(1)
+            );
+            rows::bind_worker(sqlx::query(&claim), turn.worker)
+                .bind(head.0.id)
+                .bind(head.0.lease.lease)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
-        Ok(Some(claimed))
+        Ok(Poll {
+            stop_generation,
+            // An idle turn saw a due job that other workers' claims had locked.
+            contended: head.is_none() && turn.finished.is_none(),
+            job: head.map(|head| head.claimed_by(turn.worker)),
+            recorded,
+        })
     }
 
     async fn change_outcome(&self, id: JobId, rows: u64) -> StoreResult<ChangeOutcome> {
@@ -275,6 +325,8 @@ impl MysqlStore {
         Ok(Some(status == "waiting"))
     }
 }
+
+rows::guarded_writes!(MysqlStore);
 
 /// Who must hold a job for a take-back to apply.
 #[derive(Clone, Copy)]
@@ -399,54 +451,34 @@ impl JobStore for MysqlStore {
         Ok(jobs.len() as u64)
     }
 
-    async fn claim(
-        &self,
-        queues: &[String],
-        worker: &WorkerIdentity,
-    ) -> StoreResult<Option<ClaimedJob>> {
-        for queue in queues {
-            if let Some(job) = self.claim_from(queue, worker).await? {
-                return Ok(Some(job));
+    async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
+        let mut attempt = 0;
+        loop {
+            match self.turn(turn).await {
+                Err(error) if is_lock_conflict(&error) && attempt < LOCK_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(attempt, "claim hit a lock conflict, retrying: {error}");
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                }
+                other => return other.map_err(|e| self.error(e)),
             }
         }
-        Ok(None)
     }
 
-    async fn mark_started(&self, lease: &Lease, now: Timestamp) -> StoreResult<bool> {
-        let result = sqlx::query(
-            "UPDATE pjq_jobs SET started_at = ?
-             WHERE id = ? AND worker_token = ? AND lease = ? AND status = 'running'",
-        )
-        .bind(now.0)
-        .bind(lease.job_id)
-        .bind(&lease.token)
-        .bind(lease.lease)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(result.rows_affected() == 1)
+    async fn put_back_unrun(&self, lease: &Lease, reason: &str) -> StoreResult<bool> {
+        self.guarded_put_back(lease, reason).await
+    }
+
+    async fn put_back_unanswered_claims(
+        &self,
+        worker: &WorkerIdentity,
+        keep: &[JobId],
+    ) -> StoreResult<u64> {
+        self.guarded_put_back_unanswered(worker, keep).await
     }
 
     async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool> {
-        let (status, exit_code, signal, reason) = super::completion_columns(&completion.result);
-        let result = sqlx::query(
-            "UPDATE pjq_jobs SET status = ?, finished_at = ?, exit_code = ?, exit_signal = ?,
-                reason = ?, output = ?
-             WHERE id = ? AND worker_token = ? AND lease = ? AND status = 'running'",
-        )
-        .bind(status.as_str())
-        .bind(completion.finished_at.0)
-        .bind(exit_code)
-        .bind(signal)
-        .bind(reason)
-        .bind(completion.output.join("\n"))
-        .bind(lease.job_id)
-        .bind(&lease.token)
-        .bind(lease.lease)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(result.rows_affected() == 1)
+        self.guarded_complete(lease, completion).await
     }
 
     async fn database_time(&self) -> StoreResult<Timestamp> {
@@ -633,25 +665,8 @@ impl JobStore for MysqlStore {
             .map_err(|e| self.error(e))
     }
 
-    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>> {
-        let rows = sqlx::query(&format!(
-            "SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
-             WHERE status = 'running' AND {}",
-            rows::orphaned(DB_NOW, rescue_after)
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        rows.iter()
-            .map(|row| {
-                Ok(OrphanedJob {
-                    id: row.try_get("id")?,
-                    lease: row.try_get("lease")?,
-                    lost_worker: rows::worker_of_job(row)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(|e| self.error(e))
+    async fn rescue_scan(&self, rescue_after: Duration) -> StoreResult<RescueScan> {
+        self.scan_for_orphans(rescue_after).await
     }
 
     async fn take_back_orphan(

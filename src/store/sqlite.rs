@@ -17,15 +17,24 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row};
 
-use super::rows::{self, JOB_RECORD_COLUMNS, RUNS_AGAIN};
+use super::rows::{self, Dialect, JOB_RECORD_COLUMNS, RUNS_AGAIN, STOP_GENERATION};
 use super::{
     CallLimits, ChangeOutcome, ClaimedJob, Completion, Detail, JobFilter, JobId, JobRecord,
-    JobStatus, JobStore, Lease, NewJob, OrphanedJob, QueueCounts, Release, SchemaVersion,
-    StoreError, StoreResult, Timestamp, WORKER_LOST, WorkerIdentity, WorkerRecord,
+    JobStatus, JobStore, Lease, NewJob, OrphanedJob, Poll, QueueCounts, Release, RescueScan,
+    SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WORKER_LOST, WorkerIdentity,
+    WorkerRecord,
 };
 
 /// The database's clock in microseconds since the epoch (for SQLite: this host's clock).
 const DB_NOW: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
+const DIALECT: Dialect = Dialect {
+    db_now: DB_NOW,
+    placeholder: numbered,
+};
+
+fn numbered(n: usize) -> String {
+    format!("?{n}")
+}
 
 fn insert_job() -> String {
     rows::insert_job(DB_NOW, ["?"; 5])
@@ -103,6 +112,10 @@ impl SqliteStore {
         let path = options.get_filename().display().to_string();
         create_store_file(options.get_filename())?;
         let pool = SqlitePoolOptions::new()
+            // No ping before each use: it doubled every call's round trips, and a
+            // connection that died meanwhile fails its statement, which is retried like
+            // any other transient error.
+            .test_before_acquire(false)
             .max_connections(2)
             .connect_with(options)
             .await
@@ -114,32 +127,80 @@ impl SqliteStore {
         classify(error, &self.path)
     }
 
-    async fn claim_from(
+    /// Claims the next job inside `tx`: the head of the first queue with a due job, in one
+    /// statement that also reads the stop-workers generation. Writers are serialized on
+    /// SQLite, so the head found is the head taken.
+    async fn claim_in(
         &self,
-        queue: &str,
-        worker: &WorkerIdentity,
-    ) -> StoreResult<Option<ClaimedJob>> {
-        let row = sqlx::query(&format!(
-            "UPDATE pjq_jobs SET status = 'running', lease = lease + 1, attempts = attempts + 1,
-                claimed_at = {DB_NOW}, started_at = NULL, finished_at = NULL,
-                worker_token = ?1, worker_host = ?2, worker_instance = ?3, worker_pid = ?4,
-                exit_code = NULL, exit_signal = NULL, reason = NULL, output = NULL
-             WHERE id = (SELECT id FROM pjq_jobs
-                         WHERE queue = ?5 AND status = 'waiting' AND available_at <= {DB_NOW}
-                         ORDER BY available_at, id LIMIT 1)
-             RETURNING id, queue, code, payload, attempts, lease"
-        ))
-        .bind(&worker.token)
-        .bind(&worker.host)
-        .bind(&worker.instance)
-        .bind(worker.pid as i64)
-        .bind(queue)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        row.map(|row| rows::claimed_job(&row, &worker.token))
-            .transpose()
-            .map_err(|e| self.error(e))
+        tx: &mut sqlx::SqliteConnection,
+        turn: &Turn<'_>,
+    ) -> Result<(Option<ClaimedJob>, i64), sqlx::Error> {
+        let statement = format!(
+            "UPDATE pjq_jobs SET {}
+             WHERE id = {}
+             RETURNING id, queue, code, payload, attempts, lease, {STOP_GENERATION} AS generation",
+            DIALECT.claim_assignments(1),
+            DIALECT.next_due_id(turn.queues.len(), 5, false)
+        );
+        let mut query = rows::bind_worker(sqlx::query(&statement), turn.worker);
+        for queue in turn.queues {
+            query = query.bind(queue.as_str());
+        }
+        if let Some(row) = query.fetch_optional(&mut *tx).await? {
+            let job = rows::claimed_job(&row, &turn.worker.token)?;
+            return Ok((Some(job), row.try_get("generation")?));
+        }
+        let generation = sqlx::query_scalar(&format!("SELECT {STOP_GENERATION}"))
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok((None, generation))
+    }
+
+    /// The idle poll, one read: the stop-workers generation and whether any of `queues` has
+    /// a due job.
+    async fn probe(&self, queues: &[String]) -> Result<(i64, bool), sqlx::Error> {
+        let statement = format!(
+            "SELECT {STOP_GENERATION} AS generation, {} IS NOT NULL AS due",
+            DIALECT.next_due_id(queues.len(), 1, false)
+        );
+        let mut query = sqlx::query(&statement);
+        for queue in queues {
+            query = query.bind(queue.as_str());
+        }
+        let row = query.fetch_one(&self.pool).await?;
+        Ok((row.try_get("generation")?, row.try_get("due")?))
+    }
+
+    async fn turn(&self, turn: &Turn<'_>) -> Result<Poll, sqlx::Error> {
+        if turn.finished.is_none() {
+            let (stop_generation, due) = self.probe(turn.queues).await?;
+            if !due {
+                return Ok(Poll {
+                    stop_generation,
+                    ..Poll::default()
+                });
+            }
+        }
+        // IMMEDIATE: the write lock first, so the claim never has to upgrade a read lock.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let recorded = match turn.finished {
+            Some((lease, completion)) => {
+                let complete = DIALECT.complete_job(1);
+                let result = rows::bind_completion(sqlx::query(&complete), lease, completion)
+                    .execute(&mut *tx)
+                    .await?;
+                Some(result.rows_affected() == 1)
+            }
+            None => None,
+        };
+        let (job, stop_generation) = self.claim_in(&mut tx, turn).await?;
+        tx.commit().await?;
+        Ok(Poll {
+            stop_generation,
+            job,
+            recorded,
+            contended: false,
+        })
     }
 
     async fn status_of(&self, id: JobId) -> StoreResult<Option<JobStatus>> {
@@ -202,6 +263,8 @@ impl SqliteStore {
         Ok(status.map(|s| s == "waiting"))
     }
 }
+
+rows::guarded_writes!(SqliteStore);
 
 /// Who must hold a job for a take-back to apply.
 #[derive(Clone, Copy)]
@@ -318,54 +381,24 @@ impl JobStore for SqliteStore {
         Ok(jobs.len() as u64)
     }
 
-    async fn claim(
-        &self,
-        queues: &[String],
-        worker: &WorkerIdentity,
-    ) -> StoreResult<Option<ClaimedJob>> {
-        for queue in queues {
-            if let Some(job) = self.claim_from(queue, worker).await? {
-                return Ok(Some(job));
-            }
-        }
-        Ok(None)
+    async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
+        self.turn(turn).await.map_err(|e| self.error(e))
     }
 
-    async fn mark_started(&self, lease: &Lease, now: Timestamp) -> StoreResult<bool> {
-        let result = sqlx::query(
-            "UPDATE pjq_jobs SET started_at = ?
-             WHERE id = ? AND worker_token = ? AND lease = ? AND status = 'running'",
-        )
-        .bind(now.0)
-        .bind(lease.job_id)
-        .bind(&lease.token)
-        .bind(lease.lease)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(result.rows_affected() == 1)
+    async fn put_back_unrun(&self, lease: &Lease, reason: &str) -> StoreResult<bool> {
+        self.guarded_put_back(lease, reason).await
+    }
+
+    async fn put_back_unanswered_claims(
+        &self,
+        worker: &WorkerIdentity,
+        keep: &[JobId],
+    ) -> StoreResult<u64> {
+        self.guarded_put_back_unanswered(worker, keep).await
     }
 
     async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool> {
-        let (status, exit_code, signal, reason) = super::completion_columns(&completion.result);
-        let result = sqlx::query(
-            "UPDATE pjq_jobs SET status = ?, finished_at = ?, exit_code = ?, exit_signal = ?,
-                reason = ?, output = ?
-             WHERE id = ? AND worker_token = ? AND lease = ? AND status = 'running'",
-        )
-        .bind(status.as_str())
-        .bind(completion.finished_at.0)
-        .bind(exit_code)
-        .bind(signal)
-        .bind(reason)
-        .bind(completion.output.join("\n"))
-        .bind(lease.job_id)
-        .bind(&lease.token)
-        .bind(lease.lease)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(result.rows_affected() == 1)
+        self.guarded_complete(lease, completion).await
     }
 
     async fn database_time(&self) -> StoreResult<Timestamp> {
@@ -544,25 +577,8 @@ impl JobStore for SqliteStore {
             .map_err(|e| self.error(e))
     }
 
-    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>> {
-        let rows = sqlx::query(&format!(
-            "SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
-             WHERE status = 'running' AND {}",
-            rows::orphaned(DB_NOW, rescue_after)
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        rows.iter()
-            .map(|row| {
-                Ok(OrphanedJob {
-                    id: row.try_get("id")?,
-                    lease: row.try_get("lease")?,
-                    lost_worker: rows::worker_of_job(row)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(|e| self.error(e))
+    async fn rescue_scan(&self, rescue_after: Duration) -> StoreResult<RescueScan> {
+        self.scan_for_orphans(rescue_after).await
     }
 
     async fn take_back_orphan(

@@ -11,7 +11,7 @@
 //!
 //! A call cut short may still have taken effect (a commit whose reply was lost): every state
 //! change it guards is safe to try again, and a claim whose reply never came is taken back by
-//! the rescue (see [`super::JobStore::orphaned_jobs`]).
+//! the rescue (see [`super::JobStore::rescue_scan`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,9 +20,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ChangeOutcome, ClaimedJob, Completion, Detail, JobFilter, JobId, JobRecord, JobStore, Lease,
-    NewJob, OrphanedJob, PushListener, QueueCounts, Release, SchemaVersion, StoreError,
-    StoreResult, Timestamp, WorkerIdentity, WorkerRecord,
+    ChangeOutcome, Completion, Detail, JobFilter, JobId, JobRecord, JobStore, Lease, NewJob,
+    OrphanedJob, Poll, PushListener, QueueCounts, Release, RescueScan, SchemaVersion, StoreError,
+    StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
 };
 
 /// One store call, boxed so that a hook can wrap calls of every result type.
@@ -126,17 +126,34 @@ impl<H: CallHook> JobStore for Wrapped<H> {
         self.call("push batch", self.inner.push_batch(jobs)).await
     }
 
-    async fn claim(
-        &self,
-        queues: &[String],
-        worker: &WorkerIdentity,
-    ) -> StoreResult<Option<ClaimedJob>> {
-        self.call("claim", self.inner.claim(queues, worker)).await
+    async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
+        let name = match turn.finished {
+            None => "claim",
+            Some(_) => "complete and claim",
+        };
+        self.call(name, self.inner.next_job(turn)).await
     }
 
-    async fn mark_started(&self, lease: &Lease, now: Timestamp) -> StoreResult<bool> {
-        self.call("record start", self.inner.mark_started(lease, now))
+    async fn acknowledge_start(&self, lease: &Lease) -> StoreResult<bool> {
+        self.call("acknowledge", self.inner.acknowledge_start(lease))
             .await
+    }
+
+    async fn put_back_unrun(&self, lease: &Lease, reason: &str) -> StoreResult<bool> {
+        self.call("put back", self.inner.put_back_unrun(lease, reason))
+            .await
+    }
+
+    async fn put_back_unanswered_claims(
+        &self,
+        worker: &WorkerIdentity,
+        keep: &[JobId],
+    ) -> StoreResult<u64> {
+        self.call(
+            "put back unanswered",
+            self.inner.put_back_unanswered_claims(worker, keep),
+        )
+        .await
     }
 
     async fn touch(&self, lease: &Lease) -> StoreResult<()> {
@@ -219,8 +236,8 @@ impl<H: CallHook> JobStore for Wrapped<H> {
         self.call("list workers", self.inner.list_workers()).await
     }
 
-    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>> {
-        self.call("find orphans", self.inner.orphaned_jobs(rescue_after))
+    async fn rescue_scan(&self, rescue_after: Duration) -> StoreResult<RescueScan> {
+        self.call("find orphans", self.inner.rescue_scan(rescue_after))
             .await
     }
 

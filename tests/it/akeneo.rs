@@ -792,6 +792,8 @@ fn a_message_taken_over_before_its_acknowledgement_is_left_to_its_new_holder() {
         let store = pim_job_queue::store::open_configured(&config, &pim.scratch.url)
             .await
             .unwrap();
+        // The worker's own tables (the stop-workers generation is read with every claim).
+        store.migrate().await.unwrap();
         let worker = WorkerIdentity::for_this_process(None, Some("host-a".into()));
         let queues = vec!["import_export_job".to_string()];
         let job = store.claim(&queues, &worker).await.unwrap().unwrap();
@@ -805,10 +807,7 @@ fn a_message_taken_over_before_its_acknowledgement_is_left_to_its_new_holder() {
             .await
             .unwrap();
         assert!(
-            !store
-                .mark_started(&job.lease, Timestamp::now())
-                .await
-                .unwrap(),
+            !store.acknowledge_start(&job.lease).await.unwrap(),
             "the acknowledgement must see the message is someone else's"
         );
         // What the executor does next: it ends its copy and gives the job up.

@@ -140,9 +140,13 @@ fn retry_and_cancel_follow_the_rules(backend: Backend) {
 
 fn migrate_is_idempotent(backend: Backend) {
     let scratch = Scratch::new(backend);
+    // PostgreSQL's schema 2 replaced an index the planner misused after bulk loads.
+    let latest = if backend == Backend::Postgres { 2 } else { 1 };
     let first = scratch.ok(&["migrate"]);
     assert!(
-        first.contains("schema at version 1 (1 migration(s) applied)"),
+        first.contains(&format!(
+            "schema at version {latest} ({latest} migration(s) applied)"
+        )),
         "{first}"
     );
     let second = scratch.ok(&["migrate"]);

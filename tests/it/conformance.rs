@@ -2,7 +2,7 @@
 //! through the library, so each database behaves exactly alike.
 
 use pim_job_queue::store::{
-    ChangeOutcome, Completion, JobFilter, JobResult, JobStatus, JobStore, NewJob, Timestamp,
+    ChangeOutcome, Completion, JobFilter, JobResult, JobStatus, JobStore, NewJob, Timestamp, Turn,
     WorkerIdentity,
 };
 
@@ -22,6 +22,11 @@ backend_tests!(
     registering_again_keeps_the_running_job_owned,
     prune_removes_only_old_finished_jobs,
     release_requeues_while_attempts_remain,
+    a_turn_records_the_result_and_claims_the_next_together,
+    an_idle_turn_reads_the_stop_generation,
+    a_worker_puts_back_its_unanswered_claims_refunded,
+    a_claimed_job_never_started_goes_back_refunded,
+    passing_over_a_contended_head_keeps_priority,
 );
 
 fn job(queue: &str, code: &str) -> NewJob {
@@ -111,12 +116,6 @@ fn completion_is_guarded_by_token_and_lease(backend: Backend) {
         let store = open(&scratch).await;
         let id = store.push(&job("ui_job", "x")).await.unwrap();
         let claimed = store.claim(&queues(), &worker("1")).await.unwrap().unwrap();
-        assert!(
-            store
-                .mark_started(&claimed.lease, Timestamp::now())
-                .await
-                .unwrap()
-        );
         let mut stranger = claimed.lease.clone();
         stranger.token = "someone-else".into();
         assert!(
@@ -147,12 +146,6 @@ fn completion_is_guarded_by_token_and_lease(backend: Backend) {
         assert!(
             !store
                 .complete(&claimed.lease, &done(JobResult::Succeeded))
-                .await
-                .unwrap()
-        );
-        assert!(
-            !store
-                .mark_started(&claimed.lease, Timestamp::now())
                 .await
                 .unwrap()
         );
@@ -214,8 +207,12 @@ fn migrate_twice_is_harmless(backend: Backend) {
     block_on(async {
         let store = pim_job_queue::store::open(&scratch.url).await.unwrap();
         let (a, b) = tokio::join!(store.migrate(), store.migrate());
-        assert_eq!(a.unwrap() + b.unwrap(), 1, "one migration applied once");
         let version = store.schema_version().await.unwrap();
+        assert_eq!(
+            i64::from(a.unwrap() + b.unwrap()),
+            version.latest,
+            "each migration applied once"
+        );
         assert_eq!(version.found, version.latest);
     });
 }
@@ -260,9 +257,11 @@ fn retry_resets_a_failed_job(backend: Backend) {
 }
 
 /// The claim committed but its reply never reached the worker (the connection died on the
-/// way back): the worker, alive and idle, reports no job in its heartbeats. Once that has
-/// lasted `rescue_after` since the claim, the job is taken back (never started: requeued, its
-/// attempt refunded); a job its worker names is never taken, however long it runs.
+/// way back), and the worker, alive and idle, reports no job in its heartbeats. Once that
+/// has lasted `rescue_after` since the claim, the job is taken back (requeued, attempts
+/// left; the worker itself puts such a claim back refunded before its next one, see
+/// `a_worker_puts_back_its_unanswered_claims_refunded`); a job its worker names is never
+/// taken, however long it runs.
 fn a_claim_whose_reply_was_lost_is_taken_back(backend: Backend) {
     use std::time::Duration;
     const RESCUE_AFTER: Duration = Duration::from_secs(1);
@@ -272,17 +271,17 @@ fn a_claim_whose_reply_was_lost_is_taken_back(backend: Backend) {
         let (forgetful, busy) = (worker("forgetful"), worker("busy"));
         store.register_worker(&forgetful, &queues()).await.unwrap();
         store.register_worker(&busy, &queues()).await.unwrap();
-        let lost_reply = store.push(&new_job("ui_job", "a", "{}")).await.unwrap();
+        let lost_reply = store
+            .push(&NewJob {
+                max_attempts: 2,
+                ..new_job("ui_job", "a", "{}")
+            })
+            .await
+            .unwrap();
         let owned = store.push(&new_job("ui_job", "b", "{}")).await.unwrap();
         let claimed = store.claim(&queues(), &forgetful).await.unwrap().unwrap();
         assert_eq!(claimed.id, lost_reply);
         let running = store.claim(&queues(), &busy).await.unwrap().unwrap();
-        assert!(
-            store
-                .mark_started(&running.lease, Timestamp::now())
-                .await
-                .unwrap()
-        );
         // Just claimed: a heartbeat sent before the reply arrived cannot name it yet.
         assert!(store.heartbeat(&forgetful, None).await.unwrap());
         assert!(store.heartbeat(&busy, Some(owned)).await.unwrap());
@@ -301,7 +300,7 @@ fn a_claim_whose_reply_was_lost_is_taken_back(backend: Backend) {
         let ids: Vec<_> = rescued.iter().map(|job| (job.id, job.requeued)).collect();
         assert_eq!(ids, vec![(lost_reply, true)]);
         let job = store.get_job(lost_reply).await.unwrap().unwrap();
-        assert_eq!((job.status, job.attempts), (JobStatus::Waiting, 0));
+        assert_eq!((job.status, job.attempts), (JobStatus::Waiting, 1));
         let job = store.get_job(owned).await.unwrap().unwrap();
         assert_eq!(job.status, JobStatus::Running);
         let late = done(JobResult::Succeeded);
@@ -329,12 +328,7 @@ fn registering_again_keeps_the_running_job_owned(backend: Backend) {
         store.register_worker(&me, &queues()).await.unwrap();
         let id = store.push(&new_job("ui_job", "long", "{}")).await.unwrap();
         let claimed = store.claim(&queues(), &me).await.unwrap().unwrap();
-        assert!(
-            store
-                .mark_started(&claimed.lease, Timestamp::now())
-                .await
-                .unwrap()
-        );
+        assert_eq!(claimed.id, id);
         assert!(store.heartbeat(&me, Some(id)).await.unwrap());
         tokio::time::sleep(RESCUE_AFTER + Duration::from_millis(300)).await;
         assert!(store.heartbeat(&me, Some(id)).await.unwrap());
@@ -376,20 +370,13 @@ fn rescue_takes_back_only_lost_workers_jobs_once(backend: Backend) {
         let first = store.claim(&queues(), &lost).await.unwrap().unwrap();
         let second = store.claim(&queues(), &lost).await.unwrap().unwrap();
         let third = store.claim(&queues(), &alive).await.unwrap().unwrap();
-        // Claimed, then the worker died before the job's process started.
+        // Claimed, then the worker died: the claim is the job's start record, so it counts
+        // (only the worker itself can tell that it never started: see the put-backs).
         let fourth = store.claim(&queues(), &lost).await.unwrap().unwrap();
         assert_eq!(
             (first.id, second.id, third.id, fourth.id),
             (once, twice, kept, unstarted)
         );
-        for started in [&first, &second, &third] {
-            assert!(
-                store
-                    .mark_started(&started.lease, Timestamp::now())
-                    .await
-                    .unwrap()
-            );
-        }
         // Lost workers age past rescue_after; the live one's heartbeat stays well inside it
         // however slow the machine is between the calls below.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -400,13 +387,7 @@ fn rescue_takes_back_only_lost_workers_jobs_once(backend: Backend) {
             .unwrap();
         rescued.sort_by_key(|r| r.id);
         let summary: Vec<(i64, bool)> = rescued.iter().map(|r| (r.id, r.requeued)).collect();
-        assert_eq!(summary, [(once, false), (twice, true), (unstarted, true)]);
-        let refunded = store.get_job(unstarted).await.unwrap().unwrap();
-        assert_eq!(
-            (refunded.status, refunded.attempts),
-            (JobStatus::Waiting, 0),
-            "a job that never started runs again, its claim refunded"
-        );
+        assert_eq!(summary, [(once, false), (twice, true), (unstarted, false)]);
         assert!(rescued[0].lost_worker.starts_with("test-host/lost/"));
         let again = store
             .rescue_orphans(Duration::from_secs(1), Timestamp::now())
@@ -482,14 +463,7 @@ async fn claim_and_start(
     store: &dyn JobStore,
     worker: &WorkerIdentity,
 ) -> pim_job_queue::store::ClaimedJob {
-    let job = store.claim(&queues(), worker).await.unwrap().unwrap();
-    assert!(
-        store
-            .mark_started(&job.lease, Timestamp::now())
-            .await
-            .unwrap()
-    );
-    job
+    store.claim(&queues(), worker).await.unwrap().unwrap()
 }
 
 fn release_requeues_while_attempts_remain(backend: Backend) {
@@ -525,10 +499,12 @@ fn release_requeues_while_attempts_remain(backend: Backend) {
         assert_eq!(waiting.status, JobStatus::Waiting);
         assert_eq!(waiting.reason.as_deref(), Some("interrupted (requeued)"));
         let second = store.claim(&queues(), &me).await.unwrap().unwrap();
-        // Released before its process started: it did not run, so it goes back, refunded.
-        assert_eq!(
-            store.release(&second.lease, "stopping", now).await.unwrap(),
-            Release::Requeued
+        // Put back before its process started: it did not run, so it goes back, refunded.
+        assert!(
+            store
+                .put_back_unrun(&second.lease, "stopping")
+                .await
+                .unwrap()
         );
         let refunded = store.get_job(id).await.unwrap().unwrap();
         assert_eq!(
@@ -545,5 +521,203 @@ fn release_requeues_while_attempts_remain(backend: Backend) {
         );
         let failed = store.get_job(id).await.unwrap().unwrap();
         assert_eq!((failed.status, failed.attempts), (JobStatus::Failed, 2));
+    });
+}
+
+/// A busy worker's turn: the last job's result and the next claim in one call (one
+/// transaction), guarded like `complete`; the stop generation comes with it.
+fn a_turn_records_the_result_and_claims_the_next_together(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let me = worker("busy");
+        let first = store.push(&job("import_export_job", "a")).await.unwrap();
+        let second = store.push(&job("data_maintenance_job", "b")).await.unwrap();
+        let third = store.push(&job("ui_job", "c")).await.unwrap();
+        let generation = store.request_stop().await.unwrap();
+        let running = store.claim(&queues(), &me).await.unwrap().unwrap();
+        assert_eq!(running.id, third, "ui_job first");
+        let result = done(JobResult::Succeeded);
+        let queues = queues();
+        let turn = Turn {
+            queues: &queues,
+            worker: &me,
+            finished: Some((&running.lease, &result)),
+            pass_over: 0,
+        };
+        let poll = store.next_job(&turn).await.unwrap();
+        assert_eq!(poll.recorded, Some(true));
+        assert_eq!(poll.stop_generation, generation);
+        let next = poll.job.expect("the next job claimed with the result");
+        assert_eq!((next.id, next.attempts), (first, 1));
+        let record = store.get_job(third).await.unwrap().unwrap();
+        assert_eq!(record.status, JobStatus::Succeeded);
+        assert_eq!(record.output, ["line one", "line two"]);
+        let claimed = store.get_job(first).await.unwrap().unwrap();
+        assert_eq!(claimed.status, JobStatus::Running);
+        assert!(
+            claimed.started_at.is_some(),
+            "the claim is the start record"
+        );
+        // A repeat of the same turn (an answer lost on the way): the result is refused by
+        // its guard, the claim still happens.
+        let poll = store.next_job(&turn).await.unwrap();
+        assert_eq!(poll.recorded, Some(false));
+        assert_eq!(poll.job.map(|job| job.id), Some(second));
+        assert_eq!(
+            store.get_job(third).await.unwrap().unwrap().status,
+            JobStatus::Succeeded
+        );
+        // The claimed job's own lease completes it.
+        assert!(store.complete(&next.lease, &result).await.unwrap());
+    });
+}
+
+/// An idle poll answers the stop generation with "nothing due"; a job not yet due is not
+/// contention.
+fn an_idle_turn_reads_the_stop_generation(backend: Backend) {
+    use std::time::Duration;
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let me = worker("idle");
+        store
+            .push(&NewJob {
+                delay: Duration::from_secs(3600),
+                ..job("ui_job", "later")
+            })
+            .await
+            .unwrap();
+        let queues = queues();
+        let turn = Turn {
+            queues: &queues,
+            worker: &me,
+            finished: None,
+            pass_over: 0,
+        };
+        let poll = store.next_job(&turn).await.unwrap();
+        assert_eq!(
+            (poll.stop_generation, poll.job.is_none(), poll.contended),
+            (0, true, false)
+        );
+        store.request_stop().await.unwrap();
+        store.request_stop().await.unwrap();
+        let poll = store.next_job(&turn).await.unwrap();
+        assert_eq!((poll.stop_generation, poll.recorded), (2, None));
+    });
+}
+
+/// A claim whose answer was lost leaves a job claimed under the worker's token that it never
+/// learnt of: the worker puts it back, refunded, except the jobs it says it holds.
+fn a_worker_puts_back_its_unanswered_claims_refunded(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let me = worker("unanswered");
+        let other = worker("other");
+        let lost = store.push(&job("ui_job", "lost")).await.unwrap();
+        let held = store.push(&job("ui_job", "held")).await.unwrap();
+        let theirs = store.push(&job("ui_job", "theirs")).await.unwrap();
+        assert_eq!(store.claim(&queues(), &me).await.unwrap().unwrap().id, lost);
+        let kept = store.claim(&queues(), &me).await.unwrap().unwrap();
+        assert_eq!(kept.id, held);
+        let their_job = store.claim(&queues(), &other).await.unwrap().unwrap();
+        assert_eq!(their_job.id, theirs);
+        let put_back = store
+            .put_back_unanswered_claims(&me, &[held])
+            .await
+            .unwrap();
+        assert_eq!(put_back, 1);
+        let job = store.get_job(lost).await.unwrap().unwrap();
+        assert_eq!((job.status, job.attempts), (JobStatus::Waiting, 0));
+        for id in [held, theirs] {
+            let job = store.get_job(id).await.unwrap().unwrap();
+            assert_eq!((job.status, job.attempts), (JobStatus::Running, 1), "{id}");
+        }
+        assert!(
+            store
+                .complete(&kept.lease, &done(JobResult::Succeeded))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.put_back_unanswered_claims(&me, &[]).await.unwrap(),
+            0,
+            "nothing left to put back"
+        );
+        let again = store.claim(&queues(), &me).await.unwrap().unwrap();
+        assert_eq!((again.id, again.attempts), (lost, 1));
+    });
+}
+
+/// A job claimed while the worker was stopping goes back, refunded, under the lease guard.
+fn a_claimed_job_never_started_goes_back_refunded(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let me = worker("stopping");
+        let id = store.push(&job("ui_job", "a")).await.unwrap();
+        let claimed = store.claim(&queues(), &me).await.unwrap().unwrap();
+        let mut stale = claimed.lease.clone();
+        stale.lease -= 1;
+        assert!(!store.put_back_unrun(&stale, "stopping").await.unwrap());
+        assert!(
+            store
+                .put_back_unrun(&claimed.lease, "stopping")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .put_back_unrun(&claimed.lease, "stopping")
+                .await
+                .unwrap(),
+            "once"
+        );
+        let job = store.get_job(id).await.unwrap().unwrap();
+        assert_eq!((job.status, job.attempts), (JobStatus::Waiting, 0));
+        assert!(
+            !store
+                .complete(&claimed.lease, &done(JobResult::Succeeded))
+                .await
+                .unwrap(),
+            "a late result changes nothing"
+        );
+    });
+}
+
+/// A worker that lost a race passes over the head of the first queue with due jobs (see
+/// `Turn::pass_over`), but only to a later job of the same queue, never to a lower one.
+fn passing_over_a_contended_head_keeps_priority(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let me = worker("racing");
+        let mut ui = Vec::new();
+        for _ in 0..2 {
+            ui.push(store.push(&job("ui_job", "a")).await.unwrap());
+        }
+        store.push(&job("import_export_job", "b")).await.unwrap();
+        let queues = queues();
+        for pass_over in [3, 1, 3] {
+            let turn = Turn {
+                queues: &queues,
+                worker: &me,
+                finished: None,
+                pass_over,
+            };
+            let claimed = store.next_job(&turn).await.unwrap().job.unwrap();
+            if ui.contains(&claimed.id) {
+                ui.retain(|id| *id != claimed.id);
+            } else {
+                assert!(
+                    ui.is_empty(),
+                    "{} taken before ui_job was empty",
+                    claimed.queue
+                );
+                assert_eq!(claimed.queue, "import_export_job");
+            }
+        }
+        assert!(ui.is_empty());
     });
 }

@@ -44,8 +44,15 @@ fn status_lists_registered_workers(backend: Backend) {
     let scratch = Scratch::new(backend);
     scratch.write_config(FAST_FLEET);
     let mut consumer = scratch.spawn_consumer("a", &["--host-id", "host-a"]);
+    // The worker creates the store meanwhile: under load its migration may hold SQLite's
+    // write lock longer than this fleet's busy wait (500 ms), and `status` then says
+    // "unavailable" (69), which here means "not yet".
     wait_until(Duration::from_secs(10), "the worker to register", || {
-        workers(&scratch).len() == 1
+        let output = scratch.run(&["status", "--json"]);
+        output.status.success()
+            && serde_json::from_slice::<Value>(&output.stdout).unwrap()["workers"]
+                .as_array()
+                .is_some_and(|workers| workers.len() == 1)
     });
     let worker = &workers(&scratch)[0];
     assert_eq!(worker["host"], "host-a");

@@ -228,26 +228,32 @@ fn a_job_claimed_during_a_stop_is_given_back() {
         block_on(async move {
             use sqlx::{Connection, Executor};
             let mut connection = sqlx::SqliteConnection::connect(&url).await.unwrap();
-            connection.execute("BEGIN IMMEDIATE").await.unwrap();
-            // The job appears when the lock goes, to the claim that waited for it.
+            // Due in a second: the worker's idle polls (reads, which a writer does not
+            // block) see it then, and its claim waits for the write lock taken meanwhile.
+            let due = pim_job_queue::store::Timestamp::now().0 + 1_000_000;
             connection
                 .execute(
-                    "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at)
-                     VALUES ('ui_job', 'mark', '{}', 'waiting', 0, 0)",
+                    format!(
+                        "INSERT INTO pjq_jobs (queue, code, payload, status, created_at,
+                            available_at)
+                         VALUES ('ui_job', 'mark', '{{}}', 'waiting', 0, {due})"
+                    )
+                    .as_str(),
                 )
                 .await
                 .unwrap();
+            connection.execute("BEGIN IMMEDIATE").await.unwrap();
             locked.send(()).unwrap();
-            tokio::time::sleep(Duration::from_millis(2500)).await;
+            tokio::time::sleep(Duration::from_millis(3500)).await;
             connection.execute("COMMIT").await.unwrap();
         })
     });
     is_locked.recv().unwrap();
-    // The worker polls every 50 ms, each poll an empty claim; once those stop, its claim is
-    // the one waiting for the lock.
+    // The worker polls every 50 ms, each poll a read that finds nothing due; once those
+    // stop, its claim is the one waiting for the lock.
     let polls = || scratch.log_of("c").matches("no job due").count();
     let mut seen = polls();
-    loop {
+    for _ in 0..30 {
         std::thread::sleep(Duration::from_millis(300));
         let now = polls();
         if now == seen {
