@@ -87,22 +87,21 @@ impl Rescuer {
             .then_some(scan.orphans)
     }
 
-    /// Takes back each orphan that is still orphaned at the lease seen, exactly once.
+    /// Takes back, exactly once, each orphan still orphaned at the lease seen.
     async fn take_back(&self, orphans: Vec<OrphanedJob>) {
-        for job in orphans {
-            let taken = self
-                .store
-                .take_back_orphan(&job, self.timings.rescue_after, Timestamp::now())
-                .await;
-            let what = match taken {
-                Ok(Some(true)) => "requeued",
-                Ok(Some(false)) => "marked failed (worker lost)",
-                // Its worker came back, or another rescuer was first.
-                Ok(None) => continue,
-                Err(error) => {
-                    warn!("could not take back orphaned job {}: {error}", job.id);
-                    continue;
-                }
+        let taken = self
+            .store
+            .take_back_orphans(orphans, self.timings.rescue_after, Timestamp::now())
+            .await;
+        let rescued = match taken {
+            Ok(rescued) => rescued,
+            Err(error) => return warn!("could not take back orphaned jobs: {error}"),
+        };
+        for job in rescued {
+            let what = if job.requeued {
+                "requeued"
+            } else {
+                "marked failed (worker lost)"
             };
             warn!(
                 rescued_job = job.id,

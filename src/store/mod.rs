@@ -639,8 +639,22 @@ pub trait JobStore: Send + Sync {
         rescue_after: Duration,
         now: Timestamp,
     ) -> StoreResult<Vec<RescuedJob>> {
+        let orphans = self.orphaned_jobs(rescue_after).await?;
+        let rescued = self.take_back_orphans(orphans, rescue_after, now).await?;
+        self.forget_lost_workers(rescue_after).await?;
+        Ok(rescued)
+    }
+
+    /// Takes back each of `orphans` that is still orphaned at the lease seen (see
+    /// [`JobStore::take_back_orphan`]); returns those taken.
+    async fn take_back_orphans(
+        &self,
+        orphans: Vec<OrphanedJob>,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Vec<RescuedJob>> {
         let mut rescued = Vec::new();
-        for job in self.orphaned_jobs(rescue_after).await? {
+        for job in orphans {
             if let Some(requeued) = self.take_back_orphan(&job, rescue_after, now).await? {
                 rescued.push(RescuedJob {
                     id: job.id,
@@ -649,7 +663,6 @@ pub trait JobStore: Send + Sync {
                 });
             }
         }
-        self.forget_lost_workers(rescue_after).await?;
         Ok(rescued)
     }
 

@@ -142,16 +142,15 @@ impl PostgresStore {
     /// of the head of the first queue with a due job that no other worker is taking (`SKIP
     /// LOCKED`, queues tried in order and no further once one yields a row), the stop-workers
     /// generation, and whether a due job was left because another worker held it.
-    fn turn_statement(&self, queues_param: usize, finished: bool) -> String {
+    /// The worker's token, host, instance and pid are bound first ($1–$4), the queues
+    /// ($5), then the result ($6–$14) when there is one.
+    fn turn_statement(finished: bool) -> String {
         let done = if finished {
-            format!(
-                "done AS ({} RETURNING id),",
-                DIALECT.complete_job(queues_param + 1)
-            )
+            format!("done AS ({} RETURNING id),", DIALECT.complete_job(6))
         } else {
             "done AS (SELECT NULL::bigint AS id WHERE false),".to_string()
         };
-        let queues = format!("${queues_param}::text[]");
+        let queues = "$5::text[]";
         format!(
             "WITH {done}
              next AS (
@@ -178,7 +177,7 @@ impl PostgresStore {
     }
 
     async fn turn(&self, turn: &Turn<'_>) -> Result<Poll, sqlx::Error> {
-        let statement = self.turn_statement(5, turn.finished.is_some());
+        let statement = Self::turn_statement(turn.finished.is_some());
         let mut query = rows::bind_worker(sqlx::query(&statement), turn.worker).bind(turn.queues);
         if let Some((lease, completion)) = turn.finished {
             query = rows::bind_completion(query, lease, completion);
