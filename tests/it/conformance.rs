@@ -27,6 +27,7 @@ backend_tests!(
     a_worker_puts_back_its_unanswered_claims_refunded,
     a_claimed_job_never_started_goes_back_refunded,
     passing_over_a_contended_head_keeps_priority,
+    a_claim_passes_over_a_row_another_session_holds,
 );
 
 fn job(queue: &str, code: &str) -> NewJob {
@@ -719,5 +720,45 @@ fn passing_over_a_contended_head_keeps_priority(backend: Backend) {
             }
         }
         assert!(ui.is_empty());
+    });
+}
+
+/// A row another session holds (a sibling's claim in flight) is passed over, not waited on:
+/// the claim takes the next job of the same queue at once. SQLite has no row locks (its
+/// writers are serialized), so there the test has nothing to hold.
+fn a_claim_passes_over_a_row_another_session_holds(backend: Backend) {
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let held = store.push(&job("ui_job", "a")).await.unwrap();
+        let next = store.push(&job("ui_job", "b")).await.unwrap();
+        let lock = "SELECT id FROM pjq_jobs WHERE id = 1 FOR UPDATE";
+        let holder: Box<dyn std::any::Any> = match backend {
+            Backend::Sqlite => return,
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&scratch.url).await.unwrap();
+                sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+                sqlx::query(lock).execute(&mut conn).await.unwrap();
+                Box::new(conn)
+            }
+            Backend::Mariadb => {
+                let mut conn = sqlx::MySqlConnection::connect(&scratch.url).await.unwrap();
+                sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+                sqlx::query(lock).execute(&mut conn).await.unwrap();
+                Box::new(conn)
+            }
+        };
+        assert_eq!(held, 1);
+        let started = Instant::now();
+        let claimed = store.claim(&queues(), &worker("sibling")).await.unwrap();
+        assert_eq!(claimed.map(|job| job.id), Some(next));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "waited on the held row: {:?}",
+            started.elapsed()
+        );
+        drop(holder);
     });
 }
