@@ -4,8 +4,9 @@
 //!
 //! * Reading what the operator asked for: [`cli`] (command line), [`config`] (`worker.toml`),
 //!   [`instance`] (the per-instance `N.conf` queue list), [`units`] (durations and byte sizes).
-//! * Keeping jobs: [`store`] defines the [`store::JobStore`] trait that every database backend
-//!   implements; all SQL lives in the backend modules below it.
+//! * Keeping jobs: [`store`] defines one trait per role ([`store::roles`]: schema, queue,
+//!   fleet, admin) that the backends implement; all SQL lives below it, the statements the
+//!   native backends share written once.
 //! * Doing the work: [`consumer`] is the daemon loop (priority claim, limits, stop requests),
 //!   [`runner`] starts one job as a child process group and watches it, [`template`] turns a
 //!   configured argv template into a job's argv.

@@ -2,13 +2,13 @@
 //! ends (or the worker learns it cannot run) to the store write that records it.
 //!
 //! The runner makes it, the executor logs it and feeds the launch breaker with it, the
-//! completer turns it into exactly one store call: a final result ([`JobStore::complete`]),
-//! a give-back ([`JobStore::release`]), or a put-back of a job that never started
-//! ([`JobStore::release_unstarted`]).
+//! completer turns it into exactly one store call: a final result ([`QueueStore::complete`]),
+//! a give-back ([`QueueStore::release`]), or a put-back of a job that never started
+//! ([`QueueStore::release_unstarted`]).
 //!
-//! [`JobStore::complete`]: crate::store::JobStore::complete
-//! [`JobStore::release`]: crate::store::JobStore::release
-//! [`JobStore::release_unstarted`]: crate::store::JobStore::release_unstarted
+//! [`QueueStore::complete`]: crate::store::QueueStore::complete
+//! [`QueueStore::release`]: crate::store::QueueStore::release
+//! [`QueueStore::release_unstarted`]: crate::store::QueueStore::release_unstarted
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -128,19 +128,19 @@ impl JobOutcome {
 /// How an outcome is written: exactly one of the store's three ways out of `running`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record<'a> {
-    /// A final result ([`JobStore::complete`]).
+    /// A final result ([`QueueStore::complete`]).
     ///
-    /// [`JobStore::complete`]: crate::store::JobStore::complete
+    /// [`QueueStore::complete`]: crate::store::QueueStore::complete
     Complete(Completion),
     /// Back to the queue while the job has attempts left, failed with the reason otherwise
-    /// ([`JobStore::release`]).
+    /// ([`QueueStore::release`]).
     ///
-    /// [`JobStore::release`]: crate::store::JobStore::release
+    /// [`QueueStore::release`]: crate::store::QueueStore::release
     GiveBack(&'a str),
     /// The job never started: back to its queue, its attempt refunded, where the store
-    /// allows it ([`JobStore::release_unstarted`]); a [`refusal`] elsewhere.
+    /// allows it ([`QueueStore::release_unstarted`]); a [`refusal`] elsewhere.
     ///
-    /// [`JobStore::release_unstarted`]: crate::store::JobStore::release_unstarted
+    /// [`QueueStore::release_unstarted`]: crate::store::QueueStore::release_unstarted
     PutBack(&'a str),
 }
 

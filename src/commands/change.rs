@@ -7,7 +7,8 @@ use crate::store::{self, ChangeOutcome, Timestamp};
 use super::Context;
 
 pub(super) async fn stop_workers(context: &Context) -> Result<(), Failure> {
-    let store = context.open_store().await?;
+    let opened = context.open_store().await?;
+    let store = opened.worker();
     let generation = store.request_stop().await?;
     println!(
         "Stop requested (generation {generation}): every running worker on {} exits after its current job.",
@@ -17,11 +18,13 @@ pub(super) async fn stop_workers(context: &Context) -> Result<(), Failure> {
 }
 
 pub(super) async fn migrate(context: &Context) -> Result<(), Failure> {
-    let store = store::open_configured(&context.config, &context.database_url).await?;
+    let opened = store::open_configured(&context.config, &context.database_url).await?;
+    let store = opened.worker();
     let applied = store.migrate().await?;
     let version = store.schema_version().await?;
+    let checked = store.check_statements().await?;
     println!(
-        "{}: schema at version {} ({applied} migration(s) applied)",
+        "{}: schema at version {} ({applied} migration(s) applied, {checked} statements checked)",
         store.location(),
         version.found
     );
@@ -29,8 +32,8 @@ pub(super) async fn migrate(context: &Context) -> Result<(), Failure> {
 }
 
 pub(super) async fn retry(context: &Context, args: &IdArgs) -> Result<(), Failure> {
-    let store = context.open_store().await?;
-    let outcome = store.retry(args.id).await?;
+    let opened = context.open_store().await?;
+    let outcome = opened.jobs("retry")?.retry(args.id).await?;
     report_change(
         args.id,
         outcome,
@@ -40,8 +43,11 @@ pub(super) async fn retry(context: &Context, args: &IdArgs) -> Result<(), Failur
 }
 
 pub(super) async fn cancel(context: &Context, args: &IdArgs) -> Result<(), Failure> {
-    let store = context.open_store().await?;
-    let outcome = store.cancel(args.id, Timestamp::now()).await?;
+    let opened = context.open_store().await?;
+    let outcome = opened
+        .jobs("cancel")?
+        .cancel(args.id, Timestamp::now())
+        .await?;
     report_change(
         args.id,
         outcome,

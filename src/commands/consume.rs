@@ -13,7 +13,7 @@ use crate::exit::{ExitCode, Failure};
 use crate::instance::read_instance_queues;
 use crate::notify::Notifier;
 use crate::signals::{Shutdown, Signals, StopLevel};
-use crate::store::{self, JobStore, WorkerIdentity};
+use crate::store::{self, WorkerIdentity, WorkerStore};
 use crate::units::format_duration;
 
 use super::{Context, try_open};
@@ -171,12 +171,13 @@ pub(super) async fn open_store_patiently(
     context: &Context,
     shutdown: &Shutdown,
     notifier: &Notifier,
-) -> Result<Option<Box<dyn JobStore>>, Failure> {
+) -> Result<Option<Box<dyn WorkerStore>>, Failure> {
     let location = store::redact_url(&context.database_url);
     let mut backoff = Backoff::default();
     loop {
         match try_open(context).await {
-            Ok(store) => {
+            Ok(opened) => {
+                let store = opened.into_worker();
                 info!(
                     "job store ready: {} (from {})",
                     store.location(),

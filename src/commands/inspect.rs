@@ -7,23 +7,19 @@ use serde_json::{Value, json};
 use crate::cli::{JobsArgs, OutputArgs, ShowArgs};
 use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
-use crate::store::{JobFilter, JobRecord, JobStatus, QueueCounts, StoreError, Timestamp};
+use crate::store::{
+    JobFilter, JobRecord, JobStatus, QueueCounts, StoreError, StoreResult, Timestamp,
+};
 use crate::units::format_duration;
 
 use super::Context;
 
 pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), Failure> {
-    let store = context.open_store().await?;
+    let opened = context.open_store().await?;
+    let store = opened.worker();
     let now = Timestamp::now();
     let counts = ordered_counts(&context.config, store.queue_counts().await?);
-    let running = match store
-        .list_jobs(&JobFilter {
-            queue: None,
-            status: Some(JobStatus::Running),
-            limit: 1000,
-        })
-        .await
-    {
+    let running = match running_jobs(&opened).await {
         // The Akeneo transport keeps no job records: the workers list shows their jobs.
         Err(StoreError::Unsupported(_)) => Vec::new(),
         other => other?,
@@ -132,9 +128,20 @@ pub(super) fn running_json(job: &JobRecord, now: Timestamp) -> Value {
     })
 }
 
+/// The jobs running now, from the job records.
+async fn running_jobs(opened: &crate::store::Opened) -> StoreResult<Vec<JobRecord>> {
+    let filter = JobFilter {
+        queue: None,
+        status: Some(JobStatus::Running),
+        limit: 1000,
+    };
+    opened.jobs("listing jobs")?.list_jobs(&filter).await
+}
+
 pub(super) async fn jobs(context: &Context, args: &JobsArgs) -> Result<(), Failure> {
-    let store = context.open_store().await?;
-    let jobs = store
+    let opened = context.open_store().await?;
+    let jobs = opened
+        .jobs("listing jobs")?
         .list_jobs(&JobFilter {
             queue: args.queue.clone(),
             status: args.status,
@@ -165,8 +172,9 @@ pub(super) async fn jobs(context: &Context, args: &JobsArgs) -> Result<(), Failu
 }
 
 pub(super) async fn show(context: &Context, args: &ShowArgs) -> Result<(), Failure> {
-    let store = context.open_store().await?;
-    let job = store
+    let opened = context.open_store().await?;
+    let job = opened
+        .jobs("show")?
         .get_job(args.id)
         .await?
         .ok_or_else(|| Failure::new(ExitCode::NoInput, format!("no job with id {}", args.id)))?;

@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
 use crate::notify::Notifier;
 use crate::secrets::{self, UrlSource};
-use crate::store::{self, JobStore, StoreError};
+use crate::store::{self, Opened, StoreError};
 
 mod change;
 mod consume;
@@ -46,7 +46,7 @@ impl Context {
     }
 
     /// Opens the store for a one-shot command: no retries, the schema brought up to date.
-    async fn open_store(&self) -> Result<Box<dyn JobStore>, Failure> {
+    async fn open_store(&self) -> Result<Opened, Failure> {
         Ok(try_open(self).await?)
     }
 }
@@ -122,9 +122,9 @@ pub fn generate_assets(dir: &std::path::Path) -> Result<(), Failure> {
 }
 
 /// Opens the configured store and brings (or checks) its schema.
-async fn try_open(context: &Context) -> Result<Box<dyn JobStore>, StoreError> {
+async fn try_open(context: &Context) -> Result<Opened, StoreError> {
     let store = store::open_configured(&context.config, &context.database_url).await?;
-    store::prepare_schema(store.as_ref(), context.config.auto_migrate)
+    store::prepare_schema(store.worker(), context.config.auto_migrate)
         .await
         .map_err(|error| error.without_secrets_of(&context.database_url))?;
     Ok(store)

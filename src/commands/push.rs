@@ -74,7 +74,8 @@ pub(super) async fn push(context: &Context, args: &PushArgs) -> Result<(), Failu
         return Err(Failure::data("the job code is empty"));
     }
     let payload = read_payload(args)?;
-    let store = context.open_store().await?;
+    let opened = context.open_store().await?;
+    let store = opened.jobs("push")?;
     let id = store
         .push(&NewJob {
             queue: args.queue.clone(),

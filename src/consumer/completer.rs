@@ -2,12 +2,12 @@
 //! outages, guarded by the lease so a late or repeated write changes nothing.
 //!
 //! A final result is not written on its own: it waits, in memory, for the worker's next turn
-//! ([`JobStore::next_job`]), which records it in the same transaction as the next claim, so a
+//! ([`QueueStore::next_job`]), which records it in the same transaction as the next claim, so a
 //! busy worker pays one durable commit per job. Whenever the worker is not about to take its
 //! next turn (it stops, or it must wait), the result is written by itself first
 //! ([`Consumer::write_finished`]).
 //!
-//! [`JobStore::next_job`]: crate::store::JobStore::next_job
+//! [`QueueStore::next_job`]: crate::store::QueueStore::next_job
 
 use tracing::{error, info, warn};
 

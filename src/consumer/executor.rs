@@ -27,7 +27,7 @@ use crate::fleet::Contact;
 use crate::outcome::JobOutcome;
 use crate::runner::{self, JobLaunch, RunningJob};
 use crate::signals::StopLevel;
-use crate::store::{ClaimedJob, JobResult, JobStore, Lease, StoreResult};
+use crate::store::{ClaimedJob, JobResult, Lease, StoreResult, WorkerStore};
 use crate::template::JobFacts;
 use crate::units::format_duration;
 
@@ -172,10 +172,10 @@ impl Consumer {
     }
 
     /// Starts and watches the job. Its claim was its start record (see
-    /// [`JobStore::next_job`]); the Akeneo store also acknowledges the PIM's message once
+    /// [`QueueStore::next_job`]); the Akeneo store also acknowledges the PIM's message once
     /// the process exists, a write the watching loop waits for beside the job.
     ///
-    /// [`JobStore::next_job`]: crate::store::JobStore::next_job
+    /// [`QueueStore::next_job`]: crate::store::QueueStore::next_job
     pub(super) async fn execute(
         &mut self,
         job: &ClaimedJob,
@@ -388,7 +388,7 @@ fn acknowledged(held: StoreResult<bool>) -> Option<&'static str> {
 struct JobTouch(tokio::task::JoinHandle<()>);
 
 impl JobTouch {
-    fn start(store: Arc<dyn JobStore>, lease: Lease, every: Duration) -> JobTouch {
+    fn start(store: Arc<dyn WorkerStore>, lease: Lease, every: Duration) -> JobTouch {
         let touching = async move {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,7 +1,7 @@
 //! The daemon loop: claim the next job from the highest-priority non-empty queue, run it,
 //! record its result, and look again from the first queue.
 //!
-//! The loop only talks to the [`JobStore`] trait. It never dies on one bad job (a malformed
+//! The loop only talks to the [`WorkerStore`] roles. It never dies on one bad job (a malformed
 //! payload, a missing placeholder field, a command that cannot start all fail that job) nor
 //! on a database outage (it backs off and retries, keeping a finished job's result until it
 //! can be written). It stays responsive while a job runs: the same loop that watches the
@@ -20,7 +20,7 @@ use crate::exit::{ExitCode, Failure};
 use crate::fleet::{Contact, FleetTimings, Membership, clock};
 use crate::notify::Notifier;
 use crate::signals::{Signals, StopLevel};
-use crate::store::{JobId, JobStore, Poll, StoreError, Turn, WorkerIdentity};
+use crate::store::{JobId, Poll, StoreError, Turn, WorkerIdentity, WorkerStore};
 use crate::units::format_duration;
 use crate::worker::resident_memory_bytes;
 
@@ -92,7 +92,7 @@ impl StopReason {
 }
 
 pub struct Consumer {
-    store: Arc<dyn JobStore>,
+    store: Arc<dyn WorkerStore>,
     config: Config,
     options: ConsumerOptions,
     worker: WorkerIdentity,
@@ -126,7 +126,7 @@ pub struct Consumer {
 
 impl Consumer {
     pub fn new(
-        store: Arc<dyn JobStore>,
+        store: Arc<dyn WorkerStore>,
         config: Config,
         options: ConsumerOptions,
         worker: WorkerIdentity,

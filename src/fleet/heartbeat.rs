@@ -9,10 +9,10 @@ use tracing::{error, info, warn};
 
 use super::contact::Contact;
 use super::{FleetTimings, clock};
-use crate::store::{JobStore, StoreResult, WorkerIdentity};
+use crate::store::{FleetStore, StoreResult, WorkerIdentity};
 
 pub(super) struct Heartbeat {
-    pub(super) store: Arc<dyn JobStore>,
+    pub(super) store: Arc<dyn FleetStore>,
     pub(super) worker: WorkerIdentity,
     pub(super) queues: Vec<String>,
     pub(super) timings: FleetTimings,

@@ -40,7 +40,7 @@ use tracing::warn;
 pub use clock::clock;
 pub use contact::Contact;
 
-use crate::store::{JobStore, StoreResult, WorkerIdentity};
+use crate::store::{FleetStore, StoreResult, WorkerIdentity};
 
 #[derive(Debug, Clone, Copy)]
 pub struct FleetTimings {
@@ -64,7 +64,7 @@ impl FleetTimings {
 
 /// This worker's membership in the fleet; the heartbeat task runs until [`Membership::leave`].
 pub struct Membership {
-    store: Arc<dyn JobStore>,
+    store: Arc<dyn FleetStore>,
     worker: WorkerIdentity,
     contact: Arc<Contact>,
     /// The heartbeat, rescuer and pruner tasks.
@@ -74,7 +74,7 @@ pub struct Membership {
 impl Membership {
     /// Registers the worker and starts its heartbeat, rescuer and pruner.
     pub async fn join(
-        store: Arc<dyn JobStore>,
+        store: Arc<dyn FleetStore>,
         worker: WorkerIdentity,
         queues: Vec<String>,
         timings: FleetTimings,

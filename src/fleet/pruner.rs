@@ -8,7 +8,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::FleetTimings;
-use crate::store::{JobStore, Timestamp};
+use crate::store::{FleetStore, Timestamp};
 
 /// How often old finished jobs are pruned, when there is no backlog.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
@@ -17,7 +17,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 const PRUNE_BATCH: i64 = 5000;
 
 pub(super) struct Pruner {
-    pub(super) store: Arc<dyn JobStore>,
+    pub(super) store: Arc<dyn FleetStore>,
     pub(super) timings: FleetTimings,
 }
 

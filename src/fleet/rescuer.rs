@@ -13,10 +13,10 @@ use tracing::warn;
 use super::FleetTimings;
 use super::clock::{ClockReading, ClockWatch, format_micros};
 use super::contact::Contact;
-use crate::store::{JobStore, OrphanedJob, Timestamp};
+use crate::store::{FleetStore, OrphanedJob, Timestamp};
 
 pub(super) struct Rescuer {
-    pub(super) store: Arc<dyn JobStore>,
+    pub(super) store: Arc<dyn FleetStore>,
     pub(super) timings: FleetTimings,
     pub(super) contact: Arc<Contact>,
     pub(super) clock: ClockWatch,

@@ -28,9 +28,9 @@ use sqlx::{MySqlConnection, Row};
 
 use super::mysql::{MysqlStore, classify, is_lock_conflict};
 use super::{
-    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, JobResult, JobStore, Lease,
-    NewJob, OrphanedJob, Poll, QueueCounts, Release, RescueScan, SchemaVersion, StoreError,
-    StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
+    ClaimedJob, Completion, FleetStore, JobId, JobResult, Lease, OrphanedJob, Poll, QueueCounts,
+    QueueStore, Release, RescueScan, SchemaStore, SchemaVersion, StoreError, StoreResult,
+    Timestamp, Turn, WorkerIdentity, WorkerRecord,
 };
 use crate::akeneo::{AkeneoSettings, JobMessage, Launcher, Target};
 
@@ -117,13 +117,6 @@ impl AkeneoStore {
 
     fn error(&self, error: sqlx::Error) -> StoreError {
         classify(error, &self.fleet.location())
-    }
-
-    fn unsupported(what: &str) -> StoreError {
-        StoreError::Unsupported(format!(
-            "{what} is not available with transport = \"akeneo\": jobs are queued and tracked \
-             by the PIM (its process tracker shows them)"
-        ))
     }
 
     /// Deletes rows PHP consumers acknowledged by soft delete, at most every few seconds.
@@ -559,7 +552,7 @@ async fn fail_waiting_execution(
 }
 
 #[async_trait]
-impl JobStore for AkeneoStore {
+impl SchemaStore for AkeneoStore {
     fn location(&self) -> String {
         format!("messenger_messages at {}", self.fleet.location())
     }
@@ -585,14 +578,13 @@ impl JobStore for AkeneoStore {
         self.fleet.schema_version().await
     }
 
-    async fn push(&self, _job: &NewJob) -> StoreResult<JobId> {
-        Err(Self::unsupported("push"))
+    async fn check_statements(&self) -> StoreResult<usize> {
+        self.fleet.check_statements().await
     }
+}
 
-    async fn push_batch(&self, _jobs: &[NewJob]) -> StoreResult<u64> {
-        Err(Self::unsupported("push"))
-    }
-
+#[async_trait]
+impl QueueStore for AkeneoStore {
     /// The previous job's end (Akeneo's record is its execution row, written by the job:
     /// only an execution it left unfinished is failed), then the next message.
     async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
@@ -708,7 +700,10 @@ impl JobStore for AkeneoStore {
             .await?;
         Ok(Release::Failed)
     }
+}
 
+#[async_trait]
+impl FleetStore for AkeneoStore {
     async fn database_time(&self) -> StoreResult<Timestamp> {
         self.fleet.database_time().await
     }
@@ -751,22 +746,6 @@ impl JobStore for AkeneoStore {
                 ..QueueCounts::default()
             })
             .collect())
-    }
-
-    async fn list_jobs(&self, _filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
-        Err(Self::unsupported("listing jobs"))
-    }
-
-    async fn get_job(&self, _id: JobId) -> StoreResult<Option<JobRecord>> {
-        Err(Self::unsupported("show"))
-    }
-
-    async fn retry(&self, _id: JobId) -> StoreResult<ChangeOutcome> {
-        Err(Self::unsupported("retry"))
-    }
-
-    async fn cancel(&self, _id: JobId, _now: Timestamp) -> StoreResult<ChangeOutcome> {
-        Err(Self::unsupported("cancel"))
     }
 
     async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()> {

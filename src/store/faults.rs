@@ -70,4 +70,4 @@ impl CallHook for std::sync::Arc<Faults> {
 }
 
 /// A store with faults: arm them through the returned handle.
-pub type Faulty = Wrapped<std::sync::Arc<Faults>>;
+pub type Faulty<S> = Wrapped<S, std::sync::Arc<Faults>>;

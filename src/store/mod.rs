@@ -1,17 +1,24 @@
-//! The job store: one trait, [`JobStore`], and one backend module per database.
+//! The job store: one trait per role ([`roles`]), one backend module per database.
 //!
-//! The consumer, the runner and the commands only see the trait, so a backend can be added
-//! without touching them. All SQL lives in the backend modules. Every change out of `running`
-//! is guarded by the claiming worker's token and the lease counter set at claim time, so a
-//! late or repeated completion (after a rescue, say) changes nothing.
+//! The consumer, the runner and the commands only see the role traits, so a backend can be
+//! added without touching them. All SQL lives in this module: the statements the native
+//! backends share are written once in [`statements`] and run by [`native`], each backend
+//! module keeps only what its database does differently. Every change out of `running` is
+//! guarded by the claiming worker's token and the lease counter set at claim time, so a late
+//! or repeated completion (after a rescue, say) changes nothing.
 
 pub mod akeneo;
 pub mod faults;
 pub mod mysql;
+mod native;
 pub mod postgres;
+pub mod roles;
 mod rows;
 pub mod sqlite;
+mod statements;
 pub mod wrap;
+
+pub use roles::{AdminStore, FleetStore, JobStore, QueueStore, SchemaStore, WorkerStore};
 
 use std::fmt;
 use std::path::PathBuf;
@@ -162,7 +169,7 @@ pub struct ClaimedJob {
     pub lease: Lease,
 }
 
-/// What a worker asks of the store between two jobs (see [`JobStore::next_job`]).
+/// What a worker asks of the store between two jobs (see [`QueueStore::next_job`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Turn<'a> {
     /// The queues to claim from, highest priority first.
@@ -475,222 +482,6 @@ impl From<StoreError> for Failure {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// The operations the worker and the commands need from a database.
-#[async_trait]
-pub trait JobStore: Send + Sync {
-    /// Where the jobs are, for people (no password).
-    fn location(&self) -> String;
-
-    /// Creates or upgrades the schema; safe when several processes do it at once. Returns how
-    /// many migrations were applied.
-    async fn migrate(&self) -> StoreResult<u32>;
-
-    async fn schema_version(&self) -> StoreResult<SchemaVersion>;
-
-    async fn push(&self, job: &NewJob) -> StoreResult<JobId>;
-
-    /// Stores many jobs in one transaction (one commit, one flush), for bulk loads.
-    async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64>;
-
-    /// One turn of a worker between jobs, in one transaction (on PostgreSQL one statement):
-    /// records the result of the job it just ran, claims the oldest due job of the first
-    /// non-empty queue in `turn.queues` (due and claimed by the database's clock, as
-    /// heartbeats are: rescue compares the two), and reads the stop-workers generation.
-    ///
-    /// A claim is the job's start record: it is written, durably, before the job's process
-    /// exists, so a job whose claim is not recorded has certainly not run. A job this worker
-    /// then does not start goes back with [`JobStore::put_back_unrun`].
-    async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll>;
-
-    /// Claims the next job as [`JobStore::next_job`] does, recording nothing.
-    async fn claim(
-        &self,
-        queues: &[String],
-        worker: &WorkerIdentity,
-    ) -> StoreResult<Option<ClaimedJob>> {
-        let turn = Turn {
-            queues,
-            worker,
-            finished: None,
-            pass_over: 0,
-        };
-        Ok(self.next_job(&turn).await?.job)
-    }
-
-    /// Tells the job's own system that its process started, for stores that acknowledge a
-    /// message only then (Akeneo's). False when the claim is no longer held.
-    async fn acknowledge_start(&self, _lease: &Lease) -> StoreResult<bool> {
-        Ok(true)
-    }
-
-    /// Puts back a job this worker claimed and certainly never started (a stop arrived with
-    /// the claim), its attempt refunded. False when the claim is no longer held.
-    async fn put_back_unrun(&self, lease: &Lease, reason: &str) -> StoreResult<bool>;
-
-    /// Puts back, refunded, every job still claimed under this worker's token except
-    /// `keep`: after a claim whose answer never arrived, a job may be claimed that this
-    /// worker never learnt of, and so never started. Only the worker itself can tell (the
-    /// rescuer cannot refund it). Returns how many were put back.
-    async fn put_back_unanswered_claims(
-        &self,
-        worker: &WorkerIdentity,
-        keep: &[JobId],
-    ) -> StoreResult<u64>;
-
-    /// Called every few seconds while the job runs, for stores that keep a per-job
-    /// heartbeat of their own (the Akeneo 6 launcher writes `health_check_time`).
-    async fn touch(&self, _lease: &Lease) -> StoreResult<()> {
-        Ok(())
-    }
-
-    /// Puts back a claimed job whose process never started (the program could not be
-    /// executed), as if it had not been claimed. False when this store fails such a job
-    /// instead, which the caller then records.
-    async fn release_unstarted(&self, _lease: &Lease, _reason: &str) -> StoreResult<bool> {
-        Ok(false)
-    }
-
-    /// Whether the job, now ended, got far enough for its own system to see it start;
-    /// `None` when the store cannot tell. Feeds the failed-launch circuit breaker.
-    async fn launch_took_effect(&self, _lease: &Lease) -> StoreResult<Option<bool>> {
-        Ok(None)
-    }
-
-    /// Records a running job's result. False (and nothing changed) if the lease is no longer
-    /// held: the job was rescued, or this completion is a repeat.
-    async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool>;
-
-    /// The database's clock, the one heartbeats and claims are written with (on SQLite,
-    /// this host's).
-    async fn database_time(&self) -> StoreResult<Timestamp>;
-
-    /// The current stop-workers generation; workers exit when it moves past the one they saw
-    /// at start.
-    async fn stop_generation(&self) -> StoreResult<i64>;
-
-    /// Asks every worker sharing this database to stop; returns the new generation.
-    async fn request_stop(&self) -> StoreResult<i64>;
-
-    /// Counts per queue, for the queues that have any jobs.
-    async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>>;
-
-    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
-
-    async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>>;
-
-    /// Puts a failed or cancelled job back to waiting, with its attempts reset.
-    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome>;
-
-    /// Cancels a waiting job.
-    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome>;
-
-    /// Gives up a running job this worker holds: back to its queue if it has attempts left,
-    /// failed with `reason` otherwise. Guarded like [`JobStore::complete`].
-    async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release>;
-
-    /// Adds this worker's row, or refreshes its heartbeat and queues. The job a registered
-    /// worker names stays named: clearing it, even until the next heartbeat, would let a
-    /// rescuer judge a long-running job disowned and run it twice.
-    async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()>;
-
-    /// Refreshes this worker's heartbeat, by the database's clock, so that workers on hosts
-    /// with skewed clocks still agree on its age. False when the row is gone (it was
-    /// declared lost): the caller registers again.
-    async fn heartbeat(
-        &self,
-        worker: &WorkerIdentity,
-        current_job: Option<JobId>,
-    ) -> StoreResult<bool>;
-
-    /// Removes this worker's row on a clean exit.
-    async fn unregister_worker(&self, worker: &WorkerIdentity) -> StoreResult<()>;
-
-    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>>;
-
-    /// The rescuer's round, one statement: the database's clock, and the running jobs whose
-    /// worker's heartbeat is older than `rescue_after`, or whose worker row is gone, or whose
-    /// live worker has not named them in its heartbeats for `rescue_after` since the claim
-    /// (a claim whose reply was lost, a result the worker gave up writing).
-    async fn rescue_scan(&self, rescue_after: Duration) -> StoreResult<RescueScan>;
-
-    /// The orphaned jobs of a [`JobStore::rescue_scan`].
-    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>> {
-        Ok(self.rescue_scan(rescue_after).await?.orphans)
-    }
-
-    /// Takes one orphaned job back if it is still orphaned and still at the lease seen:
-    /// `Some(true)` requeued, `Some(false)` failed as `worker lost`, `None` left alone (its
-    /// worker came back, or another rescuer was first).
-    async fn take_back_orphan(
-        &self,
-        job: &OrphanedJob,
-        rescue_after: Duration,
-        now: Timestamp,
-    ) -> StoreResult<Option<bool>>;
-
-    /// Deletes the rows of workers silent for `rescue_after` that hold no running job.
-    async fn forget_lost_workers(&self, rescue_after: Duration) -> StoreResult<()>;
-
-    /// Takes back, exactly once, every running job whose worker's heartbeat is older than
-    /// `rescue_after` (or whose worker row is gone), and deletes such workers' rows. A worker
-    /// whose heartbeat is fresh keeps its job, however slow the job is.
-    async fn rescue_orphans(
-        &self,
-        rescue_after: Duration,
-        now: Timestamp,
-    ) -> StoreResult<Vec<RescuedJob>> {
-        let orphans = self.orphaned_jobs(rescue_after).await?;
-        let rescued = self.take_back_orphans(orphans, rescue_after, now).await?;
-        self.forget_lost_workers(rescue_after).await?;
-        Ok(rescued)
-    }
-
-    /// Takes back each of `orphans` that is still orphaned at the lease seen (see
-    /// [`JobStore::take_back_orphan`]); returns those taken.
-    async fn take_back_orphans(
-        &self,
-        orphans: Vec<OrphanedJob>,
-        rescue_after: Duration,
-        now: Timestamp,
-    ) -> StoreResult<Vec<RescuedJob>> {
-        let mut rescued = Vec::new();
-        for job in orphans {
-            if let Some(requeued) = self.take_back_orphan(&job, rescue_after, now).await? {
-                rescued.push(RescuedJob {
-                    id: job.id,
-                    requeued,
-                    lost_worker: job.lost_worker,
-                });
-            }
-        }
-        Ok(rescued)
-    }
-
-    /// Deletes at most `limit` succeeded, failed and cancelled jobs that finished before
-    /// `before`; returns how many.
-    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64>;
-
-    /// Deletes every succeeded, failed and cancelled job that finished before `before`, in
-    /// batches so no statement holds its locks for long.
-    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64> {
-        const BATCH: i64 = 5000;
-        let mut total = 0;
-        loop {
-            let pruned = self.prune_batch(before, BATCH).await?;
-            total += pruned;
-            if pruned < BATCH as u64 {
-                return Ok(total);
-            }
-        }
-    }
-
-    /// A stream of "a job was pushed" signals from the database itself, where it has one
-    /// (PostgreSQL's LISTEN/NOTIFY). Polling remains the safety net.
-    async fn listen(&self) -> StoreResult<Option<Box<dyn PushListener>>> {
-        Ok(None)
-    }
-}
-
 /// Database-side push notifications.
 #[async_trait]
 pub trait PushListener: Send {
@@ -854,15 +645,50 @@ async fn bounded_open<T>(
         })
 }
 
+/// A store as opened for a command, by the roles it plays.
+pub enum Opened {
+    /// The native job store: every role.
+    Native(Box<dyn JobStore>),
+    /// A store whose jobs another system queues and tracks (the PIM's Messenger table):
+    /// what a worker needs, no job management by id.
+    Consumed(Box<dyn WorkerStore>),
+}
+
+impl Opened {
+    /// The store as a worker sees it.
+    pub fn worker(&self) -> &dyn WorkerStore {
+        match self {
+            Opened::Native(store) => store.as_ref(),
+            Opened::Consumed(store) => store.as_ref(),
+        }
+    }
+
+    pub fn into_worker(self) -> Box<dyn WorkerStore> {
+        match self {
+            Opened::Native(store) => store,
+            Opened::Consumed(store) => store,
+        }
+    }
+
+    /// The store with job management by id, for `what` (a command's name): an
+    /// [`StoreError::Unsupported`] error naming the transport when it has none.
+    pub fn jobs(&self, what: &str) -> StoreResult<&dyn JobStore> {
+        match self {
+            Opened::Native(store) => Ok(store.as_ref()),
+            Opened::Consumed(_) => Err(StoreError::Unsupported(format!(
+                "{what} is not available with transport = \"akeneo\": jobs are queued and \
+                 tracked by the PIM (its process tracker shows them)"
+            ))),
+        }
+    }
+}
+
 /// Opens the store the configuration selects: the native job store at `url`, or the PIM's
 /// Messenger table when `transport = "akeneo"`, with call limits fitting its fleet timings.
-pub async fn open_configured(
-    config: &crate::config::Config,
-    url: &str,
-) -> StoreResult<Box<dyn JobStore>> {
+pub async fn open_configured(config: &crate::config::Config, url: &str) -> StoreResult<Opened> {
     let limits = CallLimits::for_rescue_after(config.rescue_after);
     match &config.transport {
-        crate::config::Transport::Native => open_with(url, limits).await,
+        crate::config::Transport::Native => Ok(Opened::Native(open_with(url, limits).await?)),
         crate::config::Transport::Akeneo(settings) => {
             let scheme = url.split(':').next().unwrap_or("");
             if !matches!(scheme, "mysql" | "mariadb") {
@@ -875,16 +701,17 @@ pub async fn open_configured(
             let store = bounded_open(url, limits, opening)
                 .await
                 .map_err(|error| error.without_secrets_of(url))?;
-            Ok(Box::new(wrap::Deadlined::with_deadline(
-                Box::new(store),
+            let store: Box<dyn WorkerStore> = Box::new(store);
+            Ok(Opened::Consumed(Box::new(wrap::Deadlined::with_deadline(
+                store,
                 limits.deadline,
-            )))
+            ))))
         }
     }
 }
 
 /// Brings the schema to the version this binary needs, or checks it when `auto_migrate` is off.
-pub async fn prepare_schema(store: &dyn JobStore, auto_migrate: bool) -> StoreResult<()> {
+pub async fn prepare_schema(store: &dyn SchemaStore, auto_migrate: bool) -> StoreResult<()> {
     if auto_migrate {
         store.migrate().await.map(drop)
     } else {

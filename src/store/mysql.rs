@@ -17,20 +17,24 @@ use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, Row};
 
-use super::rows::{self, Dialect, JOB_RECORD_COLUMNS, RUNS_AGAIN};
+use super::statements::Dialect;
 use super::{
-    CallLimits, ChangeOutcome, ClaimedJob, Completion, Detail, JobFilter, JobId, JobRecord,
-    JobStatus, JobStore, Lease, NewJob, OrphanedJob, Poll, QueueCounts, Release, RescueScan,
-    SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WORKER_LOST, WorkerIdentity,
-    WorkerRecord, redact_url,
+    CallLimits, ClaimedJob, Completion, Detail, JobId, Lease, NewJob, Poll, SchemaStore,
+    SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WorkerIdentity, native, redact_url,
+    rows,
 };
 
 /// The database's clock in microseconds since the epoch; sessions run at time zone +00:00,
 /// so `NOW(6)` is UTC and the conversion is exact.
 const DB_NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED)";
-const DIALECT: Dialect = Dialect {
+pub(super) const DIALECT: Dialect = Dialect {
     db_now: DB_NOW,
     placeholder: positional,
+    integer: "SIGNED",
+    upsert_worker: "ON DUPLICATE KEY UPDATE heartbeat_at = VALUES(heartbeat_at),
+        queues = VALUES(queues)",
+    returning: false,
+    delete_limit: true,
 };
 
 fn positional(_: usize) -> String {
@@ -119,10 +123,6 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
     ],
 )];
 
-fn insert_job() -> String {
-    rows::insert_job(DB_NOW, ["?"; 5])
-}
-
 const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 pub struct MysqlStore {
@@ -180,10 +180,20 @@ impl MysqlStore {
         &self.pool
     }
 
-    /// Reads the stop-workers generation and the next job of the first of `queues` that
-    /// has one. Plain, it is the idle poll: one consistent read that takes no lock. With
-    /// `skip_locked`, inside the claim's transaction, the job is locked, passing over jobs
-    /// other workers hold.
+    /// Reads the stop-workers generation and the next job of the first of `queues` queues
+    /// (bound in order) that has one. Plain, it is the idle poll: one consistent read that
+    /// takes no lock. With `skip_locked`, inside the claim's transaction, the job is locked,
+    /// passing over jobs other workers hold.
+    fn head_statement(queues: usize, skip_locked: bool) -> String {
+        format!(
+            "SELECT g.generation, j.id, j.queue, j.code, j.payload, j.attempts, j.lease
+             FROM (SELECT value AS generation, {} AS next_id
+                   FROM pjq_control WHERE name = 'stop_generation') AS g
+             LEFT JOIN pjq_jobs j ON j.id = g.next_id",
+            DIALECT.next_due_id(queues, 1, skip_locked)
+        )
+    }
+
     async fn next_head<'c, E>(
         executor: E,
         queues: &[String],
@@ -192,13 +202,7 @@ impl MysqlStore {
     where
         E: sqlx::Executor<'c, Database = sqlx::MySql>,
     {
-        let statement = format!(
-            "SELECT g.generation, j.id, j.queue, j.code, j.payload, j.attempts, j.lease
-             FROM (SELECT value AS generation, {} AS next_id
-                   FROM pjq_control WHERE name = 'stop_generation') AS g
-             LEFT JOIN pjq_jobs j ON j.id = g.next_id",
-            DIALECT.next_due_id(queues.len(), 1, skip_locked)
-        );
+        let statement = Self::head_statement(queues.len(), skip_locked);
         let mut query = sqlx::query(&statement);
         for queue in queues {
             query = query.bind(queue.as_str());
@@ -212,10 +216,87 @@ impl MysqlStore {
         Ok((row.try_get("generation")?, head))
     }
 
+    /// The claim of a head this transaction has locked: worker, then id and lease.
+    fn claim_statement() -> String {
+        format!(
+            "UPDATE pjq_jobs SET {} WHERE id = ? AND lease = ? AND status = 'waiting'",
+            DIALECT.claim_assignments(1)
+        )
+    }
+
+    /// The finished job's result and the next job's claim in one statement, so a busy
+    /// turn is four statements (BEGIN, the locking read, this, COMMIT). Each assignment
+    /// tells the two rows apart by their status, the finished one `running`, the head
+    /// `waiting`; `status` is assigned last, since MySQL evaluates assignments left to
+    /// right. Binds finished_at, exit_code, exit_signal, reason, output, the worker's
+    /// token, host, instance and pid, the result's status, then the finished job's id,
+    /// token and lease, and the head's id and lease.
+    fn complete_and_claim_statement() -> String {
+        let now = DB_NOW;
+        let either = |column: &str, done: &str, claimed: &str| {
+            format!("{column} = CASE WHEN status = 'running' THEN {done} ELSE {claimed} END")
+        };
+        let assignments = [
+            either("finished_at", "?", "NULL"),
+            either("exit_code", "?", "NULL"),
+            either("exit_signal", "?", "NULL"),
+            either("reason", "?", "NULL"),
+            either("output", "?", "NULL"),
+            either("lease", "lease", "lease + 1"),
+            either("attempts", "attempts", "attempts + 1"),
+            either("claimed_at", "claimed_at", now),
+            either("started_at", "started_at", now),
+            either("worker_token", "worker_token", "?"),
+            either("worker_host", "worker_host", "?"),
+            either("worker_instance", "worker_instance", "?"),
+            either("worker_pid", "worker_pid", "?"),
+            either("status", "?", "'running'"),
+        ];
+        format!(
+            "UPDATE pjq_jobs SET {}
+             WHERE (id = ? AND worker_token = ? AND lease = ? AND status = 'running')
+                OR (id = ? AND lease = ? AND status = 'waiting')",
+            assignments.join(",\n                 ")
+        )
+    }
+
+    /// Runs [`MysqlStore::complete_and_claim_statement`]; returns whether the result was
+    /// recorded (the head, locked by this transaction, is always claimed).
+    async fn complete_and_claim(
+        tx: &mut sqlx::MySqlConnection,
+        finished: (&Lease, &Completion),
+        head: &Head,
+        worker: &WorkerIdentity,
+    ) -> Result<bool, sqlx::Error> {
+        let (lease, completion) = finished;
+        let (status, exit_code, signal, reason) = super::completion_columns(&completion.result);
+        let statement = Self::complete_and_claim_statement();
+        let changed = sqlx::query(&statement)
+            .bind(completion.finished_at.0)
+            .bind(exit_code)
+            .bind(signal)
+            .bind(reason)
+            .bind(completion.output.join("\n"))
+            .bind(worker.token.as_str())
+            .bind(worker.host.as_str())
+            .bind(worker.instance.as_deref())
+            .bind(worker.pid as i64)
+            .bind(status.as_str())
+            .bind(lease.job_id)
+            .bind(lease.token.as_str())
+            .bind(lease.lease)
+            .bind(head.0.id)
+            .bind(head.0.lease.lease)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        Ok(changed == 2)
+    }
+
     /// An idle worker's turn reads first (one statement, no lock, nothing written), and
     /// opens a transaction only when a job is due; a busy worker's turn records its last
-    /// result and claims in one transaction: BEGIN, the result, the locking read, the
-    /// claim, COMMIT (no `UPDATE … RETURNING` here), one durable commit.
+    /// result and claims in one transaction of four statements: BEGIN, the locking read,
+    /// one update of both rows, COMMIT (no `UPDATE … RETURNING` here): one durable commit.
     async fn turn(&self, turn: &Turn<'_>) -> Result<Poll, sqlx::Error> {
         if turn.finished.is_none() {
             let (stop_generation, head) = Self::next_head(&self.pool, turn.queues, false).await?;
@@ -227,28 +308,28 @@ impl MysqlStore {
             }
         }
         let mut tx = self.pool.begin().await?;
-        let recorded = match turn.finished {
-            Some((lease, completion)) => {
+        let (stop_generation, head) = Self::next_head(&mut *tx, turn.queues, true).await?;
+        let recorded = match (turn.finished, &head) {
+            (Some(finished), Some(head)) => {
+                Some(Self::complete_and_claim(&mut tx, finished, head, turn.worker).await?)
+            }
+            (Some((lease, completion)), None) => {
                 let complete = DIALECT.complete_job(1);
                 let done = rows::bind_completion(sqlx::query(&complete), lease, completion)
                     .execute(&mut *tx)
                     .await?;
                 Some(done.rows_affected() == 1)
             }
-            None => None,
+            (None, Some(head)) => {
+                rows::bind_worker(sqlx::query(&Self::claim_statement()), turn.worker)
+                    .bind(head.0.id)
+                    .bind(head.0.lease.lease)
+                    .execute(&mut *tx)
+                    .await?;
+                None
+            }
+            (None, None) => None,
         };
-        let (stop_generation, head) = Self::next_head(&mut *tx, turn.queues, true).await?;
-        if let Some(head) = &head {
-            let claim = format!(
-                "UPDATE pjq_jobs SET {} WHERE id = ? AND lease = ? AND status = 'waiting'",
-                DIALECT.claim_assignments(1)
-            );
-            rows::bind_worker(sqlx::query(&claim), turn.worker)
-                .bind(head.0.id)
-                .bind(head.0.lease.lease)
-                .execute(&mut *tx)
-                .await?;
-        }
         tx.commit().await?;
         Ok(Poll {
             stop_generation,
@@ -258,85 +339,10 @@ impl MysqlStore {
             recorded,
         })
     }
-
-    async fn change_outcome(&self, id: JobId, rows: u64) -> StoreResult<ChangeOutcome> {
-        if rows > 0 {
-            return Ok(ChangeOutcome::Changed);
-        }
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM pjq_jobs WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(match status.and_then(|s| JobStatus::parse(&s)) {
-            Some(status) => ChangeOutcome::WrongState(status),
-            None => ChangeOutcome::NotFound,
-        })
-    }
-
-    /// Requeues (attempts left) or fails a running job whose lease is still `lease` and
-    /// whose holder is as `holder` says; returns which, or `None` when the guard did not hold.
-    async fn take_back(
-        &self,
-        id: JobId,
-        lease: i64,
-        holder: Holder<'_>,
-        reason: &str,
-        now: Timestamp,
-    ) -> StoreResult<Option<bool>> {
-        let (holder_check, token) = match holder {
-            Holder::Token(token) => ("worker_token = ?".to_string(), Some(token)),
-            Holder::Lost { rescue_after } => (rows::orphaned(DB_NOW, rescue_after), None),
-        };
-        // MySQL evaluates SET assignments left to right: every condition reads columns that
-        // no earlier assignment changes, and `attempts` is assigned last.
-        let statement = format!(
-            "UPDATE pjq_jobs SET
-                status = CASE WHEN {RUNS_AGAIN} THEN 'waiting' ELSE 'failed' END,
-                available_at = CASE WHEN {RUNS_AGAIN} THEN {DB_NOW} ELSE available_at END,
-                finished_at = CASE WHEN {RUNS_AGAIN} THEN NULL ELSE ? END,
-                reason = CASE WHEN {RUNS_AGAIN} THEN CONCAT(?, ' (requeued)')
-                              ELSE ? END,
-                lease = lease + 1, worker_token = NULL,
-                attempts = CASE WHEN started_at IS NULL THEN attempts - 1 ELSE attempts END
-             WHERE id = ? AND lease = ? AND status = 'running' AND {holder_check}"
-        );
-        let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
-        let mut query = sqlx::query(&statement)
-            .bind(now.0)
-            .bind(reason)
-            .bind(reason)
-            .bind(id)
-            .bind(lease);
-        if let Some(token) = token {
-            query = query.bind(token);
-        }
-        let result = query.execute(&mut *tx).await.map_err(|e| self.error(e))?;
-        if result.rows_affected() != 1 {
-            tx.rollback().await.map_err(|e| self.error(e))?;
-            return Ok(None);
-        }
-        let status: String = sqlx::query_scalar("SELECT status FROM pjq_jobs WHERE id = ?")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| self.error(e))?;
-        tx.commit().await.map_err(|e| self.error(e))?;
-        Ok(Some(status == "waiting"))
-    }
-}
-
-rows::guarded_writes!(MysqlStore);
-
-/// Who must hold a job for a take-back to apply.
-#[derive(Clone, Copy)]
-enum Holder<'a> {
-    Token(&'a str),
-    Lost { rescue_after: Duration },
 }
 
 #[async_trait]
-impl JobStore for MysqlStore {
+impl SchemaStore for MysqlStore {
     fn location(&self) -> String {
         self.location.clone()
     }
@@ -429,29 +435,14 @@ impl JobStore for MysqlStore {
         })
     }
 
-    async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
-        let insert = insert_job();
-        let result = rows::bind_new_job(sqlx::query(&insert), job)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(result.last_insert_id() as JobId)
+    async fn check_statements(&self) -> StoreResult<usize> {
+        self.prepare_every_statement().await
     }
+}
 
-    async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
-        let insert = insert_job();
-        for job in jobs {
-            rows::bind_new_job(sqlx::query(&insert), job)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.error(e))?;
-        }
-        tx.commit().await.map_err(|e| self.error(e))?;
-        Ok(jobs.len() as u64)
-    }
-
-    async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
+// What this backend does differently, for `native_roles!`.
+impl MysqlStore {
+    async fn run_turn(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
         let mut attempt = 0;
         loop {
             match self.turn(turn).await {
@@ -465,248 +456,44 @@ impl JobStore for MysqlStore {
         }
     }
 
-    async fn put_back_unrun(&self, lease: &Lease, reason: &str) -> StoreResult<bool> {
-        self.guarded_put_back(lease, reason).await
-    }
-
-    async fn put_back_unanswered_claims(
-        &self,
-        worker: &WorkerIdentity,
-        keep: &[JobId],
-    ) -> StoreResult<u64> {
-        self.guarded_put_back_unanswered(worker, keep).await
-    }
-
-    async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool> {
-        self.guarded_complete(lease, completion).await
-    }
-
-    async fn database_time(&self) -> StoreResult<Timestamp> {
-        let now = rows::database_time(&self.pool, DB_NOW).await;
-        now.map_err(|e| self.error(e))
-    }
-
-    async fn stop_generation(&self) -> StoreResult<i64> {
-        sqlx::query_scalar("SELECT value FROM pjq_control WHERE name = 'stop_generation'")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.error(e))
-    }
-
-    async fn request_stop(&self) -> StoreResult<i64> {
-        let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
-        sqlx::query("UPDATE pjq_control SET value = value + 1 WHERE name = 'stop_generation'")
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.error(e))?;
-        let value =
-            sqlx::query_scalar("SELECT value FROM pjq_control WHERE name = 'stop_generation'")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(|e| self.error(e))?;
-        tx.commit().await.map_err(|e| self.error(e))?;
-        Ok(value)
-    }
-
-    async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>> {
-        let rows = sqlx::query(&format!(
-            "SELECT queue, status, COUNT(*) AS n,
-                    CAST(SUM(CASE WHEN available_at > {DB_NOW} THEN 1 ELSE 0 END) AS SIGNED)
-                        AS later
-             FROM pjq_jobs GROUP BY queue, status ORDER BY queue"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        let mut counts = Vec::new();
-        for row in rows {
-            super::add_count(
-                &mut counts,
-                row.get("queue"),
-                row.get::<String, _>("status").as_str(),
-                row.get("n"),
-                row.get("later"),
-            );
-        }
-        Ok(counts)
-    }
-
-    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
-        let status = filter.status.map(JobStatus::as_str);
-        let rows = sqlx::query(&format!(
-            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs
-             WHERE (? IS NULL OR queue = ?) AND (? IS NULL OR status = ?)
-             ORDER BY id DESC LIMIT ?"
-        ))
-        .bind(&filter.queue)
-        .bind(&filter.queue)
-        .bind(status)
-        .bind(status)
-        .bind(filter.limit as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        rows.iter()
-            .map(rows::job_record)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.error(e))
-    }
-
-    async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
-        let row = sqlx::query(&format!(
-            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs WHERE id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        row.as_ref()
-            .map(rows::job_record)
-            .transpose()
-            .map_err(|e| self.error(e))
-    }
-
-    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome> {
-        let result = sqlx::query(&format!(
-            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {DB_NOW},
-                finished_at = NULL
-             WHERE id = ? AND status IN ('failed', 'cancelled')"
-        ))
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        self.change_outcome(id, result.rows_affected()).await
-    }
-
-    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
-        let result = sqlx::query(
-            "UPDATE pjq_jobs SET status = 'cancelled', finished_at = ?,
-                reason = 'cancelled by operator'
-             WHERE id = ? AND status = 'waiting'",
-        )
-        .bind(now.0)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        self.change_outcome(id, result.rows_affected()).await
-    }
-
-    async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release> {
-        let outcome = self
-            .take_back(
-                lease.job_id,
-                lease.lease,
-                Holder::Token(&lease.token),
-                reason,
-                now,
-            )
-            .await?;
-        Ok(super::release_of(outcome))
-    }
-
-    async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()> {
-        sqlx::query(&format!(
-            "INSERT INTO pjq_workers
-                (token, host, instance, pid, queues, started_at, heartbeat_at, current_job)
-             VALUES (?, ?, ?, ?, ?, ?, {DB_NOW}, NULL)
-             ON DUPLICATE KEY UPDATE heartbeat_at = VALUES(heartbeat_at), queues = VALUES(queues)"
-        ))
-        .bind(&worker.token)
-        .bind(&worker.host)
-        .bind(&worker.instance)
-        .bind(worker.pid as i64)
-        .bind(queues.join(","))
-        .bind(Timestamp::now().0)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    async fn heartbeat(
-        &self,
-        worker: &WorkerIdentity,
-        current_job: Option<JobId>,
-    ) -> StoreResult<bool> {
-        let result = sqlx::query(&format!(
-            "UPDATE pjq_workers SET heartbeat_at = {DB_NOW}, current_job = ? WHERE token = ?"
-        ))
-        .bind(current_job)
-        .bind(&worker.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    async fn unregister_worker(&self, worker: &WorkerIdentity) -> StoreResult<()> {
-        sqlx::query("DELETE FROM pjq_workers WHERE token = ?")
-            .bind(&worker.token)
+    async fn insert_one(&self, job: &NewJob) -> StoreResult<JobId> {
+        let insert = DIALECT.insert_job();
+        let result = rows::bind_new_job(sqlx::query(&insert), job)
             .execute(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
-        Ok(())
+        Ok(result.last_insert_id() as JobId)
     }
 
-    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT host, instance, pid, queues, started_at, current_job,
-                    CAST({DB_NOW} - heartbeat_at AS SIGNED) AS age
-             FROM pjq_workers ORDER BY host, instance, pid"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        rows.iter()
-            .map(rows::worker_record)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.error(e))
+    async fn insert_many(&self, jobs: &[NewJob]) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+        let insert = DIALECT.insert_job();
+        for job in jobs {
+            rows::bind_new_job(sqlx::query(&insert), job)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.error(e))?;
+        }
+        tx.commit().await.map_err(|e| self.error(e))?;
+        Ok(jobs.len() as u64)
     }
 
-    async fn rescue_scan(&self, rescue_after: Duration) -> StoreResult<RescueScan> {
-        self.scan_for_orphans(rescue_after).await
+    async fn open_listener(&self) -> StoreResult<Option<Box<dyn super::PushListener>>> {
+        Ok(None)
     }
 
-    async fn take_back_orphan(
-        &self,
-        job: &OrphanedJob,
-        rescue_after: Duration,
-        now: Timestamp,
-    ) -> StoreResult<Option<bool>> {
-        let lost = Holder::Lost { rescue_after };
-        self.take_back(job.id, job.lease, lost, WORKER_LOST, now)
-            .await
-    }
-
-    async fn forget_lost_workers(&self, rescue_after: Duration) -> StoreResult<()> {
-        let limit = rescue_after.as_micros() as i64;
-        sqlx::query(&format!(
-            "DELETE FROM pjq_workers WHERE heartbeat_at <= {DB_NOW} - {limit}
-               AND NOT EXISTS (SELECT 1 FROM pjq_jobs j
-                               WHERE j.status = 'running' AND j.worker_token = pjq_workers.token)"
-        ))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
-        let result = sqlx::query(
-            "DELETE FROM pjq_jobs
-                 WHERE finished_at < ? AND status IN ('succeeded', 'failed', 'cancelled')
-                 LIMIT ?",
-        )
-        .bind(before.0)
-        .bind(limit)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(result.rows_affected())
+    /// The statements only this backend has, for [`SchemaStore::check_statements`].
+    fn own_statements() -> Vec<(&'static str, String)> {
+        vec![
+            ("idle read", Self::head_statement(3, false)),
+            ("locking read", Self::head_statement(3, true)),
+            ("claim a locked head", Self::claim_statement()),
+            ("complete and claim", Self::complete_and_claim_statement()),
+        ]
     }
 }
+
+native::native_roles!(MysqlStore);
 
 /// READ COMMITTED, so a claim locks only the row it takes (no gap locks), except where the
 /// server's binary log is statement-based: InnoDB then rejects every write at READ

@@ -11,12 +11,10 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Row};
 
-use super::rows::{self, Dialect, JOB_RECORD_COLUMNS, RUNS_AGAIN, STOP_GENERATION};
+use super::statements::{Dialect, STOP_GENERATION};
 use super::{
-    CallLimits, ChangeOutcome, Completion, Detail, JobFilter, JobId, JobRecord, JobStatus,
-    JobStore, Lease, NewJob, OrphanedJob, Poll, PushListener, QueueCounts, Release, RescueScan,
-    SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WORKER_LOST, WorkerIdentity,
-    WorkerRecord, redact_url,
+    CallLimits, Detail, JobId, NewJob, Poll, PushListener, SchemaStore, SchemaVersion, StoreError,
+    StoreResult, Timestamp, Turn, native, redact_url, rows,
 };
 
 /// The channel `push` notifies and idle workers listen on.
@@ -25,9 +23,14 @@ const CHANNEL: &str = "pjq_jobs";
 const MIGRATION_LOCK: i64 = 0x706a71;
 /// The database's clock in microseconds since the epoch, independent of the session time zone.
 const DB_NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::bigint";
-const DIALECT: Dialect = Dialect {
+pub(super) const DIALECT: Dialect = Dialect {
     db_now: DB_NOW,
     placeholder: dollar,
+    integer: "BIGINT",
+    upsert_worker: "ON CONFLICT (token) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at,
+        queues = EXCLUDED.queues",
+    returning: true,
+    delete_limit: false,
 };
 
 fn dollar(n: usize) -> String {
@@ -95,10 +98,6 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
         ],
     ),
 ];
-
-fn insert_job() -> String {
-    rows::insert_job(DB_NOW, ["$1", "$2", "$3", "$4", "$5"])
-}
 
 const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
@@ -196,75 +195,10 @@ impl PostgresStore {
             contended: row.try_get("contended")?,
         })
     }
-
-    async fn change_outcome(&self, id: JobId, rows: u64) -> StoreResult<ChangeOutcome> {
-        if rows > 0 {
-            return Ok(ChangeOutcome::Changed);
-        }
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM pjq_jobs WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| self.error(e))?;
-        Ok(match status.and_then(|s| JobStatus::parse(&s)) {
-            Some(status) => ChangeOutcome::WrongState(status),
-            None => ChangeOutcome::NotFound,
-        })
-    }
-
-    /// Requeues (attempts left) or fails a running job whose lease is still `lease` and
-    /// whose holder is as `holder` says; returns which, or `None` when the guard did not hold.
-    async fn take_back(
-        &self,
-        id: JobId,
-        lease: i64,
-        holder: Holder<'_>,
-        reason: &str,
-        now: Timestamp,
-    ) -> StoreResult<Option<bool>> {
-        let (holder_check, token) = match holder {
-            Holder::Token(token) => ("worker_token = $5".to_string(), Some(token)),
-            Holder::Lost { rescue_after } => (rows::orphaned(DB_NOW, rescue_after), None),
-        };
-        let statement = format!(
-            "UPDATE pjq_jobs SET
-                status = CASE WHEN {RUNS_AGAIN} THEN 'waiting' ELSE 'failed' END,
-                available_at = CASE WHEN {RUNS_AGAIN} THEN {DB_NOW} ELSE available_at END,
-                finished_at = CASE WHEN {RUNS_AGAIN} THEN NULL ELSE $1 END,
-                reason = CASE WHEN {RUNS_AGAIN} THEN $2 || ' (requeued)' ELSE $2 END,
-                attempts = CASE WHEN started_at IS NULL THEN attempts - 1 ELSE attempts END,
-                lease = lease + 1, worker_token = NULL
-             WHERE id = $3 AND lease = $4 AND status = 'running' AND {holder_check}
-             RETURNING status"
-        );
-        let mut query = sqlx::query_scalar::<_, String>(&statement)
-            .bind(now.0)
-            .bind(reason)
-            .bind(id)
-            .bind(lease);
-        if let Some(token) = token {
-            query = query.bind(token);
-        }
-        let status = query
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(status.map(|s| s == "waiting"))
-    }
-}
-
-rows::guarded_writes!(PostgresStore);
-
-/// Who must hold a job for a take-back to apply.
-#[derive(Clone, Copy)]
-enum Holder<'a> {
-    Token(&'a str),
-    Lost { rescue_after: Duration },
 }
 
 #[async_trait]
-impl JobStore for PostgresStore {
+impl SchemaStore for PostgresStore {
     fn location(&self) -> String {
         self.location.clone()
     }
@@ -349,12 +283,23 @@ impl JobStore for PostgresStore {
         })
     }
 
-    async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
+    async fn check_statements(&self) -> StoreResult<usize> {
+        self.prepare_every_statement().await
+    }
+}
+
+// What this backend does differently, for `native_roles!`.
+impl PostgresStore {
+    async fn run_turn(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
+        self.turn(turn).await.map_err(|e| self.error(e))
+    }
+
+    async fn insert_one(&self, job: &NewJob) -> StoreResult<JobId> {
         // The notification is delivered when the insert commits, never before.
         sqlx::query_scalar(&format!(
             "WITH inserted AS ({} RETURNING id)
              SELECT inserted.id FROM inserted, (SELECT pg_notify($6, $1)) AS notified",
-            insert_job()
+            DIALECT.insert_job()
         ))
         .bind(&job.queue)
         .bind(&job.code)
@@ -367,9 +312,9 @@ impl JobStore for PostgresStore {
         .map_err(|e| self.error(e))
     }
 
-    async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64> {
+    async fn insert_many(&self, jobs: &[NewJob]) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
-        let insert = insert_job();
+        let insert = DIALECT.insert_job();
         for job in jobs {
             rows::bind_new_job(sqlx::query(&insert), job)
                 .execute(&mut *tx)
@@ -385,246 +330,7 @@ impl JobStore for PostgresStore {
         Ok(jobs.len() as u64)
     }
 
-    async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
-        self.turn(turn).await.map_err(|e| self.error(e))
-    }
-
-    async fn put_back_unrun(&self, lease: &Lease, reason: &str) -> StoreResult<bool> {
-        self.guarded_put_back(lease, reason).await
-    }
-
-    async fn put_back_unanswered_claims(
-        &self,
-        worker: &WorkerIdentity,
-        keep: &[JobId],
-    ) -> StoreResult<u64> {
-        self.guarded_put_back_unanswered(worker, keep).await
-    }
-
-    async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool> {
-        self.guarded_complete(lease, completion).await
-    }
-
-    async fn database_time(&self) -> StoreResult<Timestamp> {
-        let now = rows::database_time(&self.pool, DB_NOW).await;
-        now.map_err(|e| self.error(e))
-    }
-
-    async fn stop_generation(&self) -> StoreResult<i64> {
-        sqlx::query_scalar("SELECT value FROM pjq_control WHERE name = 'stop_generation'")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.error(e))
-    }
-
-    async fn request_stop(&self) -> StoreResult<i64> {
-        sqlx::query_scalar(
-            "UPDATE pjq_control SET value = value + 1 WHERE name = 'stop_generation'
-             RETURNING value",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| self.error(e))
-    }
-
-    async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>> {
-        let rows = sqlx::query(&format!(
-            "SELECT queue, status, COUNT(*) AS n,
-                    COUNT(*) FILTER (WHERE available_at > {DB_NOW}) AS later
-             FROM pjq_jobs GROUP BY queue, status ORDER BY queue"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        let mut counts = Vec::new();
-        for row in rows {
-            super::add_count(
-                &mut counts,
-                row.get("queue"),
-                row.get::<String, _>("status").as_str(),
-                row.get("n"),
-                row.get("later"),
-            );
-        }
-        Ok(counts)
-    }
-
-    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs
-             WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR status = $2)
-             ORDER BY id DESC LIMIT $3"
-        ))
-        .bind(&filter.queue)
-        .bind(filter.status.map(JobStatus::as_str))
-        .bind(filter.limit as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        rows.iter()
-            .map(rows::job_record)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.error(e))
-    }
-
-    async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
-        let row = sqlx::query(&format!(
-            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        row.as_ref()
-            .map(rows::job_record)
-            .transpose()
-            .map_err(|e| self.error(e))
-    }
-
-    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome> {
-        let result = sqlx::query(&format!(
-            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {DB_NOW},
-                finished_at = NULL
-             WHERE id = $1 AND status IN ('failed', 'cancelled')"
-        ))
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        self.change_outcome(id, result.rows_affected()).await
-    }
-
-    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
-        let result = sqlx::query(
-            "UPDATE pjq_jobs SET status = 'cancelled', finished_at = $1,
-                reason = 'cancelled by operator'
-             WHERE id = $2 AND status = 'waiting'",
-        )
-        .bind(now.0)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        self.change_outcome(id, result.rows_affected()).await
-    }
-
-    async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release> {
-        let outcome = self
-            .take_back(
-                lease.job_id,
-                lease.lease,
-                Holder::Token(&lease.token),
-                reason,
-                now,
-            )
-            .await?;
-        Ok(super::release_of(outcome))
-    }
-
-    async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()> {
-        sqlx::query(&format!(
-            "INSERT INTO pjq_workers
-                (token, host, instance, pid, queues, started_at, heartbeat_at, current_job)
-             VALUES ($1, $2, $3, $4, $5, $6, {DB_NOW}, NULL)
-             ON CONFLICT (token) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at,
-                queues = EXCLUDED.queues"
-        ))
-        .bind(&worker.token)
-        .bind(&worker.host)
-        .bind(&worker.instance)
-        .bind(worker.pid as i64)
-        .bind(queues.join(","))
-        .bind(Timestamp::now().0)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    async fn heartbeat(
-        &self,
-        worker: &WorkerIdentity,
-        current_job: Option<JobId>,
-    ) -> StoreResult<bool> {
-        let result = sqlx::query(&format!(
-            "UPDATE pjq_workers SET heartbeat_at = {DB_NOW}, current_job = $1 WHERE token = $2"
-        ))
-        .bind(current_job)
-        .bind(&worker.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    async fn unregister_worker(&self, worker: &WorkerIdentity) -> StoreResult<()> {
-        sqlx::query("DELETE FROM pjq_workers WHERE token = $1")
-            .bind(&worker.token)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT host, instance, pid, queues, started_at, current_job,
-                    {DB_NOW} - heartbeat_at AS age
-             FROM pjq_workers ORDER BY host, instance, pid"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        rows.iter()
-            .map(rows::worker_record)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.error(e))
-    }
-
-    async fn rescue_scan(&self, rescue_after: Duration) -> StoreResult<RescueScan> {
-        self.scan_for_orphans(rescue_after).await
-    }
-
-    async fn take_back_orphan(
-        &self,
-        job: &OrphanedJob,
-        rescue_after: Duration,
-        now: Timestamp,
-    ) -> StoreResult<Option<bool>> {
-        let lost = Holder::Lost { rescue_after };
-        self.take_back(job.id, job.lease, lost, WORKER_LOST, now)
-            .await
-    }
-
-    async fn forget_lost_workers(&self, rescue_after: Duration) -> StoreResult<()> {
-        let limit = rescue_after.as_micros() as i64;
-        sqlx::query(&format!(
-            "DELETE FROM pjq_workers WHERE heartbeat_at <= {DB_NOW} - {limit}
-               AND NOT EXISTS (SELECT 1 FROM pjq_jobs j
-                               WHERE j.status = 'running' AND j.worker_token = pjq_workers.token)"
-        ))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
-        let result = sqlx::query(
-            "DELETE FROM pjq_jobs WHERE id IN (
-                    SELECT id FROM pjq_jobs
-                    WHERE finished_at < $1 AND status IN ('succeeded', 'failed', 'cancelled')
-                    LIMIT $2)",
-        )
-        .bind(before.0)
-        .bind(limit)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(result.rows_affected())
-    }
-
-    async fn listen(&self) -> StoreResult<Option<Box<dyn PushListener>>> {
+    async fn open_listener(&self) -> StoreResult<Option<Box<dyn PushListener>>> {
         let mut listener = PgListener::connect_with(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
@@ -634,7 +340,17 @@ impl JobStore for PostgresStore {
             location: self.location.clone(),
         })))
     }
+
+    /// The statements only this backend has, for [`SchemaStore::check_statements`].
+    fn own_statements() -> Vec<(&'static str, String)> {
+        vec![
+            ("turn", Self::turn_statement(false)),
+            ("turn with a result", Self::turn_statement(true)),
+        ]
+    }
 }
+
+native::native_roles!(PostgresStore);
 
 struct PgPushListener {
     listener: PgListener,

@@ -9,7 +9,6 @@
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -17,27 +16,26 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row};
 
-use super::rows::{self, Dialect, JOB_RECORD_COLUMNS, RUNS_AGAIN, STOP_GENERATION};
+use super::statements::{Dialect, STOP_GENERATION};
 use super::{
-    CallLimits, ChangeOutcome, ClaimedJob, Completion, Detail, JobFilter, JobId, JobRecord,
-    JobStatus, JobStore, Lease, NewJob, OrphanedJob, Poll, QueueCounts, Release, RescueScan,
-    SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WORKER_LOST, WorkerIdentity,
-    WorkerRecord,
+    CallLimits, ClaimedJob, Detail, JobId, NewJob, Poll, SchemaStore, SchemaVersion, StoreError,
+    StoreResult, Timestamp, Turn, native, rows,
 };
 
 /// The database's clock in microseconds since the epoch (for SQLite: this host's clock).
 const DB_NOW: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
-const DIALECT: Dialect = Dialect {
+pub(super) const DIALECT: Dialect = Dialect {
     db_now: DB_NOW,
     placeholder: numbered,
+    integer: "BIGINT",
+    upsert_worker: "ON CONFLICT (token) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,
+        queues = excluded.queues",
+    returning: true,
+    delete_limit: false,
 };
 
 fn numbered(n: usize) -> String {
     format!("?{n}")
-}
-
-fn insert_job() -> String {
-    rows::insert_job(DB_NOW, ["?"; 5])
 }
 
 /// Schema migrations, applied in order, each a list of statements; a released version is
@@ -127,21 +125,26 @@ impl SqliteStore {
         classify(error, &self.path)
     }
 
-    /// Claims the next job inside `tx`: the head of the first queue with a due job, in one
-    /// statement that also reads the stop-workers generation. Writers are serialized on
-    /// SQLite, so the head found is the head taken.
+    /// The claim: the head of the first of `queues` queues with a due job (bound after the
+    /// worker), updated and returned with the stop-workers generation. Writers are
+    /// serialized on SQLite, so the head found is the head taken.
+    fn claim_statement(queues: usize) -> String {
+        format!(
+            "UPDATE pjq_jobs SET {}
+             WHERE id = {}
+             RETURNING id, queue, code, payload, attempts, lease, {STOP_GENERATION} AS generation",
+            DIALECT.claim_assignments(1),
+            DIALECT.next_due_id(queues, 5, false)
+        )
+    }
+
+    /// Claims the next job inside `tx` (see [`SqliteStore::claim_statement`]).
     async fn claim_in(
         &self,
         tx: &mut sqlx::SqliteConnection,
         turn: &Turn<'_>,
     ) -> Result<(Option<ClaimedJob>, i64), sqlx::Error> {
-        let statement = format!(
-            "UPDATE pjq_jobs SET {}
-             WHERE id = {}
-             RETURNING id, queue, code, payload, attempts, lease, {STOP_GENERATION} AS generation",
-            DIALECT.claim_assignments(1),
-            DIALECT.next_due_id(turn.queues.len(), 5, false)
-        );
+        let statement = Self::claim_statement(turn.queues.len());
         let mut query = rows::bind_worker(sqlx::query(&statement), turn.worker);
         for queue in turn.queues {
             query = query.bind(queue.as_str());
@@ -150,7 +153,7 @@ impl SqliteStore {
             let job = rows::claimed_job(&row, &turn.worker.token)?;
             return Ok((Some(job), row.try_get("generation")?));
         }
-        let generation = sqlx::query_scalar(&format!("SELECT {STOP_GENERATION}"))
+        let generation = sqlx::query_scalar(&DIALECT.stop_generation())
             .fetch_one(&mut *tx)
             .await?;
         Ok((None, generation))
@@ -159,10 +162,7 @@ impl SqliteStore {
     /// The idle poll, one read: the stop-workers generation and whether any of `queues` has
     /// a due job.
     async fn probe(&self, queues: &[String]) -> Result<(i64, bool), sqlx::Error> {
-        let statement = format!(
-            "SELECT {STOP_GENERATION} AS generation, {} IS NOT NULL AS due",
-            DIALECT.next_due_id(queues.len(), 1, false)
-        );
+        let statement = DIALECT.probe(queues.len());
         let mut query = sqlx::query(&statement);
         for queue in queues {
             query = query.bind(queue.as_str());
@@ -202,81 +202,10 @@ impl SqliteStore {
             contended: false,
         })
     }
-
-    async fn status_of(&self, id: JobId) -> StoreResult<Option<JobStatus>> {
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM pjq_jobs WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(status.and_then(|s| JobStatus::parse(&s)))
-    }
-
-    /// Turns "no row changed" into the reason, for operator commands.
-    async fn change_outcome(&self, id: JobId, rows: u64) -> StoreResult<ChangeOutcome> {
-        if rows > 0 {
-            return Ok(ChangeOutcome::Changed);
-        }
-        Ok(match self.status_of(id).await? {
-            Some(status) => ChangeOutcome::WrongState(status),
-            None => ChangeOutcome::NotFound,
-        })
-    }
-
-    /// Requeues (attempts left) or fails a running job whose lease is still `lease` and
-    /// whose holder is as `holder` says; returns which, or `None` when the guard did not hold.
-    async fn take_back(
-        &self,
-        id: JobId,
-        lease: i64,
-        holder: Holder<'_>,
-        reason: &str,
-        now: Timestamp,
-    ) -> StoreResult<Option<bool>> {
-        let (holder_check, token) = match holder {
-            Holder::Token(token) => ("worker_token = ?5".to_string(), Some(token)),
-            Holder::Lost { rescue_after } => (rows::orphaned(DB_NOW, rescue_after), None),
-        };
-        let statement = format!(
-            "UPDATE pjq_jobs SET
-                status = CASE WHEN {RUNS_AGAIN} THEN 'waiting' ELSE 'failed' END,
-                available_at = CASE WHEN {RUNS_AGAIN} THEN {DB_NOW} ELSE available_at END,
-                finished_at = CASE WHEN {RUNS_AGAIN} THEN NULL ELSE ?1 END,
-                reason = CASE WHEN {RUNS_AGAIN} THEN ?2 || ' (requeued)' ELSE ?2 END,
-                attempts = CASE WHEN started_at IS NULL THEN attempts - 1 ELSE attempts END,
-                lease = lease + 1, worker_token = NULL
-             WHERE id = ?3 AND lease = ?4 AND status = 'running' AND {holder_check}
-             RETURNING status"
-        );
-        let mut query = sqlx::query_scalar::<_, String>(&statement)
-            .bind(now.0)
-            .bind(reason)
-            .bind(id)
-            .bind(lease);
-        if let Some(token) = token {
-            query = query.bind(token);
-        }
-        let status = query
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(status.map(|s| s == "waiting"))
-    }
-}
-
-rows::guarded_writes!(SqliteStore);
-
-/// Who must hold a job for a take-back to apply.
-#[derive(Clone, Copy)]
-enum Holder<'a> {
-    /// This worker, giving the job up.
-    Token(&'a str),
-    /// Nobody alive: the holder's heartbeat is older than this, or its row is gone.
-    Lost { rescue_after: Duration },
 }
 
 #[async_trait]
-impl JobStore for SqliteStore {
+impl SchemaStore for SqliteStore {
     fn location(&self) -> String {
         format!("sqlite://{}", self.path)
     }
@@ -352,25 +281,33 @@ impl JobStore for SqliteStore {
         })
     }
 
-    async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
-        sqlx::query_scalar(&format!("{} RETURNING id", insert_job()))
-            .bind(&job.queue)
-            .bind(&job.code)
-            .bind(&job.payload)
-            .bind(rows::delay_micros(job.delay))
-            .bind(job.max_attempts as i64)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.error(e))
+    async fn check_statements(&self) -> StoreResult<usize> {
+        self.prepare_every_statement().await
+    }
+}
+
+// What this backend does differently, for `native_roles!`.
+impl SqliteStore {
+    async fn run_turn(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
+        self.turn(turn).await.map_err(|e| self.error(e))
     }
 
-    async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64> {
+    async fn insert_one(&self, job: &NewJob) -> StoreResult<JobId> {
+        let insert = format!("{} RETURNING id", DIALECT.insert_job());
+        let row = rows::bind_new_job(sqlx::query(&insert), job)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        row.try_get("id").map_err(|e| self.error(e))
+    }
+
+    async fn insert_many(&self, jobs: &[NewJob]) -> StoreResult<u64> {
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|e| self.error(e))?;
-        let insert = insert_job();
+        let insert = DIALECT.insert_job();
         for job in jobs {
             rows::bind_new_job(sqlx::query(&insert), job)
                 .execute(&mut *tx)
@@ -381,245 +318,17 @@ impl JobStore for SqliteStore {
         Ok(jobs.len() as u64)
     }
 
-    async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
-        self.turn(turn).await.map_err(|e| self.error(e))
+    async fn open_listener(&self) -> StoreResult<Option<Box<dyn super::PushListener>>> {
+        Ok(None)
     }
 
-    async fn put_back_unrun(&self, lease: &Lease, reason: &str) -> StoreResult<bool> {
-        self.guarded_put_back(lease, reason).await
-    }
-
-    async fn put_back_unanswered_claims(
-        &self,
-        worker: &WorkerIdentity,
-        keep: &[JobId],
-    ) -> StoreResult<u64> {
-        self.guarded_put_back_unanswered(worker, keep).await
-    }
-
-    async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool> {
-        self.guarded_complete(lease, completion).await
-    }
-
-    async fn database_time(&self) -> StoreResult<Timestamp> {
-        let now = rows::database_time(&self.pool, DB_NOW).await;
-        now.map_err(|e| self.error(e))
-    }
-
-    async fn stop_generation(&self) -> StoreResult<i64> {
-        sqlx::query_scalar("SELECT value FROM pjq_control WHERE name = 'stop_generation'")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.error(e))
-    }
-
-    async fn request_stop(&self) -> StoreResult<i64> {
-        sqlx::query_scalar(
-            "UPDATE pjq_control SET value = value + 1 WHERE name = 'stop_generation'
-             RETURNING value",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| self.error(e))
-    }
-
-    async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>> {
-        let rows = sqlx::query(&format!(
-            "SELECT queue, status, COUNT(*) AS n,
-                    SUM(CASE WHEN available_at > {DB_NOW} THEN 1 ELSE 0 END) AS later
-             FROM pjq_jobs GROUP BY queue, status ORDER BY queue"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        let mut counts = Vec::new();
-        for row in rows {
-            super::add_count(
-                &mut counts,
-                row.get("queue"),
-                row.get::<String, _>("status").as_str(),
-                row.get("n"),
-                row.get("later"),
-            );
-        }
-        Ok(counts)
-    }
-
-    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs
-             WHERE (?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR status = ?2)
-             ORDER BY id DESC LIMIT ?3"
-        ))
-        .bind(&filter.queue)
-        .bind(filter.status.map(JobStatus::as_str))
-        .bind(filter.limit as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        rows.iter()
-            .map(rows::job_record)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.error(e))
-    }
-
-    async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
-        let row = sqlx::query(&format!(
-            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs WHERE id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        row.as_ref()
-            .map(rows::job_record)
-            .transpose()
-            .map_err(|e| self.error(e))
-    }
-
-    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome> {
-        let result = sqlx::query(&format!(
-            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {DB_NOW},
-                finished_at = NULL
-             WHERE id = ? AND status IN ('failed', 'cancelled')"
-        ))
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        self.change_outcome(id, result.rows_affected()).await
-    }
-
-    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
-        let result = sqlx::query(
-            "UPDATE pjq_jobs SET status = 'cancelled', finished_at = ?,
-                reason = 'cancelled by operator'
-             WHERE id = ? AND status = 'waiting'",
-        )
-        .bind(now.0)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        self.change_outcome(id, result.rows_affected()).await
-    }
-
-    async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release> {
-        let outcome = self
-            .take_back(
-                lease.job_id,
-                lease.lease,
-                Holder::Token(&lease.token),
-                reason,
-                now,
-            )
-            .await?;
-        Ok(super::release_of(outcome))
-    }
-
-    async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()> {
-        sqlx::query(&format!(
-            "INSERT INTO pjq_workers
-                (token, host, instance, pid, queues, started_at, heartbeat_at, current_job)
-             VALUES (?, ?, ?, ?, ?, ?, {DB_NOW}, NULL)
-             ON CONFLICT (token) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,
-                queues = excluded.queues"
-        ))
-        .bind(&worker.token)
-        .bind(&worker.host)
-        .bind(&worker.instance)
-        .bind(worker.pid as i64)
-        .bind(queues.join(","))
-        .bind(Timestamp::now().0)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    async fn heartbeat(
-        &self,
-        worker: &WorkerIdentity,
-        current_job: Option<JobId>,
-    ) -> StoreResult<bool> {
-        let result = sqlx::query(&format!(
-            "UPDATE pjq_workers SET heartbeat_at = {DB_NOW}, current_job = ? WHERE token = ?"
-        ))
-        .bind(current_job)
-        .bind(&worker.token)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    async fn unregister_worker(&self, worker: &WorkerIdentity) -> StoreResult<()> {
-        sqlx::query("DELETE FROM pjq_workers WHERE token = ?")
-            .bind(&worker.token)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT host, instance, pid, queues, started_at, current_job,
-                    {DB_NOW} - heartbeat_at AS age
-             FROM pjq_workers ORDER BY host, instance, pid"
-        ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        rows.iter()
-            .map(rows::worker_record)
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.error(e))
-    }
-
-    async fn rescue_scan(&self, rescue_after: Duration) -> StoreResult<RescueScan> {
-        self.scan_for_orphans(rescue_after).await
-    }
-
-    async fn take_back_orphan(
-        &self,
-        job: &OrphanedJob,
-        rescue_after: Duration,
-        now: Timestamp,
-    ) -> StoreResult<Option<bool>> {
-        let lost = Holder::Lost { rescue_after };
-        self.take_back(job.id, job.lease, lost, WORKER_LOST, now)
-            .await
-    }
-
-    async fn forget_lost_workers(&self, rescue_after: Duration) -> StoreResult<()> {
-        let limit = rescue_after.as_micros() as i64;
-        sqlx::query(&format!(
-            "DELETE FROM pjq_workers WHERE heartbeat_at <= {DB_NOW} - {limit}
-               AND NOT EXISTS (SELECT 1 FROM pjq_jobs j
-                               WHERE j.status = 'running' AND j.worker_token = pjq_workers.token)"
-        ))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
-        let result = sqlx::query(
-            "DELETE FROM pjq_jobs WHERE id IN (
-                    SELECT id FROM pjq_jobs
-                    WHERE finished_at < ? AND status IN ('succeeded', 'failed', 'cancelled')
-                    LIMIT ?)",
-        )
-        .bind(before.0)
-        .bind(limit)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.error(e))?;
-        Ok(result.rows_affected())
+    /// The statements only this backend has, for [`SchemaStore::check_statements`].
+    fn own_statements() -> Vec<(&'static str, String)> {
+        vec![("claim, returning", Self::claim_statement(3))]
     }
 }
+
+native::native_roles!(SqliteStore);
 
 /// Creates a missing store file before SQLite opens it, so that it gets the right owner and
 /// mode: readable by its owner only (0600, in new directories of 0700), and, when root

@@ -11,7 +11,7 @@
 //!
 //! A call cut short may still have taken effect (a commit whose reply was lost): every state
 //! change it guards is safe to try again, and a claim whose reply never came is taken back by
-//! the rescue (see [`super::JobStore::rescue_scan`]).
+//! the rescue (see [`super::FleetStore::rescue_scan`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,9 +20,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ChangeOutcome, Completion, Detail, JobFilter, JobId, JobRecord, JobStore, Lease, NewJob,
-    OrphanedJob, Poll, PushListener, QueueCounts, Release, RescueScan, SchemaVersion, StoreError,
-    StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
+    AdminStore, ChangeOutcome, Completion, Detail, FleetStore, JobFilter, JobId, JobRecord, Lease,
+    NewJob, OrphanedJob, Poll, PushListener, QueueCounts, QueueStore, Release, RescueScan,
+    SchemaStore, SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WorkerIdentity,
+    WorkerRecord,
 };
 
 /// One store call, boxed so that a hook can wrap calls of every result type.
@@ -34,15 +35,16 @@ pub trait CallHook: Send + Sync {
     fn around<'a, T: Send + 'a>(&'a self, what: &'static str, call: Call<'a, T>) -> Call<'a, T>;
 }
 
-/// A store whose every call goes through a hook. Only opening a listener is wrapped for
-/// [`JobStore::listen`]: waiting for a push is what a listener is for.
-pub struct Wrapped<H> {
-    inner: Box<dyn JobStore>,
+/// A store whose every call goes through a hook, for each role the store inside plays. Only
+/// opening a listener is wrapped for [`QueueStore::listen`]: waiting for a push is what a
+/// listener is for.
+pub struct Wrapped<S: ?Sized, H> {
+    inner: Box<S>,
     hook: H,
 }
 
-impl<H: CallHook> Wrapped<H> {
-    pub fn new(inner: Box<dyn JobStore>, hook: H) -> Wrapped<H> {
+impl<S: ?Sized, H: CallHook> Wrapped<S, H> {
+    pub fn new(inner: Box<S>, hook: H) -> Wrapped<S, H> {
         Wrapped { inner, hook }
     }
 
@@ -94,17 +96,17 @@ impl CallHook for Deadline {
 }
 
 /// A store whose every call ends within its deadline.
-pub type Deadlined = Wrapped<Deadline>;
+pub type Deadlined<S> = Wrapped<S, Deadline>;
 
-impl Deadlined {
-    pub fn with_deadline(inner: Box<dyn JobStore>, limit: Duration) -> Deadlined {
+impl<S: SchemaStore + ?Sized> Deadlined<S> {
+    pub fn with_deadline(inner: Box<S>, limit: Duration) -> Deadlined<S> {
         let location = inner.location();
         Wrapped::new(inner, Deadline { limit, location })
     }
 }
 
 #[async_trait]
-impl<H: CallHook> JobStore for Wrapped<H> {
+impl<S: SchemaStore + ?Sized, H: CallHook> SchemaStore for Wrapped<S, H> {
     fn location(&self) -> String {
         self.inner.location()
     }
@@ -118,14 +120,14 @@ impl<H: CallHook> JobStore for Wrapped<H> {
             .await
     }
 
-    async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
-        self.call("push", self.inner.push(job)).await
+    async fn check_statements(&self) -> StoreResult<usize> {
+        self.call("check statements", self.inner.check_statements())
+            .await
     }
+}
 
-    async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64> {
-        self.call("push batch", self.inner.push_batch(jobs)).await
-    }
-
+#[async_trait]
+impl<S: QueueStore + ?Sized, H: CallHook> QueueStore for Wrapped<S, H> {
     async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
         let name = match turn.finished {
             None => "claim",
@@ -175,6 +177,18 @@ impl<H: CallHook> JobStore for Wrapped<H> {
             .await
     }
 
+    async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release> {
+        self.call("release", self.inner.release(lease, reason, now))
+            .await
+    }
+
+    async fn listen(&self) -> StoreResult<Option<Box<dyn PushListener>>> {
+        self.call("listen", self.inner.listen()).await
+    }
+}
+
+#[async_trait]
+impl<S: FleetStore + ?Sized, H: CallHook> FleetStore for Wrapped<S, H> {
     async fn database_time(&self) -> StoreResult<Timestamp> {
         self.call("clock", self.inner.database_time()).await
     }
@@ -190,27 +204,6 @@ impl<H: CallHook> JobStore for Wrapped<H> {
 
     async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>> {
         self.call("queue counts", self.inner.queue_counts()).await
-    }
-
-    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
-        self.call("list jobs", self.inner.list_jobs(filter)).await
-    }
-
-    async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
-        self.call("get job", self.inner.get_job(id)).await
-    }
-
-    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome> {
-        self.call("retry", self.inner.retry(id)).await
-    }
-
-    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
-        self.call("cancel", self.inner.cancel(id, now)).await
-    }
-
-    async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release> {
-        self.call("release", self.inner.release(lease, reason, now))
-            .await
     }
 
     async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()> {
@@ -260,8 +253,31 @@ impl<H: CallHook> JobStore for Wrapped<H> {
         self.call("prune", self.inner.prune_batch(before, limit))
             .await
     }
+}
 
-    async fn listen(&self) -> StoreResult<Option<Box<dyn PushListener>>> {
-        self.call("listen", self.inner.listen()).await
+#[async_trait]
+impl<S: AdminStore + ?Sized, H: CallHook> AdminStore for Wrapped<S, H> {
+    async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
+        self.call("push", self.inner.push(job)).await
+    }
+
+    async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64> {
+        self.call("push batch", self.inner.push_batch(jobs)).await
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>> {
+        self.call("list jobs", self.inner.list_jobs(filter)).await
+    }
+
+    async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
+        self.call("get job", self.inner.get_job(id)).await
+    }
+
+    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome> {
+        self.call("retry", self.inner.retry(id)).await
+    }
+
+    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
+        self.call("cancel", self.inner.cancel(id, now)).await
     }
 }

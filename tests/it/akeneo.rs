@@ -791,7 +791,8 @@ fn a_message_taken_over_before_its_acknowledgement_is_left_to_its_new_holder() {
     block_on(async {
         let store = pim_job_queue::store::open_configured(&config, &pim.scratch.url)
             .await
-            .unwrap();
+            .unwrap()
+            .into_worker();
         // The worker's own tables (the stop-workers generation is read with every claim).
         store.migrate().await.unwrap();
         let worker = WorkerIdentity::for_this_process(None, Some("host-a".into()));

@@ -1,4 +1,4 @@
-//! The store conformance suite: the [`JobStore`] contract, checked against every backend
+//! The store conformance suite: the [`JobStore`] roles' contract, checked against every backend
 //! through the library, so each database behaves exactly alike.
 
 use pim_job_queue::store::{
@@ -28,6 +28,8 @@ backend_tests!(
     a_claimed_job_never_started_goes_back_refunded,
     passing_over_a_contended_head_keeps_priority,
     a_claim_passes_over_a_row_another_session_holds,
+    every_statement_prepares_on_the_server,
+    a_turn_that_finds_the_only_due_job_held_says_contended,
 );
 
 fn job(queue: &str, code: &str) -> NewJob {
@@ -726,31 +728,38 @@ fn passing_over_a_contended_head_keeps_priority(backend: Backend) {
 /// A row another session holds (a sibling's claim in flight) is passed over, not waited on:
 /// the claim takes the next job of the same queue at once. SQLite has no row locks (its
 /// writers are serialized), so there the test has nothing to hold.
-fn a_claim_passes_over_a_row_another_session_holds(backend: Backend) {
+/// Locks job `id` in a transaction of another session, held until the returned connection
+/// is dropped; `None` on SQLite, which has no row locks.
+async fn hold_row(backend: Backend, url: &str, id: i64) -> Option<Box<dyn std::any::Any>> {
     use sqlx::Connection;
+    let lock = format!("SELECT id FROM pjq_jobs WHERE id = {id} FOR UPDATE");
+    match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+            sqlx::query(&lock).execute(&mut conn).await.unwrap();
+            Some(Box::new(conn))
+        }
+        Backend::Mariadb => {
+            let mut conn = sqlx::MySqlConnection::connect(url).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+            sqlx::query(&lock).execute(&mut conn).await.unwrap();
+            Some(Box::new(conn))
+        }
+    }
+}
+
+fn a_claim_passes_over_a_row_another_session_holds(backend: Backend) {
     use std::time::{Duration, Instant};
     let scratch = Scratch::new(backend);
     block_on(async {
         let store = open(&scratch).await;
         let held = store.push(&job("ui_job", "a")).await.unwrap();
         let next = store.push(&job("ui_job", "b")).await.unwrap();
-        let lock = "SELECT id FROM pjq_jobs WHERE id = 1 FOR UPDATE";
-        let holder: Box<dyn std::any::Any> = match backend {
-            Backend::Sqlite => return,
-            Backend::Postgres => {
-                let mut conn = sqlx::PgConnection::connect(&scratch.url).await.unwrap();
-                sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-                sqlx::query(lock).execute(&mut conn).await.unwrap();
-                Box::new(conn)
-            }
-            Backend::Mariadb => {
-                let mut conn = sqlx::MySqlConnection::connect(&scratch.url).await.unwrap();
-                sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-                sqlx::query(lock).execute(&mut conn).await.unwrap();
-                Box::new(conn)
-            }
+        let Some(holder) = hold_row(backend, &scratch.url, held).await else {
+            return;
         };
-        assert_eq!(held, 1);
         let started = Instant::now();
         let claimed = store.claim(&queues(), &worker("sibling")).await.unwrap();
         assert_eq!(claimed.map(|job| job.id), Some(next));
@@ -760,5 +769,68 @@ fn a_claim_passes_over_a_row_another_session_holds(backend: Backend) {
             started.elapsed()
         );
         drop(holder);
+    });
+}
+
+/// Runs one statement on its own connection, outside the store.
+async fn execute_raw(backend: Backend, url: &str, statement: &str) {
+    use sqlx::Connection;
+    match backend {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+            sqlx::query(statement).execute(&mut conn).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::query(statement).execute(&mut conn).await.unwrap();
+        }
+        Backend::Mariadb => {
+            let mut conn = sqlx::MySqlConnection::connect(url).await.unwrap();
+            sqlx::query(statement).execute(&mut conn).await.unwrap();
+        }
+    }
+}
+
+/// Every statement the store runs, shared or its backend's own, is accepted by the server
+/// in the migrated schema; a schema that lost a column fails the check, naming a statement.
+fn every_statement_prepares_on_the_server(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let checked = store.check_statements().await.unwrap();
+        assert!(checked >= 26, "{checked} statements");
+        let drop_column = "ALTER TABLE pjq_workers DROP COLUMN current_job";
+        execute_raw(backend, &scratch.url, drop_column).await;
+        let error = store.check_statements().await.unwrap_err().to_string();
+        assert!(error.contains("statement `"), "{error}");
+    });
+}
+
+/// Another session holds the only due job (a sibling's claim in flight): the turn claims
+/// nothing but says `contended`, so the worker asks again at once instead of sleeping a poll
+/// interval; once the holder lets go, the job is claimed.
+fn a_turn_that_finds_the_only_due_job_held_says_contended(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let only = store.push(&job("import_export_job", "a")).await.unwrap();
+        let Some(holder) = hold_row(backend, &scratch.url, only).await else {
+            return;
+        };
+        let me = worker("1");
+        let all = queues();
+        let turn = Turn {
+            queues: &all,
+            worker: &me,
+            finished: None,
+            pass_over: 0,
+        };
+        let poll = store.next_job(&turn).await.unwrap();
+        assert!(poll.job.is_none());
+        assert!(poll.contended, "a held due job is not an empty queue");
+        drop(holder);
+        let poll = store.next_job(&turn).await.unwrap();
+        assert_eq!(poll.job.map(|job| job.id), Some(only));
+        assert!(!poll.contended);
     });
 }

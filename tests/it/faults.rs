@@ -11,7 +11,7 @@ use pim_job_queue::notify::Notifier;
 use pim_job_queue::signals::{Shutdown, Signals};
 use pim_job_queue::store::faults::{Fault, Faults};
 use pim_job_queue::store::wrap::Wrapped;
-use pim_job_queue::store::{self, JobStore, WorkerIdentity};
+use pim_job_queue::store::{self, WorkerIdentity, WorkerStore};
 
 use crate::support::*;
 
@@ -32,8 +32,8 @@ fn consume_reloadable(
 ) -> StopReason {
     let config = Config::load(Some(&scratch.config_path())).unwrap();
     block_on(async {
-        let inner = store::open_configured(&config, &scratch.url).await.unwrap();
-        let store: Arc<dyn JobStore> = Arc::new(Wrapped::new(inner, faults));
+        let opened = store::open_configured(&config, &scratch.url).await.unwrap();
+        let store: Arc<dyn WorkerStore> = Arc::new(Wrapped::new(opened.into_worker(), faults));
         let (_trigger, shutdown) = Shutdown::new();
         let signals = Signals { shutdown, reload };
         let options = ConsumerOptions {

@@ -111,7 +111,11 @@ impl Backend {
                 panic!("CI requires every backend, but cannot reach {why}")
             }
             Err(why) => {
-                eprintln!(
+                // Straight to the terminal: libtest captures `eprintln!` of passing tests,
+                // which would make this skip silent.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
                     "\n!!! SKIPPED: cannot reach {why}; run scripts/test.sh to set it up !!!\n"
                 );
                 false

@@ -1,0 +1,446 @@
+//! The native job store's roles, written once for the three SQL backends.
+//!
+//! [`native_roles!`] implements [`super::QueueStore`], [`super::FleetStore`] and
+//! [`super::AdminStore`] for a backend from the statements of its [`Dialect`]
+//! (`super::statements`). A backend module keeps only what its database does differently,
+//! as inherent methods the macro calls:
+//!
+//! - `run_turn(&Turn) -> StoreResult<Poll>`: a worker's turn (one statement on PostgreSQL,
+//!   an immediate transaction on SQLite, a read and a locking transaction on MariaDB);
+//! - `insert_one(&NewJob) -> StoreResult<JobId>` and `insert_many(&[NewJob]) -> StoreResult<u64>`
+//!   (how a new id comes back, how a push wakes listeners);
+//! - `open_listener()`: PostgreSQL's LISTEN, `None` elsewhere;
+//! - `own_statements()`: the statements only it has, for [`SchemaStore::check_statements`].
+//!
+//! It needs `pool`, `error(sqlx::Error) -> StoreError` and a `DIALECT` in the backend's
+//! module. A macro rather than generic code because sqlx's pools, rows and results share no
+//! trait that reaches `rows_affected` or `fetch_optional` on all three.
+//!
+//! [`Dialect`]: super::statements::Dialect
+//! [`SchemaStore::check_statements`]: super::SchemaStore::check_statements
+
+macro_rules! native_roles {
+    ($store:ty) => {
+        impl $store {
+            /// Turns "no row changed" into the reason, for operator commands.
+            async fn change_outcome(
+                &self,
+                id: $crate::store::JobId,
+                rows: u64,
+            ) -> $crate::store::StoreResult<$crate::store::ChangeOutcome> {
+                use $crate::store::{ChangeOutcome, JobStatus};
+                if rows > 0 {
+                    return Ok(ChangeOutcome::Changed);
+                }
+                let status: Option<String> = sqlx::query_scalar(&DIALECT.status_of())
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(match status.and_then(|s| JobStatus::parse(&s)) {
+                    Some(status) => ChangeOutcome::WrongState(status),
+                    None => ChangeOutcome::NotFound,
+                })
+            }
+
+            /// Requeues (attempts left) or fails a running job whose lease is still
+            /// `lease` and whose holder is as `holder` says; returns which, or `None` when
+            /// the guard did not hold.
+            async fn take_back(
+                &self,
+                id: $crate::store::JobId,
+                lease: i64,
+                holder: $crate::store::statements::Holder<'_>,
+                reason: &str,
+                now: $crate::store::Timestamp,
+            ) -> $crate::store::StoreResult<Option<bool>> {
+                use $crate::store::statements::Holder;
+                let statement = DIALECT.take_back(holder);
+                let requeued = format!("{reason} (requeued)");
+                let mut query = sqlx::query(&statement)
+                    .bind(now.0)
+                    .bind(requeued.as_str())
+                    .bind(reason)
+                    .bind(id)
+                    .bind(lease);
+                if let Holder::Token(token) = holder {
+                    query = query.bind(token);
+                }
+                if DIALECT.returning {
+                    let row = query
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(|e| self.error(e))?;
+                    return match row {
+                        Some(row) => {
+                            let status: String =
+                                sqlx::Row::try_get(&row, 0).map_err(|e| self.error(e))?;
+                            Ok(Some(status == "waiting"))
+                        }
+                        None => Ok(None),
+                    };
+                }
+                let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+                let result = query.execute(&mut *tx).await.map_err(|e| self.error(e))?;
+                if result.rows_affected() != 1 {
+                    tx.rollback().await.map_err(|e| self.error(e))?;
+                    return Ok(None);
+                }
+                let status: String = sqlx::query_scalar(&DIALECT.status_of())
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                tx.commit().await.map_err(|e| self.error(e))?;
+                Ok(Some(status == "waiting"))
+            }
+
+            /// Prepares every statement the store uses on its server, in the schema it
+            /// finds: a statement the server refuses is named in the error.
+            async fn prepare_every_statement(&self) -> $crate::store::StoreResult<usize> {
+                let mut statements = DIALECT.every_statement();
+                statements.extend(Self::own_statements());
+                let mut conn = self.pool.acquire().await.map_err(|e| self.error(e))?;
+                // A cached statement would be answered from the cache, not the schema; and
+                // SQLite prepares against the schema its connection last read, which a
+                // statement run first brings up to date.
+                sqlx::Connection::clear_cached_statements(&mut *conn)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                let _generation: i64 = sqlx::query_scalar(&DIALECT.stop_generation())
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                for (name, statement) in &statements {
+                    sqlx::Executor::prepare(&mut *conn, statement.as_str())
+                        .await
+                        .map_err(|e| match self.error(e) {
+                            $crate::store::StoreError::Database(detail) => {
+                                let text = format!("statement `{name}`: {detail}");
+                                $crate::store::StoreError::Database(detail.worded(text))
+                            }
+                            other => other,
+                        })?;
+                }
+                Ok(statements.len())
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::QueueStore for $store {
+            async fn next_job(
+                &self,
+                turn: &$crate::store::Turn<'_>,
+            ) -> $crate::store::StoreResult<$crate::store::Poll> {
+                self.run_turn(turn).await
+            }
+
+            async fn put_back_unrun(
+                &self,
+                lease: &$crate::store::Lease,
+                reason: &str,
+            ) -> $crate::store::StoreResult<bool> {
+                let result = sqlx::query(&DIALECT.put_back_unrun())
+                    .bind(reason)
+                    .bind(lease.job_id)
+                    .bind(&lease.token)
+                    .bind(lease.lease)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn put_back_unanswered_claims(
+                &self,
+                worker: &$crate::store::WorkerIdentity,
+                keep: &[$crate::store::JobId],
+            ) -> $crate::store::StoreResult<u64> {
+                let statement = DIALECT.put_back_unanswered(keep.len());
+                let mut query = sqlx::query(&statement).bind(&worker.token);
+                for id in keep {
+                    query = query.bind(id);
+                }
+                let result = query.execute(&self.pool).await.map_err(|e| self.error(e))?;
+                Ok(result.rows_affected())
+            }
+
+            async fn complete(
+                &self,
+                lease: &$crate::store::Lease,
+                completion: &$crate::store::Completion,
+            ) -> $crate::store::StoreResult<bool> {
+                let complete = DIALECT.complete_job(1);
+                let result = rows::bind_completion(sqlx::query(&complete), lease, completion)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn release(
+                &self,
+                lease: &$crate::store::Lease,
+                reason: &str,
+                now: $crate::store::Timestamp,
+            ) -> $crate::store::StoreResult<$crate::store::Release> {
+                let holder = $crate::store::statements::Holder::Token(&lease.token);
+                let outcome = self
+                    .take_back(lease.job_id, lease.lease, holder, reason, now)
+                    .await?;
+                Ok($crate::store::release_of(outcome))
+            }
+
+            async fn listen(
+                &self,
+            ) -> $crate::store::StoreResult<Option<Box<dyn $crate::store::PushListener>>> {
+                self.open_listener().await
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::FleetStore for $store {
+            async fn database_time(&self) -> $crate::store::StoreResult<$crate::store::Timestamp> {
+                let now: i64 = sqlx::query_scalar(&DIALECT.database_time())
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok($crate::store::Timestamp(now))
+            }
+
+            async fn stop_generation(&self) -> $crate::store::StoreResult<i64> {
+                sqlx::query_scalar(&DIALECT.stop_generation())
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))
+            }
+
+            async fn request_stop(&self) -> $crate::store::StoreResult<i64> {
+                let bump = DIALECT.bump_stop_generation();
+                if DIALECT.returning {
+                    return sqlx::query_scalar(&bump)
+                        .fetch_one(&self.pool)
+                        .await
+                        .map_err(|e| self.error(e));
+                }
+                let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+                sqlx::query(&bump)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                let value = sqlx::query_scalar(&DIALECT.stop_generation())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                tx.commit().await.map_err(|e| self.error(e))?;
+                Ok(value)
+            }
+
+            async fn queue_counts(
+                &self,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::QueueCounts>> {
+                let found = sqlx::query(&DIALECT.queue_counts())
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                let mut counts = Vec::new();
+                for row in &found {
+                    let count = || -> Result<_, sqlx::Error> {
+                        let status: String = sqlx::Row::try_get(row, "status")?;
+                        Ok((
+                            sqlx::Row::try_get(row, "queue")?,
+                            status,
+                            sqlx::Row::try_get(row, "n")?,
+                            sqlx::Row::try_get(row, "later")?,
+                        ))
+                    };
+                    let (queue, status, n, later) = count().map_err(|e| self.error(e))?;
+                    $crate::store::add_count(&mut counts, queue, &status, n, later);
+                }
+                Ok(counts)
+            }
+
+            async fn register_worker(
+                &self,
+                worker: &$crate::store::WorkerIdentity,
+                queues: &[String],
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query(&DIALECT.register_worker())
+                    .bind(&worker.token)
+                    .bind(&worker.host)
+                    .bind(&worker.instance)
+                    .bind(worker.pid as i64)
+                    .bind(queues.join(","))
+                    .bind($crate::store::Timestamp::now().0)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(())
+            }
+
+            async fn heartbeat(
+                &self,
+                worker: &$crate::store::WorkerIdentity,
+                current_job: Option<$crate::store::JobId>,
+            ) -> $crate::store::StoreResult<bool> {
+                let result = sqlx::query(&DIALECT.heartbeat())
+                    .bind(current_job)
+                    .bind(&worker.token)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn unregister_worker(
+                &self,
+                worker: &$crate::store::WorkerIdentity,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query(&DIALECT.unregister_worker())
+                    .bind(&worker.token)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(())
+            }
+
+            async fn list_workers(
+                &self,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::WorkerRecord>> {
+                let found = sqlx::query(&DIALECT.list_workers())
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                found
+                    .iter()
+                    .map(rows::worker_record)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.error(e))
+            }
+
+            async fn rescue_scan(
+                &self,
+                rescue_after: std::time::Duration,
+            ) -> $crate::store::StoreResult<$crate::store::RescueScan> {
+                let found = sqlx::query(&DIALECT.rescue_scan(rescue_after))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                rows::rescue_scan_rows(&found).map_err(|e| self.error(e))
+            }
+
+            async fn take_back_orphan(
+                &self,
+                job: &$crate::store::OrphanedJob,
+                rescue_after: std::time::Duration,
+                now: $crate::store::Timestamp,
+            ) -> $crate::store::StoreResult<Option<bool>> {
+                let lost = $crate::store::statements::Holder::Lost { rescue_after };
+                self.take_back(job.id, job.lease, lost, $crate::store::WORKER_LOST, now)
+                    .await
+            }
+
+            async fn forget_lost_workers(
+                &self,
+                rescue_after: std::time::Duration,
+            ) -> $crate::store::StoreResult<()> {
+                sqlx::query(&DIALECT.forget_lost_workers(rescue_after))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(())
+            }
+
+            async fn prune_batch(
+                &self,
+                before: $crate::store::Timestamp,
+                limit: i64,
+            ) -> $crate::store::StoreResult<u64> {
+                let result = sqlx::query(&DIALECT.prune_batch())
+                    .bind(before.0)
+                    .bind(limit)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(result.rows_affected())
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::AdminStore for $store {
+            async fn push(
+                &self,
+                job: &$crate::store::NewJob,
+            ) -> $crate::store::StoreResult<$crate::store::JobId> {
+                self.insert_one(job).await
+            }
+
+            async fn push_batch(
+                &self,
+                jobs: &[$crate::store::NewJob],
+            ) -> $crate::store::StoreResult<u64> {
+                self.insert_many(jobs).await
+            }
+
+            async fn list_jobs(
+                &self,
+                filter: &$crate::store::JobFilter,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::JobRecord>> {
+                let found = sqlx::query(&DIALECT.list_jobs())
+                    .bind(&filter.queue)
+                    .bind(filter.status.map($crate::store::JobStatus::as_str))
+                    .bind(filter.limit as i64)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                found
+                    .iter()
+                    .map(rows::job_record)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.error(e))
+            }
+
+            async fn get_job(
+                &self,
+                id: $crate::store::JobId,
+            ) -> $crate::store::StoreResult<Option<$crate::store::JobRecord>> {
+                let row = sqlx::query(&DIALECT.get_job())
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                row.as_ref()
+                    .map(rows::job_record)
+                    .transpose()
+                    .map_err(|e| self.error(e))
+            }
+
+            async fn retry(
+                &self,
+                id: $crate::store::JobId,
+            ) -> $crate::store::StoreResult<$crate::store::ChangeOutcome> {
+                let result = sqlx::query(&DIALECT.retry())
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                self.change_outcome(id, result.rows_affected()).await
+            }
+
+            async fn cancel(
+                &self,
+                id: $crate::store::JobId,
+                now: $crate::store::Timestamp,
+            ) -> $crate::store::StoreResult<$crate::store::ChangeOutcome> {
+                let result = sqlx::query(&DIALECT.cancel())
+                    .bind(now.0)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                self.change_outcome(id, result.rows_affected()).await
+            }
+        }
+    };
+}
+pub(super) use native_roles;

@@ -1,0 +1,261 @@
+//! The job store's roles, one trait each, so that a store implements what it supports and
+//! a caller asks for what it uses: the daemon needs a [`WorkerStore`] (schema, queue,
+//! fleet), the operator commands that manage jobs by id need a [`JobStore`] (all four).
+//! The Akeneo transport is a worker store only; the native backends are job stores.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{
+    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, Lease, NewJob, OrphanedJob,
+    Poll, PushListener, QueueCounts, Release, RescueScan, RescuedJob, SchemaVersion, StoreResult,
+    Timestamp, Turn, WorkerIdentity, WorkerRecord,
+};
+
+/// What every store has: a location to name it by and a schema to bring up to date.
+#[async_trait]
+pub trait SchemaStore: Send + Sync {
+    /// Where the jobs are, for people (no password).
+    fn location(&self) -> String;
+
+    /// Creates or upgrades the schema; safe when several processes do it at once. Returns how
+    /// many migrations were applied.
+    async fn migrate(&self) -> StoreResult<u32>;
+
+    async fn schema_version(&self) -> StoreResult<SchemaVersion>;
+
+    /// Prepares every statement the store runs against its server and the schema there,
+    /// so a refused statement shows at `migrate` time, named, not at a worker's first job
+    /// that needs it. Returns how many were checked.
+    async fn check_statements(&self) -> StoreResult<usize>;
+}
+
+/// A worker's side of the queue: take the next job, record how it ended, give it back.
+/// Every change out of `running` is guarded by the claiming worker's token and the lease set
+/// at claim time, so a late or repeated write (after a rescue, say) changes nothing.
+#[async_trait]
+pub trait QueueStore: Send + Sync {
+    /// One turn of a worker between jobs, in one transaction (on PostgreSQL one statement):
+    /// records the result of the job it just ran, claims the oldest due job of the first
+    /// non-empty queue in `turn.queues` (due and claimed by the database's clock, as
+    /// heartbeats are: rescue compares the two), and reads the stop-workers generation.
+    ///
+    /// A claim is the job's start record: it is written, durably, before the job's process
+    /// exists, so a job whose claim is not recorded has certainly not run. A job this worker
+    /// then does not start goes back with [`Self::put_back_unrun`].
+    async fn next_job(&self, turn: &Turn<'_>) -> StoreResult<Poll>;
+
+    /// Claims the next job as [`Self::next_job`] does, recording nothing.
+    async fn claim(
+        &self,
+        queues: &[String],
+        worker: &WorkerIdentity,
+    ) -> StoreResult<Option<ClaimedJob>> {
+        let turn = Turn {
+            queues,
+            worker,
+            finished: None,
+            pass_over: 0,
+        };
+        Ok(self.next_job(&turn).await?.job)
+    }
+
+    /// Tells the job's own system that its process started, for stores that acknowledge a
+    /// message only then (Akeneo's). False when the claim is no longer held.
+    async fn acknowledge_start(&self, _lease: &Lease) -> StoreResult<bool> {
+        Ok(true)
+    }
+
+    /// Puts back a job this worker claimed and certainly never started (a stop arrived with
+    /// the claim), its attempt refunded. False when the claim is no longer held.
+    async fn put_back_unrun(&self, lease: &Lease, reason: &str) -> StoreResult<bool>;
+
+    /// Puts back, refunded, every job still claimed under this worker's token except
+    /// `keep`: after a claim whose answer never arrived, a job may be claimed that this
+    /// worker never learnt of, and so never started. Only the worker itself can tell (the
+    /// rescuer cannot refund it). Returns how many were put back.
+    async fn put_back_unanswered_claims(
+        &self,
+        worker: &WorkerIdentity,
+        keep: &[JobId],
+    ) -> StoreResult<u64>;
+
+    /// Called every few seconds while the job runs, for stores that keep a per-job
+    /// heartbeat of their own (the Akeneo 6 launcher writes `health_check_time`).
+    async fn touch(&self, _lease: &Lease) -> StoreResult<()> {
+        Ok(())
+    }
+
+    /// Puts back a claimed job whose process never started (the program could not be
+    /// executed), as if it had not been claimed. False when this store fails such a job
+    /// instead, which the caller then records.
+    async fn release_unstarted(&self, _lease: &Lease, _reason: &str) -> StoreResult<bool> {
+        Ok(false)
+    }
+
+    /// Whether the job, now ended, got far enough for its own system to see it start;
+    /// `None` when the store cannot tell. Feeds the failed-launch circuit breaker.
+    async fn launch_took_effect(&self, _lease: &Lease) -> StoreResult<Option<bool>> {
+        Ok(None)
+    }
+
+    /// Records a running job's result. False (and nothing changed) if the lease is no longer
+    /// held: the job was rescued, or this completion is a repeat.
+    async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool>;
+
+    /// Gives up a running job this worker holds: back to its queue if it has attempts left,
+    /// failed with `reason` otherwise. Guarded like [`Self::complete`].
+    async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release>;
+
+    /// A stream of "a job was pushed" signals from the database itself, where it has one
+    /// (PostgreSQL's LISTEN/NOTIFY). Polling remains the safety net.
+    async fn listen(&self) -> StoreResult<Option<Box<dyn PushListener>>> {
+        Ok(None)
+    }
+}
+
+/// The fleet of workers sharing the database: membership, heartbeats, rescue of the jobs of
+/// lost workers, the fleet-wide stop, pruning, and the per-queue counts `status` shows.
+#[async_trait]
+pub trait FleetStore: Send + Sync {
+    /// The database's clock, the one heartbeats and claims are written with (on SQLite,
+    /// this host's).
+    async fn database_time(&self) -> StoreResult<Timestamp>;
+
+    /// The current stop-workers generation; workers exit when it moves past the one they saw
+    /// at start.
+    async fn stop_generation(&self) -> StoreResult<i64>;
+
+    /// Asks every worker sharing this database to stop; returns the new generation.
+    async fn request_stop(&self) -> StoreResult<i64>;
+
+    /// Counts per queue, for the queues that have any jobs.
+    async fn queue_counts(&self) -> StoreResult<Vec<QueueCounts>>;
+
+    /// Adds this worker's row, or refreshes its heartbeat and queues. The job a registered
+    /// worker names stays named: clearing it, even until the next heartbeat, would let a
+    /// rescuer judge a long-running job disowned and run it twice.
+    async fn register_worker(&self, worker: &WorkerIdentity, queues: &[String]) -> StoreResult<()>;
+
+    /// Refreshes this worker's heartbeat, by the database's clock, so that workers on hosts
+    /// with skewed clocks still agree on its age. False when the row is gone (it was
+    /// declared lost): the caller registers again.
+    async fn heartbeat(
+        &self,
+        worker: &WorkerIdentity,
+        current_job: Option<JobId>,
+    ) -> StoreResult<bool>;
+
+    /// Removes this worker's row on a clean exit.
+    async fn unregister_worker(&self, worker: &WorkerIdentity) -> StoreResult<()>;
+
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerRecord>>;
+
+    /// The rescuer's round, one statement: the database's clock, and the running jobs whose
+    /// worker's heartbeat is older than `rescue_after`, or whose worker row is gone, or whose
+    /// live worker has not named them in its heartbeats for `rescue_after` since the claim
+    /// (a claim whose reply was lost, a result the worker gave up writing).
+    async fn rescue_scan(&self, rescue_after: Duration) -> StoreResult<RescueScan>;
+
+    /// The orphaned jobs of a [`Self::rescue_scan`].
+    async fn orphaned_jobs(&self, rescue_after: Duration) -> StoreResult<Vec<OrphanedJob>> {
+        Ok(self.rescue_scan(rescue_after).await?.orphans)
+    }
+
+    /// Takes one orphaned job back if it is still orphaned and still at the lease seen:
+    /// `Some(true)` requeued, `Some(false)` failed as `worker lost`, `None` left alone (its
+    /// worker came back, or another rescuer was first).
+    async fn take_back_orphan(
+        &self,
+        job: &OrphanedJob,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Option<bool>>;
+
+    /// Deletes the rows of workers silent for `rescue_after` that hold no running job.
+    async fn forget_lost_workers(&self, rescue_after: Duration) -> StoreResult<()>;
+
+    /// Takes back, exactly once, every running job whose worker's heartbeat is older than
+    /// `rescue_after` (or whose worker row is gone), and deletes such workers' rows. A worker
+    /// whose heartbeat is fresh keeps its job, however slow the job is.
+    async fn rescue_orphans(
+        &self,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Vec<RescuedJob>> {
+        let orphans = self.orphaned_jobs(rescue_after).await?;
+        let rescued = self.take_back_orphans(orphans, rescue_after, now).await?;
+        self.forget_lost_workers(rescue_after).await?;
+        Ok(rescued)
+    }
+
+    /// Takes back each of `orphans` that is still orphaned at the lease seen (see
+    /// [`Self::take_back_orphan`]); returns those taken.
+    async fn take_back_orphans(
+        &self,
+        orphans: Vec<OrphanedJob>,
+        rescue_after: Duration,
+        now: Timestamp,
+    ) -> StoreResult<Vec<RescuedJob>> {
+        let mut rescued = Vec::new();
+        for job in orphans {
+            if let Some(requeued) = self.take_back_orphan(&job, rescue_after, now).await? {
+                rescued.push(RescuedJob {
+                    id: job.id,
+                    requeued,
+                    lost_worker: job.lost_worker,
+                });
+            }
+        }
+        Ok(rescued)
+    }
+
+    /// Deletes at most `limit` succeeded, failed and cancelled jobs that finished before
+    /// `before`; returns how many.
+    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64>;
+
+    /// Deletes every succeeded, failed and cancelled job that finished before `before`, in
+    /// batches so no statement holds its locks for long.
+    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64> {
+        const BATCH: i64 = 5000;
+        let mut total = 0;
+        loop {
+            let pruned = self.prune_batch(before, BATCH).await?;
+            total += pruned;
+            if pruned < BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Jobs an operator queues and manages by id (`push`, `jobs`, `show`, `retry`, `cancel`).
+/// Only the native store has them: in Akeneo mode the PIM queues and tracks its own jobs.
+#[async_trait]
+pub trait AdminStore: Send + Sync {
+    async fn push(&self, job: &NewJob) -> StoreResult<JobId>;
+
+    /// Stores many jobs in one transaction (one commit, one flush), for bulk loads.
+    async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64>;
+
+    async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
+
+    async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>>;
+
+    /// Puts a failed or cancelled job back to waiting, with its attempts reset.
+    async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome>;
+
+    /// Cancels a waiting job.
+    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome>;
+}
+
+/// What a worker daemon needs: every role but job management by id.
+pub trait WorkerStore: SchemaStore + QueueStore + FleetStore {}
+
+impl<T: SchemaStore + QueueStore + FleetStore + ?Sized> WorkerStore for T {}
+
+/// A store with every role: the native job store.
+pub trait JobStore: WorkerStore + AdminStore {}
+
+impl<T: WorkerStore + AdminStore + ?Sized> JobStore for T {}

@@ -1,0 +1,525 @@
+//! The native backends' SQL, written once. A [`Dialect`] holds what differs between SQLite,
+//! PostgreSQL and MariaDB/MySQL (the clock expression, placeholders, integer casts, the
+//! upsert clause, `RETURNING`, how a bounded delete is spelled); every statement is built
+//! from it here, and [`Dialect::every_statement`] lists them all, so a test can check that
+//! each dialect has each statement and that its server accepts it.
+//!
+//! Every statement uses each of its parameters once, in bind order, so MySQL's positional
+//! `?` binds them like the numbered placeholders of the others. The statements only a
+//! backend has (PostgreSQL's one-statement turn, MariaDB's claim transaction, the
+//! migrations) stay in that backend's module.
+
+use std::time::Duration;
+
+/// What differs between the native backends' SQL.
+#[derive(Clone, Copy)]
+pub(super) struct Dialect {
+    /// The database's clock in microseconds since the epoch.
+    pub db_now: &'static str,
+    /// The placeholder of the `n`-th bound value, counting from 1.
+    pub placeholder: fn(usize) -> String,
+    /// The type a 64-bit integer cast names (`BIGINT`, or MySQL's `SIGNED`).
+    pub integer: &'static str,
+    /// The tail of an insert into `pjq_workers` that refreshes an existing row instead.
+    pub upsert_worker: &'static str,
+    /// Whether `UPDATE … RETURNING` exists (not on MariaDB 10.11 or MySQL).
+    pub returning: bool,
+    /// Whether `DELETE … LIMIT n` exists (MySQL's; the others delete by a limited
+    /// subquery, which MySQL refuses and MariaDB plans as a full scan).
+    pub delete_limit: bool,
+}
+
+/// When a taken-back job runs again: while it has attempts left, and always when it never
+/// started. Claims write `started_at` themselves (the claim is the start record), so "never
+/// started" is a row claimed by a worker older than that, whose start was a separate write:
+/// its claim is refunded, as that worker's rescue promised.
+pub(super) const RUNS_AGAIN: &str = "(attempts < max_attempts OR started_at IS NULL)";
+
+/// The stop-workers generation, as a scalar subquery.
+pub(super) const STOP_GENERATION: &str =
+    "(SELECT value FROM pjq_control WHERE name = 'stop_generation')";
+
+/// The columns [`super::rows::job_record`] reads, in the order backends select them.
+pub(super) const JOB_RECORD_COLUMNS: &str = "id, queue, code, payload, status, attempts, \
+    max_attempts, created_at, available_at, claimed_at, started_at, finished_at, worker_host, \
+    worker_instance, worker_pid, exit_code, exit_signal, reason, output";
+
+/// Who must hold a job for a take-back ([`Dialect::take_back`]) to apply.
+#[derive(Clone, Copy)]
+pub(super) enum Holder<'a> {
+    /// This worker, giving the job up: its token is bound last.
+    Token(&'a str),
+    /// Nobody alive: the holder's heartbeat is older than this, or its row is gone.
+    Lost { rescue_after: Duration },
+}
+
+impl Dialect {
+    fn p(&self, n: usize) -> String {
+        (self.placeholder)(n)
+    }
+
+    /// `expression` as a 64-bit integer (MySQL's `SUM` is a decimal).
+    fn integer(&self, expression: &str) -> String {
+        format!("CAST({expression} AS {})", self.integer)
+    }
+
+    /// The database's clock.
+    pub fn database_time(&self) -> String {
+        format!("SELECT {}", self.db_now)
+    }
+
+    /// Stores a new job: created now and due its delay later, both by the database's clock,
+    /// so hosts with skewed clocks agree on when it is due. Binds queue, code, payload,
+    /// delay (microseconds) and max_attempts (see [`super::rows::bind_new_job`]).
+    pub fn insert_job(&self) -> String {
+        format!(
+            "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
+                max_attempts)
+             SELECT {}, {}, {}, 'waiting', n.at, n.at + {}, {}
+             FROM (SELECT {} AS at) AS n",
+            self.p(1),
+            self.p(2),
+            self.p(3),
+            self.p(4),
+            self.p(5),
+            self.db_now
+        )
+    }
+
+    /// The assignments of a claim, with the worker's token, host, instance and pid bound at
+    /// `first` and after. The claim is the job's start record (`started_at` too): it commits
+    /// before the job's process is spawned, so a job whose claim is not recorded never ran.
+    pub fn claim_assignments(&self, first: usize) -> String {
+        let now = self.db_now;
+        format!(
+            "status = 'running', lease = lease + 1, attempts = attempts + 1,
+             claimed_at = {now}, started_at = {now}, finished_at = NULL,
+             worker_token = {}, worker_host = {}, worker_instance = {}, worker_pid = {},
+             exit_code = NULL, exit_signal = NULL, reason = NULL, output = NULL",
+            self.p(first),
+            self.p(first + 1),
+            self.p(first + 2),
+            self.p(first + 3)
+        )
+    }
+
+    /// Records a result, guarded by the lease, with status, finished_at, exit_code,
+    /// exit_signal, reason, output, then id, token, lease bound from `first` (see
+    /// [`super::rows::bind_completion`]).
+    pub fn complete_job(&self, first: usize) -> String {
+        let p: Vec<String> = (first..first + 9).map(|n| self.p(n)).collect();
+        format!(
+            "UPDATE pjq_jobs SET status = {}, finished_at = {}, exit_code = {},
+                exit_signal = {}, reason = {}, output = {}
+             WHERE id = {} AND worker_token = {} AND lease = {} AND status = 'running'",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
+        )
+    }
+
+    /// Puts a claimed job that never started back to waiting, its attempt refunded:
+    /// reason, then id, token, lease.
+    pub fn put_back_unrun(&self) -> String {
+        format!(
+            "UPDATE pjq_jobs SET status = 'waiting', attempts = attempts - 1, lease = lease + 1,
+                claimed_at = NULL, started_at = NULL, worker_token = NULL, reason = {}
+             WHERE id = {} AND worker_token = {} AND lease = {} AND status = 'running'",
+            self.p(1),
+            self.p(2),
+            self.p(3),
+            self.p(4)
+        )
+    }
+
+    /// Puts back, refunded, the jobs running under a token (bound first) except `keep`
+    /// ids (bound after it).
+    pub fn put_back_unanswered(&self, keep: usize) -> String {
+        let kept = if keep == 0 {
+            String::new()
+        } else {
+            let ids: Vec<String> = (2..2 + keep).map(|n| self.p(n)).collect();
+            format!(" AND id NOT IN ({})", ids.join(", "))
+        };
+        format!(
+            "UPDATE pjq_jobs SET status = 'waiting', attempts = attempts - 1, lease = lease + 1,
+                claimed_at = NULL, started_at = NULL, worker_token = NULL,
+                reason = 'claimed, never started (the claim''s answer was lost)'
+             WHERE worker_token = {} AND status = 'running'{kept}",
+            self.p(1)
+        )
+    }
+
+    /// Requeues (attempts left) or fails a running job still at a lease and held as
+    /// `holder` says. Binds finished_at, the reason if requeued, the reason if failed, id,
+    /// lease, and the token for [`Holder::Token`]; returns the new status where `RETURNING`
+    /// exists. MySQL evaluates assignments left to right: every condition reads columns no
+    /// earlier assignment changes, and `attempts` is assigned last.
+    pub fn take_back(&self, holder: Holder<'_>) -> String {
+        let now = self.db_now;
+        let holder_check = match holder {
+            Holder::Token(_) => format!("worker_token = {}", self.p(6)),
+            Holder::Lost { rescue_after } => self.orphaned(rescue_after),
+        };
+        let returning = if self.returning {
+            " RETURNING status"
+        } else {
+            ""
+        };
+        format!(
+            "UPDATE pjq_jobs SET
+                status = CASE WHEN {RUNS_AGAIN} THEN 'waiting' ELSE 'failed' END,
+                available_at = CASE WHEN {RUNS_AGAIN} THEN {now} ELSE available_at END,
+                finished_at = CASE WHEN {RUNS_AGAIN} THEN NULL ELSE {} END,
+                reason = CASE WHEN {RUNS_AGAIN} THEN {} ELSE {} END,
+                lease = lease + 1, worker_token = NULL,
+                attempts = CASE WHEN started_at IS NULL THEN attempts - 1 ELSE attempts END
+             WHERE id = {} AND lease = {} AND status = 'running' AND {holder_check}{returning}",
+            // Typed, so the statement prepares without its values (PostgreSQL would take
+            // a bare parameter beside NULL for text).
+            self.integer(&self.p(1)),
+            self.p(2),
+            self.p(3),
+            self.p(4),
+            self.p(5)
+        )
+    }
+
+    /// A job's status, for the take-back on databases without `RETURNING`, and to say why
+    /// an operator's change did not apply.
+    pub fn status_of(&self) -> String {
+        format!("SELECT status FROM pjq_jobs WHERE id = {}", self.p(1))
+    }
+
+    /// SQL that is true for a `pjq_jobs` row whose worker is lost or has disowned it.
+    ///
+    /// Lost: no worker row with this token has a heartbeat younger than `rescue_after`.
+    /// Disowned: the worker is alive, but its heartbeats, for `rescue_after` since the claim,
+    /// report another job or none. That is a claim whose reply never reached the worker (the
+    /// commit went through, the connection died), or a result the worker gave up writing:
+    /// left alone, such a job would stay `running` under a live, idle worker forever. The
+    /// wait covers a heartbeat sent just before the claim's reply arrived, which cannot name
+    /// the job yet (every call ends within a third of `rescue_after`). `claimed_at` and
+    /// `heartbeat_at` are both written by the database's clock.
+    pub fn orphaned(&self, rescue_after: Duration) -> String {
+        let limit = micros(rescue_after);
+        let now = self.db_now;
+        format!(
+            "NOT EXISTS (SELECT 1 FROM pjq_workers w WHERE w.token = pjq_jobs.worker_token
+                         AND w.heartbeat_at > {now} - {limit}
+                         AND (w.current_job = pjq_jobs.id
+                              OR w.heartbeat_at <= pjq_jobs.claimed_at + {limit}))"
+        )
+    }
+
+    /// The rescuer's round in one statement: the database's clock (always one row) and the
+    /// running jobs whose worker is lost or has disowned them (see [`Dialect::orphaned`]).
+    pub fn rescue_scan(&self, rescue_after: Duration) -> String {
+        format!(
+            "SELECT n.now, o.id, o.lease, o.worker_host, o.worker_instance, o.worker_pid
+             FROM (SELECT {} AS now) n
+             LEFT JOIN (SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
+                        WHERE status = 'running' AND {}) o ON 1 = 1",
+            self.db_now,
+            self.orphaned(rescue_after)
+        )
+    }
+
+    /// Deletes the rows of workers silent for `rescue_after` that hold no running job.
+    pub fn forget_lost_workers(&self, rescue_after: Duration) -> String {
+        format!(
+            "DELETE FROM pjq_workers WHERE heartbeat_at <= {} - {}
+               AND NOT EXISTS (SELECT 1 FROM pjq_jobs j
+                               WHERE j.status = 'running' AND j.worker_token = pjq_workers.token)",
+            self.db_now,
+            micros(rescue_after)
+        )
+    }
+
+    /// The id of the next job to claim, or NULL: the oldest due job of the first of
+    /// `queues` queues (bound from `first`, in priority order) that has one. `COALESCE`
+    /// stops at its first non-null argument, so a queue is looked at only while those
+    /// before it are empty, each with one index seek: no sort of the waiting jobs, no
+    /// temporary table, however many wait.
+    ///
+    /// With `skip_locked`, inside a transaction, the job found is locked, and jobs other
+    /// workers hold are passed over (the next one of the same queue is taken): claims never
+    /// wait on each other, never take a lower queue's job while a higher one has a free one.
+    pub fn next_due_id(&self, queues: usize, first: usize, skip_locked: bool) -> String {
+        let now = self.db_now;
+        let lock = if skip_locked {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
+        let heads: Vec<String> = (0..queues)
+            .map(|i| {
+                format!(
+                    "(SELECT id FROM pjq_jobs
+                      WHERE queue = {} AND status = 'waiting' AND available_at <= {now}
+                      ORDER BY available_at, id LIMIT 1{lock})",
+                    self.p(first + i)
+                )
+            })
+            .collect();
+        format!("COALESCE({}, NULL)", heads.join(", "))
+    }
+
+    /// The idle poll: the stop-workers generation and whether any of `queues` (bound in
+    /// order) has a due job.
+    pub fn probe(&self, queues: usize) -> String {
+        format!(
+            "SELECT {STOP_GENERATION} AS generation, {} IS NOT NULL AS due",
+            self.next_due_id(queues, 1, false)
+        )
+    }
+
+    pub fn stop_generation(&self) -> String {
+        "SELECT value FROM pjq_control WHERE name = 'stop_generation'".to_string()
+    }
+
+    /// Moves the stop-workers generation on, returning it where `RETURNING` exists (else
+    /// [`Dialect::stop_generation`] reads it in the same transaction).
+    pub fn bump_stop_generation(&self) -> String {
+        let returning = if self.returning {
+            " RETURNING value"
+        } else {
+            ""
+        };
+        format!(
+            "UPDATE pjq_control SET value = value + 1 WHERE name = 'stop_generation'{returning}"
+        )
+    }
+
+    /// Jobs per queue and status, with how many of them are not due yet.
+    pub fn queue_counts(&self) -> String {
+        format!(
+            "SELECT queue, status, {} AS n,
+                    {} AS later
+             FROM pjq_jobs GROUP BY queue, status ORDER BY queue",
+            self.integer("COUNT(*)"),
+            self.integer(&format!(
+                "SUM(CASE WHEN available_at > {} THEN 1 ELSE 0 END)",
+                self.db_now
+            ))
+        )
+    }
+
+    /// Jobs newest first, filtered by queue and status when those (bound first, NULL for
+    /// any) are given, at most a limit (bound last).
+    pub fn list_jobs(&self) -> String {
+        format!(
+            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs
+             WHERE queue = COALESCE({}, queue) AND status = COALESCE({}, status)
+             ORDER BY id DESC LIMIT {}",
+            self.p(1),
+            self.p(2),
+            self.p(3)
+        )
+    }
+
+    pub fn get_job(&self) -> String {
+        format!(
+            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs WHERE id = {}",
+            self.p(1)
+        )
+    }
+
+    /// Puts a failed or cancelled job (id) back to waiting, its attempts reset.
+    pub fn retry(&self) -> String {
+        format!(
+            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {},
+                finished_at = NULL
+             WHERE id = {} AND status IN ('failed', 'cancelled')",
+            self.db_now,
+            self.p(1)
+        )
+    }
+
+    /// Cancels a waiting job: finished_at, then id.
+    pub fn cancel(&self) -> String {
+        format!(
+            "UPDATE pjq_jobs SET status = 'cancelled', finished_at = {},
+                reason = 'cancelled by operator'
+             WHERE id = {} AND status = 'waiting'",
+            self.p(1),
+            self.p(2)
+        )
+    }
+
+    /// Adds a worker, or refreshes its heartbeat and queues: token, host, instance, pid,
+    /// queues, started_at.
+    pub fn register_worker(&self) -> String {
+        let p: Vec<String> = (1..=6).map(|n| self.p(n)).collect();
+        format!(
+            "INSERT INTO pjq_workers
+                (token, host, instance, pid, queues, started_at, heartbeat_at, current_job)
+             VALUES ({}, {}, {}, {}, {}, {}, {}, NULL)
+             {}",
+            p[0], p[1], p[2], p[3], p[4], p[5], self.db_now, self.upsert_worker
+        )
+    }
+
+    /// current_job, then token.
+    pub fn heartbeat(&self) -> String {
+        format!(
+            "UPDATE pjq_workers SET heartbeat_at = {}, current_job = {} WHERE token = {}",
+            self.db_now,
+            self.p(1),
+            self.p(2)
+        )
+    }
+
+    pub fn unregister_worker(&self) -> String {
+        format!("DELETE FROM pjq_workers WHERE token = {}", self.p(1))
+    }
+
+    /// The workers, each with its heartbeat's age in microseconds by the database's clock.
+    pub fn list_workers(&self) -> String {
+        format!(
+            "SELECT host, instance, pid, queues, started_at, current_job, {} AS age
+             FROM pjq_workers ORDER BY host, instance, pid",
+            self.integer(&format!("{} - heartbeat_at", self.db_now))
+        )
+    }
+
+    /// Deletes at most a limit (bound second) of the jobs that finished before a time
+    /// (bound first).
+    pub fn prune_batch(&self) -> String {
+        let finished = format!(
+            "finished_at < {} AND status IN ('succeeded', 'failed', 'cancelled')",
+            self.p(1)
+        );
+        if self.delete_limit {
+            format!("DELETE FROM pjq_jobs WHERE {finished} LIMIT {}", self.p(2))
+        } else {
+            format!(
+                "DELETE FROM pjq_jobs WHERE id IN (
+                    SELECT id FROM pjq_jobs WHERE {finished} LIMIT {})",
+                self.p(2)
+            )
+        }
+    }
+
+    /// Every statement this module builds, by name, with sample sizes where a statement's
+    /// shape depends on its arguments (three queues, two kept ids, both take-back holders).
+    pub fn every_statement(&self) -> Vec<(&'static str, String)> {
+        let minute = Duration::from_secs(60);
+        vec![
+            ("database time", self.database_time()),
+            ("insert job", self.insert_job()),
+            (
+                "claim",
+                format!(
+                    "UPDATE pjq_jobs SET {} WHERE id = {}",
+                    self.claim_assignments(1),
+                    self.next_due_id(3, 5, false)
+                ),
+            ),
+            ("complete", self.complete_job(1)),
+            ("put back unrun", self.put_back_unrun()),
+            ("put back unanswered", self.put_back_unanswered(2)),
+            (
+                "put back unanswered, none kept",
+                self.put_back_unanswered(0),
+            ),
+            ("release", self.take_back(Holder::Token(""))),
+            (
+                "take back orphan",
+                self.take_back(Holder::Lost {
+                    rescue_after: minute,
+                }),
+            ),
+            ("status of", self.status_of()),
+            ("rescue scan", self.rescue_scan(minute)),
+            ("forget lost workers", self.forget_lost_workers(minute)),
+            ("probe", self.probe(3)),
+            ("stop generation", self.stop_generation()),
+            ("bump stop generation", self.bump_stop_generation()),
+            ("queue counts", self.queue_counts()),
+            ("list jobs", self.list_jobs()),
+            ("get job", self.get_job()),
+            ("retry", self.retry()),
+            ("cancel", self.cancel()),
+            ("register worker", self.register_worker()),
+            ("heartbeat", self.heartbeat()),
+            ("unregister worker", self.unregister_worker()),
+            ("list workers", self.list_workers()),
+            ("prune batch", self.prune_batch()),
+        ]
+    }
+}
+
+/// A duration in microseconds, written into SQL as a literal.
+fn micros(duration: Duration) -> i64 {
+    super::saturating_micros(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The placeholders of `statement`, in order of appearance: their numbers for numbered
+    /// dialects, 0 for each `?`.
+    fn placeholders(statement: &str) -> Vec<usize> {
+        let bytes = statement.as_bytes();
+        let mut found = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            let marker = bytes[i];
+            if marker == b'$' || marker == b'?' {
+                let digits: String = statement[i + 1..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                found.push(digits.parse().unwrap_or(0));
+                i += 1 + digits.len();
+            } else {
+                i += 1;
+            }
+        }
+        found
+    }
+
+    /// Every dialect has every statement, and each statement numbers its parameters
+    /// 1, 2, 3, … in order of appearance, so the one bind order serves the positional
+    /// dialect too.
+    #[test]
+    fn every_dialect_has_every_statement_with_parameters_in_bind_order() {
+        let dialects = [
+            ("sqlite", super::super::sqlite::DIALECT),
+            ("postgres", super::super::postgres::DIALECT),
+            ("mysql", super::super::mysql::DIALECT),
+        ];
+        let names = |dialect: &Dialect| -> Vec<&'static str> {
+            dialect.every_statement().iter().map(|(n, _)| *n).collect()
+        };
+        let expected = names(&dialects[0].1);
+        for (backend, dialect) in &dialects {
+            assert_eq!(names(dialect), expected, "{backend}");
+            for (name, statement) in dialect.every_statement() {
+                assert!(!statement.trim().is_empty(), "{backend}: {name}");
+                let found = placeholders(&statement);
+                let numbered = found.iter().any(|&n| n > 0);
+                if numbered {
+                    let in_order: Vec<usize> = (1..=found.len()).collect();
+                    assert_eq!(found, in_order, "{backend}: {name}: {statement}");
+                } else {
+                    assert!(found.iter().all(|&n| n == 0), "{backend}: {name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_dialects_differ_only_where_their_databases_do() {
+        let mysql = super::super::mysql::DIALECT;
+        let postgres = super::super::postgres::DIALECT;
+        assert!(mysql.prune_batch().ends_with("LIMIT ?"));
+        assert!(!mysql.take_back(Holder::Token("")).contains("RETURNING"));
+        assert!(
+            postgres
+                .take_back(Holder::Token(""))
+                .ends_with("RETURNING status")
+        );
+        assert!(postgres.list_workers().contains("AS BIGINT"));
+    }
+}
