@@ -4,9 +4,13 @@
 //! everything it started with one `killpg`; it gets `PR_SET_PDEATHSIG`, so it dies with the
 //! worker even when the worker is killed with SIGKILL. No shell is involved: the argv is
 //! executed as given. Both output streams are read line by line, logged as the job's output,
-//! and the last lines are kept for the job's record.
+//! and the last lines are kept for the job's record. [`spawn`] starts the process without
+//! copying the worker (a `posix_spawn`-style clone with the death signal added).
+
+mod spawn;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -18,7 +22,8 @@ use nix::sys::memfd::MemFdCreateFlag;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
+use tokio::net::unix::pipe;
+use tokio::process::Command;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -71,7 +76,7 @@ pub const PAYLOAD_FD: i32 = 3;
 
 /// A started job.
 pub struct RunningJob {
-    child: Child,
+    child: spawn::ChildProcess,
     group: Pid,
     started: Instant,
     tail: Arc<Mutex<VecDeque<String>>>,
@@ -87,24 +92,27 @@ pub fn start(launch: &JobLaunch) -> io::Result<RunningJob> {
         .as_deref()
         .map(payload_fd)
         .transpose()?;
-    let mut command = command_for(launch);
-    if let Some(payload) = &payload {
-        pass_as_payload_fd(&mut command, payload);
-    }
-    let mut child = command.spawn()?;
+    let program = spawn::Program {
+        argv: &launch.argv,
+        env: job_environment(launch),
+        working_directory: launch.working_directory.as_deref(),
+        payload: payload.as_ref().map(|fd| fd.as_raw_fd()),
+        payload_target: PAYLOAD_FD,
+    };
+    let spawned = spawn::spawn(&program)?;
     drop(payload); // the child has its own copy now
-    let pid = child.id().expect("a just-spawned child has a pid");
+    let group = spawned.process.pid();
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_TAIL_LINES)));
     let span = tracing::Span::current();
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
+    let stdout = pipe::Receiver::from_owned_fd(spawned.stdout)?;
+    let stderr = pipe::Receiver::from_owned_fd(spawned.stderr)?;
     let readers = vec![
         tokio::spawn(read_lines(stdout, Stream::Stdout, tail.clone()).instrument(span.clone())),
         tokio::spawn(read_lines(stderr, Stream::Stderr, tail.clone()).instrument(span)),
     ];
     Ok(RunningJob {
-        child,
-        group: Pid::from_raw(pid as i32),
+        child: spawned.process,
+        group,
         started: Instant::now(),
         tail,
         readers,
@@ -113,8 +121,26 @@ pub fn start(launch: &JobLaunch) -> io::Result<RunningJob> {
     })
 }
 
-/// The job's command: its own process group, a sanitized environment, and death with the
-/// worker. No shell.
+/// The job's environment: the worker's, without what it must not pass on (see
+/// [`WITHHELD_ENV`]) and the variables `remove_env` names, with the job's own added.
+fn job_environment(launch: &JobLaunch) -> Vec<(OsString, OsString)> {
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    for name in WITHHELD_ENV {
+        env.remove(std::ffi::OsStr::new(name));
+    }
+    for name in &launch.remove_env {
+        env.remove(std::ffi::OsStr::new(name));
+    }
+    for (name, value) in &launch.env {
+        env.insert(name.into(), value.into());
+    }
+    env.into_iter().collect()
+}
+
+/// A helper command (see [`capture`]), isolated as a job is: its own process group, the
+/// job's environment, and death with the worker. No shell. Jobs themselves start through
+/// [`spawn`], which does the same without copying the worker; helpers are rare enough for
+/// std's `fork`.
 fn command_for(launch: &JobLaunch) -> Command {
     let mut command = Command::new(&launch.argv[0]);
     command
@@ -123,14 +149,9 @@ fn command_for(launch: &JobLaunch) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true);
-    for name in WITHHELD_ENV {
-        command.env_remove(name);
-    }
-    for name in &launch.remove_env {
-        command.env_remove(name);
-    }
-    command.envs(&launch.env);
+        .kill_on_drop(true)
+        .env_clear()
+        .envs(job_environment(launch));
     if let Some(dir) = &launch.working_directory {
         command.current_dir(dir);
     }
@@ -159,27 +180,6 @@ fn payload_fd(text: &str) -> io::Result<OwnedFd> {
     file.write_all(text.as_bytes())?;
     file.rewind()?;
     Ok(OwnedFd::from(file))
-}
-
-/// Makes `payload` the child's descriptor [`PAYLOAD_FD`] (dup2 clears close-on-exec; when it
-/// already has that number, the flag is cleared instead).
-fn pass_as_payload_fd(command: &mut Command, payload: &OwnedFd) {
-    let raw = payload.as_raw_fd();
-    // SAFETY: dup2 and fcntl are async-signal-safe system calls; nothing here allocates.
-    unsafe {
-        command.pre_exec(move || {
-            if raw == PAYLOAD_FD {
-                nix::fcntl::fcntl(
-                    raw,
-                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-                )
-                .map_err(io::Error::from)?;
-            } else {
-                nix::unistd::dup2(raw, PAYLOAD_FD).map_err(io::Error::from)?;
-            }
-            Ok(())
-        });
-    }
 }
 
 /// What a short helper command (not a job) printed, for checks such as the Akeneo preflight.
