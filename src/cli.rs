@@ -68,6 +68,16 @@ pub enum Command {
     Retry(IdArgs),
     /// Cancel a waiting job.
     Cancel(IdArgs),
+    /// Pause queues for every worker on this database (every host) until `resume`: claims
+    /// pass them over, the other queues keep their priority, running jobs go on. Without a
+    /// queue: every configured queue.
+    Pause(PauseArgs),
+    /// Lift the pause of queues (without a queue: every configured queue).
+    Resume(QueuesArgs),
+    /// One line for Icinga, Nagios or Zabbix (monitoring-plugin format) and its state as the
+    /// exit code: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also when the database does not
+    /// answer within 10 s). Thresholds are `[WARN:]CRIT`.
+    Check(CheckArgs),
     /// Create or upgrade the database schema.
     Migrate,
     /// Write the man page and shell completions into DIR (used when packaging).
@@ -147,6 +157,35 @@ pub struct ShowArgs {
     pub id: i64,
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The longest a queue's oldest due job may wait, for every configured queue, then per
+    /// queue: e.g. `5m:15m,ui_job=30s:2m`.
+    #[arg(long, value_name = "[WARN:]CRIT[,QUEUE=[WARN:]CRIT]...")]
+    pub max_latency: Option<String>,
+    /// The fewest live workers a queue may have: e.g. `ui_job=2:1,import_export_job=1`.
+    #[arg(long, value_name = "QUEUE=[WARN:]CRIT[,...]")]
+    pub min_workers: Option<String>,
+    /// The most jobs that may have failed within a window: e.g. `1h=5:20`.
+    #[arg(long, value_name = "WINDOW=[WARN:]CRIT")]
+    pub max_failed: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    #[command(flatten)]
+    pub queues: QueuesArgs,
+    /// Why, shown by `status` and in each worker's STATUS.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct QueuesArgs {
+    #[arg(value_name = "QUEUE")]
+    pub queues: Vec<String>,
 }
 
 #[derive(Debug, Args)]

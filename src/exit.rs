@@ -26,6 +26,13 @@ pub enum ExitCode {
     TempFail = 75,
     /// A configuration file, an instance conf or the schema version is wrong.
     Config = 78,
+    /// `check` only, as monitoring plugins exit: a threshold's warning level was passed.
+    Warning = 1,
+    /// `check` only: a threshold's critical level was passed.
+    Critical = 2,
+    /// `check` only: the state could not be learnt (the database did not answer, a
+    /// threshold could not be read).
+    Unknown = 3,
 }
 
 impl ExitCode {

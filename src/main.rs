@@ -70,7 +70,8 @@ fn main() {
         // the terminal. Saying it in both would print it twice under systemd.
         if is_daemon {
             tracing::error!("{}", failure.message);
-        } else {
+        } else if !failure.message.is_empty() {
+            // An empty message: the command said it all (`check`'s state line).
             eprintln!("pim-job-queue: {}", failure.message);
         }
         logging::flush();

@@ -1,8 +1,11 @@
-//! The commands that change the store: `stop-workers`, `migrate`, `retry`, `cancel`.
+//! The commands that change the store: `stop-workers`, `migrate`, `retry`, `cancel`,
+//! `pause`, `resume`.
 
-use crate::cli::IdArgs;
+use crate::cli::{IdArgs, PauseArgs};
+use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
 use crate::store::{self, ChangeOutcome, Timestamp};
+use crate::wake::WakeDir;
 
 use super::Context;
 
@@ -75,4 +78,67 @@ pub(super) fn report_change(
             Err(Failure::data(format!("job #{id} is {status}: {rule}")))
         }
     }
+}
+
+pub(super) async fn pause(context: &Context, args: &PauseArgs) -> Result<(), Failure> {
+    let queues = chosen_queues(&context.config, &args.queues.queues)?;
+    let reason = args
+        .reason
+        .as_deref()
+        .map(str::trim)
+        .filter(|reason| !reason.is_empty())
+        .unwrap_or("no reason given");
+    let opened = context.open_store().await?;
+    let store = opened.worker();
+    store.pause(&queues, reason, &operator()).await?;
+    println!(
+        "Paused {} on {}: every worker passes over {} until `pim-job-queue resume`; running jobs go on.",
+        queues.join(", "),
+        store.location(),
+        if queues.len() == 1 { "it" } else { "them" }
+    );
+    Ok(())
+}
+
+pub(super) async fn resume(context: &Context, queues: &[String]) -> Result<(), Failure> {
+    let queues = chosen_queues(&context.config, queues)?;
+    let opened = context.open_store().await?;
+    let store = opened.worker();
+    let resumed = store.resume(&queues).await?;
+    WakeDir::for_store(context.config.wake_dir.as_deref(), &store.location()).wake_all();
+    println!(
+        "Resumed {} ({resumed} of them paused) on {}.",
+        queues.join(", "),
+        store.location()
+    );
+    Ok(())
+}
+
+/// The queues a command names, each known to the config; none named: all of them.
+fn chosen_queues(config: &Config, named: &[String]) -> Result<Vec<String>, Failure> {
+    if named.is_empty() {
+        return Ok(config.queues.clone());
+    }
+    if let Some(unknown) = named.iter().find(|queue| !config.knows_queue(queue)) {
+        return Err(Failure::data(format!(
+            "unknown queue {unknown:?}; known queues: {}",
+            config.queues.join(", ")
+        )));
+    }
+    Ok(named.to_vec())
+}
+
+/// Who runs this command, for the record of a pause: the user behind `sudo` first.
+fn operator() -> String {
+    ["SUDO_USER", "USER", "LOGNAME"]
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .find(|name| !name.trim().is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|user| user.name)
+        })
+        .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()))
 }

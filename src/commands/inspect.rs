@@ -25,12 +25,14 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
         other => other?,
     };
     let workers = store.list_workers().await?;
+    let paused = store.paused_queues().await?;
     if args.json {
         let running: Vec<Value> = running.iter().map(|job| running_json(job, now)).collect();
         let report = json!({
             "database": store.location(),
             "database_from": context.url_source.to_string(),
             "queues": counts,
+            "paused": paused,
             "running": running,
             "workers": workers,
         });
@@ -50,6 +52,15 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
         println!(
             "{:<24} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
             c.queue, c.waiting, c.delayed, c.running, c.failed, c.succeeded, c.cancelled
+        );
+    }
+    for pause in &paused {
+        println!(
+            "\nPaused: {} since {} by {}: {}",
+            pause.queue,
+            pause.paused_at,
+            printable(&pause.paused_by),
+            printable(&pause.reason)
         );
     }
     println!("\nRunning jobs: {}", running.len());

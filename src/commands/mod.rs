@@ -11,11 +11,12 @@ use crate::secrets::{self, UrlSource};
 use crate::store::{self, Opened, StoreError};
 
 mod change;
+mod check;
 mod consume;
 mod inspect;
 mod push;
 
-use change::{cancel, migrate, retry, stop_workers};
+use change::{cancel, migrate, pause, resume, retry, stop_workers};
 use consume::{ReloadSource, consume};
 use inspect::{jobs, show, status};
 use push::push;
@@ -88,6 +89,9 @@ pub async fn run(cli: &Cli, context: &Context, notifier: Arc<Notifier>) -> Resul
         Command::Show(args) => show(context, args).await,
         Command::Retry(args) => retry(context, args).await,
         Command::Cancel(args) => cancel(context, args).await,
+        Command::Pause(args) => pause(context, args).await,
+        Command::Resume(args) => resume(context, &args.queues).await,
+        Command::Check(args) => check::check(context, args).await,
         Command::Migrate => migrate(context).await,
         Command::GenerateAssets { dir } => generate_assets(dir),
     }

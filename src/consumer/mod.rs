@@ -122,6 +122,8 @@ pub struct Consumer {
     unrecorded: Vec<JobId>,
     /// Turns in a row that found a due job another worker was taking.
     contended: u32,
+    /// The fleet-wide pauses as STATUS last said them.
+    paused: String,
 }
 
 impl Consumer {
@@ -171,6 +173,7 @@ impl Consumer {
             claim_unanswered: false,
             unrecorded: Vec::new(),
             contended: 0,
+            paused: String::new(),
             config,
         }
     }
@@ -255,10 +258,24 @@ impl Consumer {
     }
 
     fn idle_status(&self) -> String {
-        format!(
-            "Idle, waiting for jobs on {}",
-            self.options.queues.join(", ")
-        )
+        let queues = self.options.queues.join(", ");
+        if self.paused.is_empty() {
+            format!("Idle, waiting for jobs on {queues}")
+        } else {
+            format!(
+                "Idle, waiting for jobs on {queues}; paused: {}",
+                self.paused
+            )
+        }
+    }
+
+    /// Says a change of the fleet-wide pauses in STATUS, as the rescuer's round read them.
+    fn note_pauses(&mut self, contact: &Contact) {
+        let paused = contact.paused();
+        if paused != self.paused {
+            self.paused = paused;
+            self.notifier.status(&self.idle_status());
+        }
     }
 
     /// One pass: a turn (the last job's result, a claim, the stop-workers generation, in
@@ -267,6 +284,7 @@ impl Consumer {
         if self.symfony_stop_requested() {
             return Ok(Some(StopReason::StopWorkersRequested));
         }
+        self.note_pauses(contact);
         if self.breaker.blocked_for().is_some() || self.preflight_due {
             self.write_finished().await;
         }

@@ -33,6 +33,9 @@ struct ContactState {
     lost_job: Option<JobId>,
     /// Queues a reload chose, for the heartbeat to record with its next beat.
     new_queues: Option<Vec<String>>,
+    /// The queues paused fleet-wide, as the rescuer's last round read them (`queue
+    /// (reason), …`; empty when none).
+    paused: String,
 }
 
 impl Contact {
@@ -45,6 +48,7 @@ impl Contact {
                 current_job: None,
                 lost_job: None,
                 new_queues: None,
+                paused: String::new(),
             }),
             lease_lost: tokio::sync::Notify::new(),
         }
@@ -87,6 +91,15 @@ impl Contact {
 
     /// Hands the queues a reload chose to the heartbeat, which records them with its next
     /// beat: the consumer never waits on the database for a reload, even while a job runs.
+    /// The fleet-wide pauses, described, for STATUS.
+    pub fn paused(&self) -> String {
+        self.state.lock().expect("contact lock").paused.clone()
+    }
+
+    pub(super) fn record_paused(&self, paused: String) {
+        self.state.lock().expect("contact lock").paused = paused;
+    }
+
     pub fn record_queues(&self, queues: Vec<String>) {
         self.lock().new_queues = Some(queues);
     }

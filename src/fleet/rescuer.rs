@@ -63,6 +63,7 @@ impl Rescuer {
                 return None;
             }
         };
+        self.contact.record_paused(scan.paused);
         let reading = ClockReading {
             sent,
             received: Instant::now(),

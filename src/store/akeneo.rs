@@ -28,9 +28,9 @@ use sqlx::{MySqlConnection, Row};
 
 use super::mysql::{MysqlStore, classify, is_lock_conflict};
 use super::{
-    ClaimedJob, Completion, FleetStore, JobId, JobResult, Lease, OrphanedJob, Poll, QueueCounts,
-    QueueStore, Release, RescueScan, SchemaStore, SchemaVersion, StoreError, StoreResult,
-    Timestamp, Turn, WorkerIdentity, WorkerRecord,
+    ClaimedJob, Completion, FleetStore, JobId, JobResult, Lease, OrphanedJob, PausedQueue, Poll,
+    QueueCounts, QueueLatency, QueueStore, Release, RescueScan, SchemaStore, SchemaVersion,
+    StoreError, StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
 };
 use crate::akeneo::{AkeneoSettings, JobMessage, Launcher, Target};
 
@@ -170,7 +170,10 @@ impl AkeneoStore {
                     0 => format!("({due} LIMIT 1)"),
                     n => format!("(SELECT MAX(id) FROM ({due} LIMIT {}) AS q{i})", n + 1),
                 };
-                format!("CASE WHEN {any} THEN {head} END")
+                // Paused by an operator (`pim-job-queue pause`): passed over like an
+                // empty queue.
+                let running = "NOT EXISTS (SELECT 1 FROM pjq_pauses WHERE queue = ?)";
+                format!("CASE WHEN {any} AND {running} THEN {head} END")
             })
             .collect();
         // The execution lookup rides along (Akeneo's bodies are JSON with an integer
@@ -192,6 +195,7 @@ impl AkeneoStore {
             query = query
                 .bind(queue.as_str())
                 .bind(redeliver_before.as_str())
+                .bind(queue.as_str())
                 .bind(queue.as_str())
                 .bind(redeliver_before.as_str())
                 .bind(utc_seconds(now));
@@ -785,6 +789,53 @@ impl FleetStore for AkeneoStore {
 
     async fn forget_lost_workers(&self, rescue_after: Duration) -> StoreResult<()> {
         self.fleet.forget_lost_workers(rescue_after).await
+    }
+
+    async fn pause(&self, queues: &[String], reason: &str, by: &str) -> StoreResult<()> {
+        self.fleet.pause(queues, reason, by).await
+    }
+
+    async fn resume(&self, queues: &[String]) -> StoreResult<u64> {
+        self.fleet.resume(queues).await
+    }
+
+    async fn paused_queues(&self) -> StoreResult<Vec<PausedQueue>> {
+        self.fleet.paused_queues().await
+    }
+
+    /// The PIM's messages waiting to be delivered, by `queue_name`.
+    async fn queue_latencies(&self) -> StoreResult<Vec<QueueLatency>> {
+        let found = sqlx::query(
+            "SELECT queue_name,
+                CAST(UNIX_TIMESTAMP(MIN(available_at)) * 1000000 AS SIGNED) AS oldest,
+                CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED) AS now
+             FROM messenger_messages
+             WHERE delivered_at IS NULL AND available_at <= UTC_TIMESTAMP()
+             GROUP BY queue_name ORDER BY queue_name",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(|e| self.error(e))?;
+        found
+            .iter()
+            .map(|row| super::rows::queue_latency(row, "queue_name"))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.error(e))
+    }
+
+    /// Akeneo's record of a failure is its job execution (status FAILED).
+    async fn failed_since(&self, window: Duration) -> StoreResult<u64> {
+        let since = utc_seconds(SystemTime::now() - window);
+        let failed: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM akeneo_batch_job_execution
+             WHERE status = ? AND COALESCE(end_time, updated_time) >= ?",
+        )
+        .bind(FAILED)
+        .bind(since)
+        .fetch_one(self.pool())
+        .await
+        .map_err(|e| self.error(e))?;
+        Ok(failed.max(0) as u64)
     }
 
     async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {

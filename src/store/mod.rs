@@ -315,6 +315,29 @@ pub struct RescueScan {
     /// The database's clock when it was read.
     pub now: Timestamp,
     pub orphans: Vec<OrphanedJob>,
+    /// The queues paused fleet-wide, described for people (`queue (reason), …`; empty when
+    /// none): it rides along so each worker's STATUS can say so.
+    pub paused: String,
+}
+
+/// How long a queue's oldest due job has waited.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QueueLatency {
+    pub queue: String,
+    /// When its oldest due job became due.
+    pub oldest_due_at: Timestamp,
+    /// How long ago that was, by the database's clock.
+    pub seconds: f64,
+}
+
+/// A queue an operator paused fleet-wide: claims pass it over until it is resumed.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PausedQueue {
+    pub queue: String,
+    pub reason: String,
+    pub paused_at: Timestamp,
+    /// Who paused it (`$SUDO_USER`, else the user running the command).
+    pub paused_by: String,
 }
 
 /// What became of a job this worker gave up (interrupted by a stop, or fenced off).

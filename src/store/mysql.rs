@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, Row};
 
-use super::statements::Dialect;
+use super::statements::{self, Dialect, Upsert};
 use super::{
     CallLimits, ClaimedJob, Completion, Detail, JobId, Lease, NewJob, Poll, SchemaStore,
     SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WorkerIdentity, native, redact_url,
@@ -31,11 +31,17 @@ pub(super) const DIALECT: Dialect = Dialect {
     db_now: DB_NOW,
     placeholder: positional,
     integer: "SIGNED",
-    upsert_worker: "ON DUPLICATE KEY UPDATE heartbeat_at = VALUES(heartbeat_at),
-        queues = VALUES(queues)",
+    upsert: Upsert::OnDuplicateKey,
+    concat: statements::concat_fn,
+    joined,
     returning: false,
     delete_limit: true,
 };
+
+/// The pause descriptions joined, for [`Dialect::rescue_scan`].
+fn joined(expression: &str) -> String {
+    format!("GROUP_CONCAT({expression} ORDER BY queue SEPARATOR ', ')")
+}
 
 fn positional(_: usize) -> String {
     "?".to_string()
@@ -76,10 +82,11 @@ const TRANSIENT_ERRORS: [u16; 16] = [
 /// ER_NO_SUCH_TABLE.
 const NO_SUCH_TABLE: u16 = 1146;
 
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE IF NOT EXISTS pjq_jobs (
+const MIGRATIONS: &[(i64, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE IF NOT EXISTS pjq_jobs (
             id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
             queue VARCHAR(64) NOT NULL,
             code VARCHAR(255) NOT NULL,
@@ -105,12 +112,12 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             KEY pjq_jobs_status (status, queue),
             KEY pjq_jobs_finished (finished_at)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
-        "CREATE TABLE IF NOT EXISTS pjq_control (
+            "CREATE TABLE IF NOT EXISTS pjq_control (
             name VARCHAR(64) NOT NULL PRIMARY KEY,
             value BIGINT NOT NULL
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
-        "INSERT IGNORE INTO pjq_control (name, value) VALUES ('stop_generation', 0)",
-        "CREATE TABLE IF NOT EXISTS pjq_workers (
+            "INSERT IGNORE INTO pjq_control (name, value) VALUES ('stop_generation', 0)",
+            "CREATE TABLE IF NOT EXISTS pjq_workers (
             token VARCHAR(64) NOT NULL PRIMARY KEY,
             host VARCHAR(255) NOT NULL,
             instance VARCHAR(64) NULL,
@@ -120,8 +127,18 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             heartbeat_at BIGINT NOT NULL,
             current_job BIGINT NULL
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
-    ],
-)];
+        ],
+    ),
+    (
+        2,
+        &["CREATE TABLE IF NOT EXISTS pjq_pauses (
+            queue VARCHAR(64) NOT NULL PRIMARY KEY,
+            reason TEXT NOT NULL,
+            paused_at BIGINT NOT NULL,
+            paused_by VARCHAR(255) NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"],
+    ),
+];
 
 const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
@@ -203,10 +220,7 @@ impl MysqlStore {
         E: sqlx::Executor<'c, Database = sqlx::MySql>,
     {
         let statement = Self::head_statement(queues.len(), skip_locked);
-        let mut query = sqlx::query(&statement);
-        for queue in queues {
-            query = query.bind(queue.as_str());
-        }
+        let query = rows::bind_queues(sqlx::query(&statement), queues);
         let row = query.fetch_one(executor).await?;
         let id: Option<JobId> = row.try_get("id")?;
         let head = match id {
@@ -480,6 +494,11 @@ impl MysqlStore {
 
     async fn open_listener(&self) -> StoreResult<Option<Box<dyn super::PushListener>>> {
         Ok(None)
+    }
+
+    /// Nothing to announce: idle workers see a resumed queue at their next poll.
+    async fn announce_resume(&self) -> StoreResult<()> {
+        Ok(())
     }
 
     /// The statements only this backend has, for [`SchemaStore::check_statements`].

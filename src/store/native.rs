@@ -9,7 +9,8 @@
 //!   an immediate transaction on SQLite, a read and a locking transaction on MariaDB);
 //! - `insert_one(&NewJob) -> StoreResult<JobId>` and `insert_many(&[NewJob]) -> StoreResult<u64>`
 //!   (how a new id comes back, how a push wakes listeners);
-//! - `open_listener()`: PostgreSQL's LISTEN, `None` elsewhere;
+//! - `open_listener()`: PostgreSQL's LISTEN, `None` elsewhere; `announce_resume()`: its
+//!   NOTIFY when a paused queue is resumed, nothing elsewhere;
 //! - `own_statements()`: the statements only it has, for [`SchemaStore::check_statements`].
 //!
 //! It needs `pool`, `error(sqlx::Error) -> StoreError` and a `DIALECT` in the backend's
@@ -349,6 +350,83 @@ macro_rules! native_roles {
                     .await
                     .map_err(|e| self.error(e))?;
                 Ok(())
+            }
+
+            async fn pause(
+                &self,
+                queues: &[String],
+                reason: &str,
+                by: &str,
+            ) -> $crate::store::StoreResult<()> {
+                let statement = DIALECT.pause();
+                let now = $crate::store::Timestamp::now();
+                let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
+                for queue in queues {
+                    sqlx::query(&statement)
+                        .bind(queue)
+                        .bind(reason)
+                        .bind(now.0)
+                        .bind(by)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.error(e))?;
+                }
+                tx.commit().await.map_err(|e| self.error(e))
+            }
+
+            async fn resume(&self, queues: &[String]) -> $crate::store::StoreResult<u64> {
+                let statement = DIALECT.resume();
+                let mut resumed = 0;
+                for queue in queues {
+                    let result = sqlx::query(&statement)
+                        .bind(queue)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(|e| self.error(e))?;
+                    resumed += result.rows_affected();
+                }
+                self.announce_resume().await?;
+                Ok(resumed)
+            }
+
+            async fn paused_queues(
+                &self,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::PausedQueue>> {
+                let found = sqlx::query(&DIALECT.paused_queues())
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                found
+                    .iter()
+                    .map(rows::paused_queue)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.error(e))
+            }
+
+            async fn queue_latencies(
+                &self,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::QueueLatency>> {
+                let found = sqlx::query(&DIALECT.queue_latencies())
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                found
+                    .iter()
+                    .map(|row| rows::queue_latency(row, "queue"))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.error(e))
+            }
+
+            async fn failed_since(
+                &self,
+                window: std::time::Duration,
+            ) -> $crate::store::StoreResult<u64> {
+                let failed: i64 = sqlx::query_scalar(&DIALECT.failed_since())
+                    .bind($crate::store::saturating_micros(window))
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(failed.max(0) as u64)
             }
 
             async fn prune_batch(

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Row};
 
-use super::statements::{Dialect, STOP_GENERATION};
+use super::statements::{self, Dialect, STOP_GENERATION, Upsert};
 use super::{
     CallLimits, Detail, JobId, NewJob, Poll, PushListener, SchemaStore, SchemaVersion, StoreError,
     StoreResult, Timestamp, Turn, native, redact_url, rows,
@@ -27,11 +27,17 @@ pub(super) const DIALECT: Dialect = Dialect {
     db_now: DB_NOW,
     placeholder: dollar,
     integer: "BIGINT",
-    upsert_worker: "ON CONFLICT (token) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at,
-        queues = EXCLUDED.queues",
+    upsert: Upsert::OnConflict,
+    concat: statements::pipes,
+    joined,
     returning: true,
     delete_limit: false,
 };
+
+/// The pause descriptions joined, for [`Dialect::rescue_scan`].
+fn joined(expression: &str) -> String {
+    format!("string_agg({expression}, ', ' ORDER BY queue)")
+}
 
 fn dollar(n: usize) -> String {
     format!("${n}")
@@ -97,6 +103,16 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             "CREATE INDEX pjq_jobs_running ON pjq_jobs (worker_token) WHERE status = 'running'",
         ],
     ),
+    (
+        3,
+        // Queues an operator paused, fleet-wide: claims pass over them.
+        &["CREATE TABLE pjq_pauses (
+            queue TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            paused_at BIGINT NOT NULL,
+            paused_by TEXT NOT NULL
+        )"],
+    ),
 ];
 
 const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -157,6 +173,7 @@ impl PostgresStore {
                 CROSS JOIN LATERAL (
                     SELECT id FROM pjq_jobs
                     WHERE queue = q.name AND status = 'waiting' AND available_at <= {DB_NOW}
+                      AND NOT EXISTS (SELECT 1 FROM pjq_pauses p WHERE p.queue = q.name)
                     ORDER BY available_at, id LIMIT 1
                     FOR UPDATE SKIP LOCKED) h
                 LIMIT 1),
@@ -168,7 +185,8 @@ impl PostgresStore {
                 c.id, c.queue, c.code, c.payload, c.attempts, c.lease,
                 CASE WHEN c.id IS NULL THEN EXISTS (
                     SELECT 1 FROM pjq_jobs WHERE queue = ANY({queues})
-                    AND status = 'waiting' AND available_at <= {DB_NOW})
+                    AND status = 'waiting' AND available_at <= {DB_NOW}
+                    AND queue NOT IN (SELECT queue FROM pjq_pauses))
                 ELSE false END AS contended
              FROM (SELECT 1) AS one LEFT JOIN claimed c ON true",
             DIALECT.claim_assignments(1)
@@ -339,6 +357,16 @@ impl PostgresStore {
             listener,
             location: self.location.clone(),
         })))
+    }
+
+    /// Wakes idle workers when a paused queue is resumed, as a push does.
+    async fn announce_resume(&self) -> StoreResult<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
     }
 
     /// The statements only this backend has, for [`SchemaStore::check_statements`].

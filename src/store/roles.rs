@@ -9,8 +9,8 @@ use async_trait::async_trait;
 
 use super::{
     ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, Lease, NewJob, OrphanedJob,
-    Poll, PushListener, QueueCounts, Release, RescueScan, RescuedJob, SchemaVersion, StoreResult,
-    Timestamp, Turn, WorkerIdentity, WorkerRecord,
+    PausedQueue, Poll, PushListener, QueueCounts, QueueLatency, Release, RescueScan, RescuedJob,
+    SchemaVersion, StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
 };
 
 /// What every store has: a location to name it by and a schema to bring up to date.
@@ -210,6 +210,23 @@ pub trait FleetStore: Send + Sync {
         }
         Ok(rescued)
     }
+
+    /// Pauses `queues` for the whole fleet, or updates the reason of their pause: every
+    /// worker's next claim passes them over (the others keep their priority); a running
+    /// job is never touched. `by` names who asked.
+    async fn pause(&self, queues: &[String], reason: &str, by: &str) -> StoreResult<()>;
+
+    /// Lifts the pause of `queues`, waking idle workers where the database can; returns
+    /// how many were paused.
+    async fn resume(&self, queues: &[String]) -> StoreResult<u64>;
+
+    async fn paused_queues(&self) -> StoreResult<Vec<PausedQueue>>;
+
+    /// The queues with a due job, each with how long its oldest due job has waited.
+    async fn queue_latencies(&self) -> StoreResult<Vec<QueueLatency>>;
+
+    /// How many jobs failed within the last `window`, by the database's clock.
+    async fn failed_since(&self, window: Duration) -> StoreResult<u64>;
 
     /// Deletes at most `limit` succeeded, failed and cancelled jobs that finished before
     /// `before`; returns how many.

@@ -120,8 +120,12 @@ where
     for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
 {
-    let now = match rows.first() {
-        Some(row) => Timestamp(row.try_get("now")?),
+    let (now, paused) = match rows.first() {
+        Some(row) => (
+            Timestamp(row.try_get("now")?),
+            row.try_get::<Option<String>, _>("paused")?
+                .unwrap_or_default(),
+        ),
         None => return Err(sqlx::Error::RowNotFound),
     };
     let mut orphans = Vec::new();
@@ -134,7 +138,11 @@ where
             });
         }
     }
-    Ok(super::RescueScan { now, orphans })
+    Ok(super::RescueScan {
+        now,
+        orphans,
+        paused,
+    })
 }
 
 /// Binds a new job to [`super::statements::Dialect::insert_job`]'s placeholders, in their order.
@@ -205,4 +213,56 @@ where
         .bind(worker.host.as_str())
         .bind(worker.instance.as_deref())
         .bind(worker.pid as i64)
+}
+
+/// Binds the queues of [`super::statements::Dialect::next_due_id`]: each twice, for its
+/// lookup and for its pause check, in priority order.
+pub(super) fn bind_queues<'q, DB>(
+    mut query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    queues: &'q [String],
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    &'q str: sqlx::Encode<'q, DB> + Type<DB>,
+{
+    for queue in queues {
+        query = query.bind(queue.as_str()).bind(queue.as_str());
+    }
+    query
+}
+
+/// Reads `queue, reason, paused_at, paused_by` of a pause.
+pub fn paused_queue<'r, R>(row: &'r R) -> Result<super::PausedQueue, sqlx::Error>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(super::PausedQueue {
+        queue: row.try_get("queue")?,
+        reason: row.try_get("reason")?,
+        paused_at: Timestamp(row.try_get("paused_at")?),
+        paused_by: row.try_get("paused_by")?,
+    })
+}
+
+/// Reads `oldest` and `now` (microseconds) and the queue from column `queue_column`.
+pub fn queue_latency<'r, R>(
+    row: &'r R,
+    queue_column: &'r str,
+) -> Result<super::QueueLatency, sqlx::Error>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let oldest: i64 = row.try_get("oldest")?;
+    let now: i64 = row.try_get("now")?;
+    Ok(super::QueueLatency {
+        queue: row.try_get(queue_column)?,
+        oldest_due_at: Timestamp(oldest),
+        seconds: now.saturating_sub(oldest).max(0) as f64 / 1e6,
+    })
 }

@@ -16,7 +16,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row};
 
-use super::statements::{Dialect, STOP_GENERATION};
+use super::statements::{self, Dialect, STOP_GENERATION, Upsert};
 use super::{
     CallLimits, ClaimedJob, Detail, JobId, NewJob, Poll, SchemaStore, SchemaVersion, StoreError,
     StoreResult, Timestamp, Turn, native, rows,
@@ -28,11 +28,17 @@ pub(super) const DIALECT: Dialect = Dialect {
     db_now: DB_NOW,
     placeholder: numbered,
     integer: "BIGINT",
-    upsert_worker: "ON CONFLICT (token) DO UPDATE SET heartbeat_at = excluded.heartbeat_at,
-        queues = excluded.queues",
+    upsert: Upsert::OnConflict,
+    concat: statements::pipes,
+    joined,
     returning: true,
     delete_limit: false,
 };
+
+/// The pause descriptions joined, for [`Dialect::rescue_scan`].
+fn joined(expression: &str) -> String {
+    format!("group_concat({expression}, ', ')")
+}
 
 fn numbered(n: usize) -> String {
     format!("?{n}")
@@ -40,10 +46,11 @@ fn numbered(n: usize) -> String {
 
 /// Schema migrations, applied in order, each a list of statements; a released version is
 /// never edited.
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE pjq_jobs (
+const MIGRATIONS: &[(i64, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE pjq_jobs (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             queue TEXT NOT NULL,
             code TEXT NOT NULL,
@@ -66,14 +73,14 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             reason TEXT,
             output TEXT
         )",
-        "CREATE INDEX pjq_jobs_claim ON pjq_jobs (queue, available_at, id)
+            "CREATE INDEX pjq_jobs_claim ON pjq_jobs (queue, available_at, id)
             WHERE status = 'waiting'",
-        "CREATE INDEX pjq_jobs_status ON pjq_jobs (status, queue)",
-        "CREATE INDEX pjq_jobs_finished ON pjq_jobs (finished_at)
+            "CREATE INDEX pjq_jobs_status ON pjq_jobs (status, queue)",
+            "CREATE INDEX pjq_jobs_finished ON pjq_jobs (finished_at)
             WHERE finished_at IS NOT NULL",
-        "CREATE TABLE pjq_control (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
-        "INSERT INTO pjq_control (name, value) VALUES ('stop_generation', 0)",
-        "CREATE TABLE pjq_workers (
+            "CREATE TABLE pjq_control (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+            "INSERT INTO pjq_control (name, value) VALUES ('stop_generation', 0)",
+            "CREATE TABLE pjq_workers (
             token TEXT PRIMARY KEY,
             host TEXT NOT NULL,
             instance TEXT,
@@ -83,8 +90,18 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             heartbeat_at INTEGER NOT NULL,
             current_job INTEGER
         )",
-    ],
-)];
+        ],
+    ),
+    (
+        2,
+        &["CREATE TABLE pjq_pauses (
+            queue TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            paused_at INTEGER NOT NULL,
+            paused_by TEXT NOT NULL
+        )"],
+    ),
+];
 
 const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
@@ -145,10 +162,8 @@ impl SqliteStore {
         turn: &Turn<'_>,
     ) -> Result<(Option<ClaimedJob>, i64), sqlx::Error> {
         let statement = Self::claim_statement(turn.queues.len());
-        let mut query = rows::bind_worker(sqlx::query(&statement), turn.worker);
-        for queue in turn.queues {
-            query = query.bind(queue.as_str());
-        }
+        let query = rows::bind_worker(sqlx::query(&statement), turn.worker);
+        let query = rows::bind_queues(query, turn.queues);
         if let Some(row) = query.fetch_optional(&mut *tx).await? {
             let job = rows::claimed_job(&row, &turn.worker.token)?;
             return Ok((Some(job), row.try_get("generation")?));
@@ -163,10 +178,7 @@ impl SqliteStore {
     /// a due job.
     async fn probe(&self, queues: &[String]) -> Result<(i64, bool), sqlx::Error> {
         let statement = DIALECT.probe(queues.len());
-        let mut query = sqlx::query(&statement);
-        for queue in queues {
-            query = query.bind(queue.as_str());
-        }
+        let query = rows::bind_queues(sqlx::query(&statement), queues);
         let row = query.fetch_one(&self.pool).await?;
         Ok((row.try_get("generation")?, row.try_get("due")?))
     }
@@ -320,6 +332,11 @@ impl SqliteStore {
 
     async fn open_listener(&self) -> StoreResult<Option<Box<dyn super::PushListener>>> {
         Ok(None)
+    }
+
+    /// Nothing to announce: idle workers see a resumed queue at their next poll.
+    async fn announce_resume(&self) -> StoreResult<()> {
+        Ok(())
     }
 
     /// The statements only this backend has, for [`SchemaStore::check_statements`].

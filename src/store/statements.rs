@@ -20,13 +20,26 @@ pub(super) struct Dialect {
     pub placeholder: fn(usize) -> String,
     /// The type a 64-bit integer cast names (`BIGINT`, or MySQL's `SIGNED`).
     pub integer: &'static str,
-    /// The tail of an insert into `pjq_workers` that refreshes an existing row instead.
-    pub upsert_worker: &'static str,
+    /// How an insert refreshes the row it collides with.
+    pub upsert: Upsert,
+    /// Text expressions joined into one, in order (`||` is OR on MySQL).
+    pub concat: fn(&[&str]) -> String,
+    /// An aggregate joining a text expression over rows with `", "`.
+    pub joined: fn(&str) -> String,
     /// Whether `UPDATE … RETURNING` exists (not on MariaDB 10.11 or MySQL).
     pub returning: bool,
     /// Whether `DELETE … LIMIT n` exists (MySQL's; the others delete by a limited
     /// subquery, which MySQL refuses and MariaDB plans as a full scan).
     pub delete_limit: bool,
+}
+
+/// How an insert refreshes the row whose key it collides with.
+#[derive(Clone, Copy)]
+pub(super) enum Upsert {
+    /// `ON CONFLICT (key) DO UPDATE SET c = excluded.c` (SQLite, PostgreSQL).
+    OnConflict,
+    /// `ON DUPLICATE KEY UPDATE c = VALUES(c)` (MariaDB, MySQL).
+    OnDuplicateKey,
 }
 
 /// When a taken-back job runs again: while it has attempts left, and always when it never
@@ -61,6 +74,27 @@ impl Dialect {
     /// `expression` as a 64-bit integer (MySQL's `SUM` is a decimal).
     fn integer(&self, expression: &str) -> String {
         format!("CAST({expression} AS {})", self.integer)
+    }
+
+    /// The tail of an insert keyed by `key` that updates `columns` of the row it collides
+    /// with to the values it brought.
+    fn upsert(&self, key: &str, columns: &[&str]) -> String {
+        match self.upsert {
+            Upsert::OnConflict => {
+                let set: Vec<String> = columns
+                    .iter()
+                    .map(|c| format!("{c} = excluded.{c}"))
+                    .collect();
+                format!("ON CONFLICT ({key}) DO UPDATE SET {}", set.join(", "))
+            }
+            Upsert::OnDuplicateKey => {
+                let set: Vec<String> = columns
+                    .iter()
+                    .map(|c| format!("{c} = VALUES({c})"))
+                    .collect();
+                format!("ON DUPLICATE KEY UPDATE {}", set.join(", "))
+            }
+        }
     }
 
     /// The database's clock.
@@ -212,15 +246,64 @@ impl Dialect {
 
     /// The rescuer's round in one statement: the database's clock (always one row) and the
     /// running jobs whose worker is lost or has disowned them (see [`Dialect::orphaned`]).
+    /// The paused queues ride along, as one text (`queue (reason), …`), for the workers'
+    /// STATUS.
     pub fn rescue_scan(&self, rescue_after: Duration) -> String {
+        let described = (self.concat)(&["queue", "' ('", "reason", "')'"]);
         format!(
-            "SELECT n.now, o.id, o.lease, o.worker_host, o.worker_instance, o.worker_pid
-             FROM (SELECT {} AS now) n
+            "SELECT n.now, n.paused, o.id, o.lease, o.worker_host, o.worker_instance, o.worker_pid
+             FROM (SELECT {} AS now,
+                          (SELECT {} FROM pjq_pauses) AS paused) n
              LEFT JOIN (SELECT id, lease, worker_host, worker_instance, worker_pid FROM pjq_jobs
                         WHERE status = 'running' AND {}) o ON 1 = 1",
             self.db_now,
+            (self.joined)(&described),
             self.orphaned(rescue_after)
         )
+    }
+
+    /// Per queue with a due job, the oldest due job's due time, and the database's clock:
+    /// how long the queue's head has waited.
+    pub fn queue_latencies(&self) -> String {
+        let now = self.db_now;
+        format!(
+            "SELECT queue, MIN(available_at) AS oldest, {now} AS now FROM pjq_jobs
+             WHERE status = 'waiting' AND available_at <= {now}
+             GROUP BY queue ORDER BY queue"
+        )
+    }
+
+    /// How many jobs failed in the last so many microseconds (bound), by the database's
+    /// clock.
+    pub fn failed_since(&self) -> String {
+        format!(
+            "SELECT {} FROM pjq_jobs WHERE status = 'failed' AND finished_at >= {} - {}",
+            self.integer("COUNT(*)"),
+            self.db_now,
+            self.p(1)
+        )
+    }
+
+    /// Pauses a queue, or updates its pause: queue, reason, paused_at, paused_by.
+    pub fn pause(&self) -> String {
+        format!(
+            "INSERT INTO pjq_pauses (queue, reason, paused_at, paused_by)
+             VALUES ({}, {}, {}, {})
+             {}",
+            self.p(1),
+            self.p(2),
+            self.p(3),
+            self.p(4),
+            self.upsert("queue", &["reason", "paused_at", "paused_by"])
+        )
+    }
+
+    pub fn resume(&self) -> String {
+        format!("DELETE FROM pjq_pauses WHERE queue = {}", self.p(1))
+    }
+
+    pub fn paused_queues(&self) -> String {
+        "SELECT queue, reason, paused_at, paused_by FROM pjq_pauses ORDER BY queue".to_string()
     }
 
     /// Deletes the rows of workers silent for `rescue_after` that hold no running job.
@@ -235,10 +318,12 @@ impl Dialect {
     }
 
     /// The id of the next job to claim, or NULL: the oldest due job of the first of
-    /// `queues` queues (bound from `first`, in priority order) that has one. `COALESCE`
-    /// stops at its first non-null argument, so a queue is looked at only while those
-    /// before it are empty, each with one index seek: no sort of the waiting jobs, no
-    /// temporary table, however many wait.
+    /// `queues` queues (bound from `first`, in priority order, each twice: see
+    /// [`super::rows::bind_queues`]) that has one and is not paused. `COALESCE` stops at
+    /// its first non-null argument, so a queue is looked at only while those before it are
+    /// empty, each with one index seek: no sort of the waiting jobs, no temporary table,
+    /// however many wait. The pause is a condition on the bound name, not on the rows, so a
+    /// paused queue costs one primary-key probe of `pjq_pauses`, not a walk of its jobs.
     ///
     /// With `skip_locked`, inside a transaction, the job found is locked, and jobs other
     /// workers hold are passed over (the next one of the same queue is taken): claims never
@@ -255,8 +340,10 @@ impl Dialect {
                 format!(
                     "(SELECT id FROM pjq_jobs
                       WHERE queue = {} AND status = 'waiting' AND available_at <= {now}
+                        AND NOT EXISTS (SELECT 1 FROM pjq_pauses WHERE queue = {})
                       ORDER BY available_at, id LIMIT 1{lock})",
-                    self.p(first + i)
+                    self.p(first + 2 * i),
+                    self.p(first + 2 * i + 1)
                 )
             })
             .collect();
@@ -354,7 +441,14 @@ impl Dialect {
                 (token, host, instance, pid, queues, started_at, heartbeat_at, current_job)
              VALUES ({}, {}, {}, {}, {}, {}, {}, NULL)
              {}",
-            p[0], p[1], p[2], p[3], p[4], p[5], self.db_now, self.upsert_worker
+            p[0],
+            p[1],
+            p[2],
+            p[3],
+            p[4],
+            p[5],
+            self.db_now,
+            self.upsert("token", &["heartbeat_at", "queues"])
         )
     }
 
@@ -444,8 +538,23 @@ impl Dialect {
             ("unregister worker", self.unregister_worker()),
             ("list workers", self.list_workers()),
             ("prune batch", self.prune_batch()),
+            ("pause", self.pause()),
+            ("resume", self.resume()),
+            ("paused queues", self.paused_queues()),
+            ("queue latencies", self.queue_latencies()),
+            ("failed since", self.failed_since()),
         ]
     }
+}
+
+/// `a || b || …`, the SQL standard's concatenation (SQLite, PostgreSQL).
+pub(super) fn pipes(parts: &[&str]) -> String {
+    parts.join(" || ")
+}
+
+/// `CONCAT(a, b, …)`, for MariaDB and MySQL, where `||` means OR.
+pub(super) fn concat_fn(parts: &[&str]) -> String {
+    format!("CONCAT({})", parts.join(", "))
 }
 
 /// A duration in microseconds, written into SQL as a literal.
@@ -521,5 +630,15 @@ mod tests {
                 .ends_with("RETURNING status")
         );
         assert!(postgres.list_workers().contains("AS BIGINT"));
+        assert!(
+            mysql
+                .pause()
+                .contains("ON DUPLICATE KEY UPDATE reason = VALUES(reason)")
+        );
+        assert!(
+            postgres
+                .pause()
+                .contains("DO UPDATE SET reason = excluded.reason")
+        );
     }
 }

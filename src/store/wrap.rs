@@ -21,9 +21,9 @@ use async_trait::async_trait;
 
 use super::{
     AdminStore, ChangeOutcome, Completion, Detail, FleetStore, JobFilter, JobId, JobRecord, Lease,
-    NewJob, OrphanedJob, Poll, PushListener, QueueCounts, QueueStore, Release, RescueScan,
-    SchemaStore, SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WorkerIdentity,
-    WorkerRecord,
+    NewJob, OrphanedJob, PausedQueue, Poll, PushListener, QueueCounts, QueueLatency, QueueStore,
+    Release, RescueScan, SchemaStore, SchemaVersion, StoreError, StoreResult, Timestamp, Turn,
+    WorkerIdentity, WorkerRecord,
 };
 
 /// One store call, boxed so that a hook can wrap calls of every result type.
@@ -247,6 +247,29 @@ impl<S: FleetStore + ?Sized, H: CallHook> FleetStore for Wrapped<S, H> {
     async fn forget_lost_workers(&self, rescue_after: Duration) -> StoreResult<()> {
         let forget = self.inner.forget_lost_workers(rescue_after);
         self.call("forget lost workers", forget).await
+    }
+
+    async fn pause(&self, queues: &[String], reason: &str, by: &str) -> StoreResult<()> {
+        self.call("pause", self.inner.pause(queues, reason, by))
+            .await
+    }
+
+    async fn resume(&self, queues: &[String]) -> StoreResult<u64> {
+        self.call("resume", self.inner.resume(queues)).await
+    }
+
+    async fn paused_queues(&self) -> StoreResult<Vec<PausedQueue>> {
+        self.call("paused queues", self.inner.paused_queues()).await
+    }
+
+    async fn queue_latencies(&self) -> StoreResult<Vec<QueueLatency>> {
+        self.call("queue latencies", self.inner.queue_latencies())
+            .await
+    }
+
+    async fn failed_since(&self, window: Duration) -> StoreResult<u64> {
+        self.call("failed since", self.inner.failed_since(window))
+            .await
     }
 
     async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {

@@ -30,6 +30,7 @@ backend_tests!(
     a_claim_passes_over_a_row_another_session_holds,
     every_statement_prepares_on_the_server,
     a_turn_that_finds_the_only_due_job_held_says_contended,
+    a_paused_queue_is_passed_over_until_resumed,
 );
 
 fn job(queue: &str, code: &str) -> NewJob {
@@ -48,6 +49,16 @@ fn queues() -> Vec<String> {
 
 async fn open(scratch: &Scratch) -> Box<dyn JobStore> {
     scratch.store().await
+}
+
+/// A turn with no result to record and no passing over: an idle worker's poll.
+fn idle_turn<'a>(queues: &'a [String], worker: &'a WorkerIdentity) -> Turn<'a> {
+    Turn {
+        queues,
+        worker,
+        finished: None,
+        pass_over: 0,
+    }
 }
 
 fn done(result: JobResult) -> Completion {
@@ -592,12 +603,7 @@ fn an_idle_turn_reads_the_stop_generation(backend: Backend) {
             .await
             .unwrap();
         let queues = queues();
-        let turn = Turn {
-            queues: &queues,
-            worker: &me,
-            finished: None,
-            pass_over: 0,
-        };
+        let turn = idle_turn(&queues, &me);
         let poll = store.next_job(&turn).await.unwrap();
         assert_eq!(
             (poll.stop_generation, poll.job.is_none(), poll.contended),
@@ -819,12 +825,7 @@ fn a_turn_that_finds_the_only_due_job_held_says_contended(backend: Backend) {
         };
         let me = worker("1");
         let all = queues();
-        let turn = Turn {
-            queues: &all,
-            worker: &me,
-            finished: None,
-            pass_over: 0,
-        };
+        let turn = idle_turn(&all, &me);
         let poll = store.next_job(&turn).await.unwrap();
         assert!(poll.job.is_none());
         assert!(poll.contended, "a held due job is not an empty queue");
@@ -832,5 +833,38 @@ fn a_turn_that_finds_the_only_due_job_held_says_contended(backend: Backend) {
         let poll = store.next_job(&turn).await.unwrap();
         assert_eq!(poll.job.map(|job| job.id), Some(only));
         assert!(!poll.contended);
+    });
+}
+
+/// A paused queue is passed over by claims and idle turns, the others keep their order;
+/// the rescuer's scan carries the pause for STATUS; `resume` brings the queue back.
+fn a_paused_queue_is_passed_over_until_resumed(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let ui = store.push(&job("ui_job", "a")).await.unwrap();
+        let import = store.push(&job("import_export_job", "b")).await.unwrap();
+        let ui_only = ["ui_job".to_string()];
+        store.pause(&ui_only, "feed broken", "ops").await.unwrap();
+        store
+            .pause(&ui_only, "feed still broken", "ops")
+            .await
+            .unwrap();
+        let paused = store.paused_queues().await.unwrap();
+        assert_eq!(paused.len(), 1);
+        assert_eq!(paused[0].reason, "feed still broken");
+        let scan = store.rescue_scan(std::time::Duration::from_secs(60)).await;
+        assert_eq!(scan.unwrap().paused, "ui_job (feed still broken)");
+        let me = worker("1");
+        let claimed = store.claim(&queues(), &me).await.unwrap();
+        assert_eq!(claimed.map(|job| job.id), Some(import));
+        let all = queues();
+        let turn = idle_turn(&all, &me);
+        let poll = store.next_job(&turn).await.unwrap();
+        assert!(poll.job.is_none() && !poll.contended, "{poll:?}");
+        assert_eq!(store.resume(&ui_only).await.unwrap(), 1);
+        assert_eq!(store.resume(&ui_only).await.unwrap(), 0);
+        let claimed = store.claim(&queues(), &me).await.unwrap();
+        assert_eq!(claimed.map(|job| job.id), Some(ui));
     });
 }

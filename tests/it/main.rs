@@ -5,6 +5,7 @@ mod support;
 
 mod akeneo;
 mod akeneo_launch;
+mod check;
 mod cli;
 mod conformance;
 mod consume;
@@ -13,6 +14,7 @@ mod faults;
 mod fleet;
 mod hostile;
 mod instance;
+mod pause;
 mod properties;
 mod secrets;
 mod systemd;
