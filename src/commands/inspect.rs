@@ -18,7 +18,12 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
     let opened = context.open_store().await?;
     let store = opened.worker();
     let now = Timestamp::now();
-    let counts = ordered_counts(&context.config, store.queue_counts().await?);
+    let mut counts = ordered_counts(&context.config, store.queue_counts().await?);
+    for latency in store.queue_latencies().await? {
+        if let Some(queue) = counts.iter_mut().find(|c| c.queue == latency.queue) {
+            queue.latency_seconds = latency.seconds;
+        }
+    }
     let running = match running_jobs(&opened).await {
         // The Akeneo transport keeps no job records: the workers list shows their jobs.
         Err(StoreError::Unsupported(_)) => Vec::new(),
@@ -45,13 +50,14 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
         context.url_source
     );
     println!(
-        "{:<24} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
-        "QUEUE", "WAITING", "DELAYED", "RUNNING", "FAILED", "SUCCEEDED", "CANCELLED"
+        "{:<24} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>9}",
+        "QUEUE", "WAITING", "DELAYED", "RUNNING", "FAILED", "SUCCEEDED", "CANCELLED", "LATENCY"
     );
     for c in &counts {
+        let latency = format_duration(Duration::from_secs(c.latency_seconds as u64));
         println!(
-            "{:<24} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}",
-            c.queue, c.waiting, c.delayed, c.running, c.failed, c.succeeded, c.cancelled
+            "{:<24} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>9}",
+            c.queue, c.waiting, c.delayed, c.running, c.failed, c.succeeded, c.cancelled, latency
         );
     }
     for pause in &paused {

@@ -257,6 +257,9 @@ pub struct QueueCounts {
     pub succeeded: i64,
     pub failed: i64,
     pub cancelled: i64,
+    /// How long the queue's oldest due job has waited, in seconds (0 when none is due);
+    /// filled in by `status` from [`FleetStore::queue_latencies`].
+    pub latency_seconds: f64,
 }
 
 /// Which jobs `jobs` lists, newest first.

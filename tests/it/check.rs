@@ -30,6 +30,14 @@ fn check_says_each_state_with_its_exit_code(backend: Backend) {
     std::thread::sleep(Duration::from_millis(1500));
     let (code, line) = check(&scratch, &["--max-latency", "1s:1h"]);
     assert_eq!(code, 1, "{line}");
+    let queues = scratch.status_json()["queues"].clone();
+    let import = queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "import_export_job");
+    let waited = import.unwrap()["latency_seconds"].as_f64().unwrap();
+    assert!((1.0..60.0).contains(&waited), "status says {waited} s");
     assert!(
         line.starts_with("WARNING - import_export_job's oldest due job has waited 1s"),
         "{line}"
