@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pim_job_queue::store::{
-    self, JobFilter, JobStatus, JobStore, NewJob, Timestamp, WorkerIdentity,
+    self, Finished, JobFilter, JobStatus, JobStore, NewJob, Timestamp, WorkerIdentity,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_pim-job-queue");
@@ -154,10 +154,10 @@ impl Bench {
 
     async fn clear(&self) {
         // Claim-and-forget leaves running rows; finish them so prune can take everything.
-        self.store
-            .prune_finished(Timestamp::now().plus(Duration::from_secs(60)))
-            .await
-            .unwrap();
+        let later = Timestamp::now().plus(Duration::from_secs(60));
+        for kind in [Finished::Done, Finished::Failed] {
+            self.store.prune_finished(kind, later).await.unwrap();
+        }
     }
 }
 
@@ -336,6 +336,7 @@ async fn pickup_latency(bench: &Bench, samples: usize) -> (f64, f64) {
             queue: Some("ui_job".into()),
             status: Some(JobStatus::Succeeded),
             limit: samples as u32,
+            ..JobFilter::default()
         })
         .await
         .unwrap();

@@ -164,6 +164,8 @@ as_user() { cexec su "$1" -c "$2" </dev/null; }
 refused() { ! "$@" >/dev/null 2>&1; }
 journal() { cexec journalctl --no-pager -q -o cat --boot "$@"; }
 journal_has() { journal "${@:2}" | grep -F -- "$1" >/dev/null; }
+# Whether `journalctl -x` shows the catalog's explanation text $1 for the entries selected.
+explained() { cexec journalctl --no-pager -q -x --boot "${@:2}" | grep -F -- "$1" >/dev/null; }
 status_shows() { cexec systemctl --no-pager status "$1" | grep -F -- "$2" >/dev/null; }
 restarted() { [ "$(prop "$1" NRestarts)" -ge 1 ]; }
 workers_of_hosts() {
@@ -230,6 +232,15 @@ run_checks() { # label
   check "3: journal shows the end" journal_has "job finished" -u pim_job_queue@2 JOB_ID="$first"
   check "3: JOB_ID=$first shows only that job" refused journal_has "job $second" -u pim_job_queue@2 JOB_ID="$first"
   check "3: JOB_ID=$first has its output" journal_has "output of job $first" -u pim_job_queue@2 JOB_ID="$first"
+  check "3: the end has its MESSAGE_ID and result" journal_has "job finished" -u pim_job_queue@2 MESSAGE_ID=6ac29e07ec8f45c1b58f299e4e118cbd JOB_RESULT=succeeded JOB_ID="$first"
+  check "3: journalctl -x explains it from the installed catalog" explained "Job $first (hello) ended: succeeded" -u pim_job_queue@2 JOB_ID="$first" MESSAGE_ID=6ac29e07ec8f45c1b58f299e4e118cbd
+  check "3: one job's OOM kill does not stop the instance" is continue prop pim_job_queue@2 OOMPolicy
+
+  # 3b. A fleet-wide pause reaches each worker's STATUS, and resume clears it.
+  check "3b: pause import_export_job" pjq pause import_export_job --reason "feed broken"
+  wait_for "3b: instance 1 says it is paused" 20 is "Idle, waiting for jobs on import_export_job; paused: import_export_job (feed broken)" prop pim_job_queue@1 StatusText
+  check "3b: resume" pjq resume import_export_job
+  wait_for "3b: instance 1 says it no more" 20 is "Idle, waiting for jobs on import_export_job" prop pim_job_queue@1 StatusText
 
   # 4. A bad 3.conf leaves instance 3 failed, the reason in its journal, no restart loop.
   check "4: start of instance 3 fails" refused cexec systemctl start pim_job_queue@3

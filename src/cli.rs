@@ -64,16 +64,23 @@ pub enum Command {
     Jobs(JobsArgs),
     /// Show one job, with the last lines of its output.
     Show(ShowArgs),
-    /// Put a failed or cancelled job back in its queue.
-    Retry(IdArgs),
+    /// Put a failed or cancelled job back in its queue, or every one a filter selects
+    /// (`retry --status failed --code csv_product_import --since 1d`).
+    Retry(RetryArgs),
     /// Cancel a waiting job.
     Cancel(IdArgs),
+    /// Delete jobs that are not running: by id, or every one of a status that finished
+    /// (or, waiting, was created) before a time (`delete --status failed --before 30d`).
+    Delete(DeleteArgs),
     /// Pause queues for every worker on this database (every host) until `resume`: claims
     /// pass them over, the other queues keep their priority, running jobs go on. Without a
     /// queue: every configured queue.
     Pause(PauseArgs),
     /// Lift the pause of queues (without a queue: every configured queue).
     Resume(QueuesArgs),
+    /// Delete finished jobs past their retention now, as workers do every 10 minutes:
+    /// succeeded and cancelled ones after `retention`, failed ones after `failed_retention`.
+    Prune,
     /// One line for Icinga, Nagios or Zabbix (monitoring-plugin format) and its state as the
     /// exit code: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also when the database does not
     /// answer within 10 s). Thresholds are `[WARN:]CRIT`.
@@ -143,11 +150,21 @@ pub struct OutputArgs {
 pub struct JobsArgs {
     #[arg(long, value_name = "QUEUE")]
     pub queue: Option<String>,
+    /// Only jobs with this code.
+    #[arg(long, value_name = "CODE")]
+    pub code: Option<String>,
+    /// Only jobs created within this long (seconds, or e.g. 2h, 7d).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub since: Option<Duration>,
     /// waiting, running, succeeded, failed or cancelled.
     #[arg(long, value_name = "STATUS", value_parser = parse_status)]
     pub status: Option<JobStatus>,
     #[arg(long, value_name = "N", default_value_t = 50)]
     pub limit: u32,
+    /// Count the selected jobs by code and reason instead of listing them (as Symfony's
+    /// `messenger:failed:show --stats`), most frequent first.
+    #[arg(long)]
+    pub stats: bool,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -186,6 +203,36 @@ pub struct PauseArgs {
 pub struct QueuesArgs {
     #[arg(value_name = "QUEUE")]
     pub queues: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// The job; or select with --status.
+    #[arg(value_name = "ID", required_unless_present = "status", conflicts_with_all = ["status", "queue", "code", "since"])]
+    pub id: Option<i64>,
+    /// Retry every job with this status: failed or cancelled.
+    #[arg(long, value_name = "STATUS", value_parser = parse_status)]
+    pub status: Option<JobStatus>,
+    #[arg(long, value_name = "QUEUE", requires = "status")]
+    pub queue: Option<String>,
+    #[arg(long, value_name = "CODE", requires = "status")]
+    pub code: Option<String>,
+    /// Only jobs created within this long.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "status")]
+    pub since: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The jobs; or select with --status and --before.
+    #[arg(value_name = "ID", required_unless_present = "status", conflicts_with_all = ["status", "before"])]
+    pub ids: Vec<i64>,
+    /// Delete every job with this status (not running) ...
+    #[arg(long, value_name = "STATUS", value_parser = parse_status, requires = "before")]
+    pub status: Option<JobStatus>,
+    /// ... that finished (or, waiting, was created) more than this long ago.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "status")]
+    pub before: Option<Duration>,
 }
 
 #[derive(Debug, Args)]

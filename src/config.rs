@@ -37,6 +37,17 @@ pub const DEFAULT_RESCUE_AFTER: Duration = Duration::from_secs(30);
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(30 * 60);
 /// How long finished jobs are kept.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86400);
+/// Failed jobs wait longer for someone to look at them.
+pub const DEFAULT_FAILED_RETENTION: Duration = Duration::from_secs(30 * 86400);
+
+/// A retention as configured: 0 keeps forever (`None`), nothing set is the default.
+fn kept_for(value: Option<DurationValue>, default: Duration) -> Option<Duration> {
+    match value {
+        Some(DurationValue(d)) if d.is_zero() => None,
+        Some(DurationValue(d)) => Some(d),
+        None => Some(default),
+    }
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -55,6 +66,9 @@ pub struct Config {
     pub stop_grace: Duration,
     /// How long finished jobs are kept; `None` keeps them forever.
     pub retention: Option<Duration>,
+    /// How long failed jobs are kept; `None` keeps them until someone deletes or retries
+    /// them.
+    pub failed_retention: Option<Duration>,
     /// Where same-host wake-up sockets live; `None` picks the default (see [`crate::wake`]).
     pub wake_dir: Option<PathBuf>,
     /// Where jobs come from: this project's job store, or the PIM's Messenger table.
@@ -93,6 +107,7 @@ struct RawConfig {
     rescue_after: Option<DurationValue>,
     stop_grace: Option<DurationValue>,
     retention: Option<DurationValue>,
+    failed_retention: Option<DurationValue>,
     wake_dir: Option<PathBuf>,
     transport: Option<String>,
     akeneo: Option<RawAkeneo>,
@@ -259,11 +274,8 @@ impl Config {
             heartbeat_interval,
             rescue_after,
             stop_grace: raw.stop_grace.map_or(DEFAULT_STOP_GRACE, |d| d.0),
-            retention: match raw.retention {
-                Some(DurationValue(d)) if d.is_zero() => None,
-                Some(DurationValue(d)) => Some(d),
-                None => Some(DEFAULT_RETENTION),
-            },
+            retention: kept_for(raw.retention, DEFAULT_RETENTION),
+            failed_retention: kept_for(raw.failed_retention, DEFAULT_FAILED_RETENTION),
             wake_dir: raw.wake_dir,
             transport,
             default_job,
@@ -587,6 +599,14 @@ mod tests {
         let error = parse("heartbeat_interval = \"5s\"\nrescue_after = \"10s\"").unwrap_err();
         assert!(error.message.contains("rescue_after"), "{}", error.message);
         assert_eq!(parse("").unwrap().retention, Some(DEFAULT_RETENTION));
+        assert_eq!(
+            parse("").unwrap().failed_retention,
+            Some(DEFAULT_FAILED_RETENTION)
+        );
+        assert_eq!(
+            parse("failed_retention = 0").unwrap().failed_retention,
+            None
+        );
     }
 
     #[test]

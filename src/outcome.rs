@@ -100,27 +100,50 @@ impl JobOutcome {
         }
     }
 
-    /// The journal line that ends the job's story.
+    /// The journal line that ends the job's story, with `MESSAGE_ID`, `JOB_RESULT` and a
+    /// numeric `JOB_DURATION_USEC` for `journalctl` queries.
     pub fn log(&self) {
+        use crate::logging::message_id::{JOB_FAILED, JOB_FINISHED};
         let duration = self.ran_for().map(format_duration).unwrap_or_default();
+        let usec = self.ran_for().map_or(0, |d| d.as_micros() as u64);
         match self {
             JobOutcome::Finished {
                 result: JobResult::Succeeded,
                 ..
-            } => info!(duration = %duration, result = "succeeded", "job finished"),
+            } => info!(
+                message_id = JOB_FINISHED,
+                job_result = "succeeded",
+                job_duration_usec = usec,
+                duration = %duration,
+                "job finished"
+            ),
             JobOutcome::Finished {
                 result: JobResult::Failed { reason, .. },
                 ..
-            } => warn!(duration = %duration, result = "failed", "job finished: {reason}"),
-            JobOutcome::Refused { reason } => {
-                warn!(result = "failed", "job failed before it started: {reason}")
-            }
-            JobOutcome::Interrupted { reason, .. } => {
-                warn!(duration = %duration, result = "interrupted", "job interrupted: {reason}")
-            }
-            JobOutcome::NotStarted { reason } => {
-                warn!(result = "not started", "job not started: {reason}")
-            }
+            } => warn!(
+                message_id = JOB_FAILED,
+                job_result = "failed",
+                job_duration_usec = usec,
+                duration = %duration,
+                "job finished: {reason}"
+            ),
+            JobOutcome::Refused { reason } => warn!(
+                message_id = JOB_FAILED,
+                job_result = "failed",
+                "job failed before it started: {reason}"
+            ),
+            JobOutcome::Interrupted { reason, .. } => warn!(
+                message_id = JOB_FINISHED,
+                job_result = "interrupted",
+                job_duration_usec = usec,
+                duration = %duration,
+                "job interrupted: {reason}"
+            ),
+            JobOutcome::NotStarted { reason } => warn!(
+                message_id = JOB_FAILED,
+                job_result = "not started",
+                "job not started: {reason}"
+            ),
         }
     }
 }

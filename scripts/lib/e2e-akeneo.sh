@@ -240,6 +240,8 @@ migration_checks() {
   check "13: apt installs the package over the recipe" capt install -y /var/tmp/pim-job-queue.deb
   check "13: postinst warns about the recipe's unit" grep -F "is not this package's" "$STATE/apt.log"
   check "13: and gives the commands" grep -F "rm /etc/systemd/system/pim_job_queue@.service" "$STATE/apt.log"
+  [ "$(php_consumers)" = "$consumers" ] \
+    || log "PHP consumers before the install: $consumers; after: $(php_consumers); $(cexec ps -eo pid,ppid,lstart,args | grep -F messenger:consume)"
   check "13: the recipe's consumers were left alone" is "$consumers" php_consumers
   write_akeneo_config --no-drop-in
   local block

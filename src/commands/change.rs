@@ -1,10 +1,11 @@
 //! The commands that change the store: `stop-workers`, `migrate`, `retry`, `cancel`,
 //! `pause`, `resume`.
 
-use crate::cli::{IdArgs, PauseArgs};
+use crate::cli::{DeleteArgs, IdArgs, PauseArgs, RetryArgs};
 use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
-use crate::store::{self, ChangeOutcome, Timestamp};
+use crate::store::{self, ChangeOutcome, Finished, JobFilter, JobStatus, JobStore, Timestamp};
+use crate::units::format_duration;
 use crate::wake::WakeDir;
 
 use super::Context;
@@ -34,15 +35,62 @@ pub(super) async fn migrate(context: &Context) -> Result<(), Failure> {
     Ok(())
 }
 
-pub(super) async fn retry(context: &Context, args: &IdArgs) -> Result<(), Failure> {
+pub(super) async fn retry(context: &Context, args: &RetryArgs) -> Result<(), Failure> {
     let opened = context.open_store().await?;
-    let outcome = opened.jobs("retry")?.retry(args.id).await?;
+    let store = opened.jobs("retry")?;
+    let Some(id) = args.id else {
+        return retry_matching(store, args).await;
+    };
+    let outcome = store.retry(id).await?;
     report_change(
-        args.id,
+        id,
         outcome,
         "queued again",
         "only failed or cancelled jobs can be retried",
     )
+}
+
+/// `retry --status …`: every failed (or cancelled) job the filter selects.
+async fn retry_matching(store: &dyn JobStore, args: &RetryArgs) -> Result<(), Failure> {
+    let status = args.status.expect("clap requires an id or --status");
+    if !matches!(status, JobStatus::Failed | JobStatus::Cancelled) {
+        return Err(Failure::data(format!(
+            "only failed or cancelled jobs can be retried, not {status} ones"
+        )));
+    }
+    let filter = JobFilter {
+        queue: args.queue.clone(),
+        status: Some(status),
+        code: args.code.clone(),
+        since: args.since,
+        limit: 0,
+    };
+    let requeued = store.retry_matching(&filter).await?;
+    println!("{requeued} {status} job(s) queued again.");
+    Ok(())
+}
+
+pub(super) async fn delete(context: &Context, args: &DeleteArgs) -> Result<(), Failure> {
+    let opened = context.open_store().await?;
+    let store = opened.jobs("delete")?;
+    if let (Some(status), Some(before)) = (args.status, args.before) {
+        if status == JobStatus::Running {
+            return Err(Failure::data(
+                "running jobs cannot be deleted: cancel or stop them first",
+            ));
+        }
+        let deleted = store.delete_older(status, before).await?;
+        println!(
+            "{deleted} {status} job(s) older than {} deleted.",
+            format_duration(before)
+        );
+        return Ok(());
+    }
+    for &id in &args.ids {
+        let outcome = store.delete(id).await?;
+        report_change(id, outcome, "deleted", "running jobs cannot be deleted")?;
+    }
+    Ok(())
 }
 
 pub(super) async fn cancel(context: &Context, args: &IdArgs) -> Result<(), Failure> {
@@ -141,4 +189,31 @@ fn operator() -> String {
                 .map(|user| user.name)
         })
         .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()))
+}
+
+pub(super) async fn prune(context: &Context) -> Result<(), Failure> {
+    let opened = context.open_store().await?;
+    let store = opened.worker();
+    let config = &context.config;
+    for (kind, retention, key) in [
+        (Finished::Done, config.retention, "retention"),
+        (
+            Finished::Failed,
+            config.failed_retention,
+            "failed_retention",
+        ),
+    ] {
+        let Some(retention) = retention else {
+            println!("{} jobs: kept ({key} = 0)", kind.describe());
+            continue;
+        };
+        let before = Timestamp::now().minus(retention);
+        let pruned = store.prune_finished(kind, before).await?;
+        println!(
+            "{} jobs: {pruned} removed, finished before {before} ({key} = {})",
+            kind.describe(),
+            format_duration(retention)
+        );
+    }
+    Ok(())
 }

@@ -8,7 +8,7 @@ use crate::cli::{JobsArgs, OutputArgs, ShowArgs};
 use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
 use crate::store::{
-    JobFilter, JobRecord, JobStatus, QueueCounts, StoreError, StoreResult, Timestamp,
+    JobFilter, JobRecord, JobStats, JobStatus, QueueCounts, StoreError, StoreResult, Timestamp,
 };
 use crate::units::format_duration;
 
@@ -148,23 +148,27 @@ pub(super) fn running_json(job: &JobRecord, now: Timestamp) -> Value {
 /// The jobs running now, from the job records.
 async fn running_jobs(opened: &crate::store::Opened) -> StoreResult<Vec<JobRecord>> {
     let filter = JobFilter {
-        queue: None,
         status: Some(JobStatus::Running),
         limit: 1000,
+        ..JobFilter::default()
     };
     opened.jobs("listing jobs")?.list_jobs(&filter).await
 }
 
 pub(super) async fn jobs(context: &Context, args: &JobsArgs) -> Result<(), Failure> {
     let opened = context.open_store().await?;
-    let jobs = opened
-        .jobs("listing jobs")?
-        .list_jobs(&JobFilter {
-            queue: args.queue.clone(),
-            status: args.status,
-            limit: args.limit,
-        })
-        .await?;
+    let store = opened.jobs("listing jobs")?;
+    let filter = JobFilter {
+        queue: args.queue.clone(),
+        status: args.status,
+        code: args.code.clone(),
+        since: args.since,
+        limit: args.limit,
+    };
+    if args.stats {
+        return job_stats(store.job_stats(&filter).await?, args.output.json);
+    }
+    let jobs = store.list_jobs(&filter).await?;
     if args.output.json {
         println!("{:#}", json!(jobs));
         return Ok(());
@@ -183,6 +187,29 @@ pub(super) async fn jobs(context: &Context, args: &JobsArgs) -> Result<(), Failu
             job.attempts,
             job.created_at.to_string(),
             printable(job.reason.as_deref().unwrap_or(""))
+        );
+    }
+    Ok(())
+}
+
+/// `jobs --stats`: counts by code and reason.
+fn job_stats(stats: Vec<JobStats>, json: bool) -> Result<(), Failure> {
+    if json {
+        println!("{:#}", json!(stats));
+        return Ok(());
+    }
+    println!(
+        "{:>8}  {:<30} {:<20}  REASON",
+        "COUNT", "CODE", "LAST FINISHED"
+    );
+    for row in &stats {
+        let last = row.last_finished_at.map_or("-".into(), |t| t.to_string());
+        println!(
+            "{:>8}  {:<30} {:<20}  {}",
+            row.count,
+            printable(&row.code),
+            last,
+            printable(row.reason.as_deref().unwrap_or("-"))
         );
     }
     Ok(())

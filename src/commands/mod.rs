@@ -16,7 +16,7 @@ mod consume;
 mod inspect;
 mod push;
 
-use change::{cancel, migrate, pause, resume, retry, stop_workers};
+use change::{cancel, delete, migrate, pause, prune, resume, retry, stop_workers};
 use consume::{ReloadSource, consume};
 use inspect::{jobs, show, status};
 use push::push;
@@ -89,9 +89,11 @@ pub async fn run(cli: &Cli, context: &Context, notifier: Arc<Notifier>) -> Resul
         Command::Show(args) => show(context, args).await,
         Command::Retry(args) => retry(context, args).await,
         Command::Cancel(args) => cancel(context, args).await,
+        Command::Delete(args) => delete(context, args).await,
         Command::Pause(args) => pause(context, args).await,
         Command::Resume(args) => resume(context, &args.queues).await,
         Command::Check(args) => check::check(context, args).await,
+        Command::Prune => prune(context).await,
         Command::Migrate => migrate(context).await,
         Command::GenerateAssets { dir } => generate_assets(dir),
     }

@@ -190,6 +190,7 @@ impl Consumer {
             }
         };
         info!(
+            message_id = crate::logging::message_id::JOB_STARTED,
             attempt = job.attempts,
             pid = running.pid().as_raw(),
             "job started"

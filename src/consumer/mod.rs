@@ -140,6 +140,7 @@ impl Consumer {
             heartbeat_interval: config.heartbeat_interval,
             rescue_after: config.rescue_after,
             retention: config.retention,
+            failed_retention: config.failed_retention,
         };
         Consumer {
             store,

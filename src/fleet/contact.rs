@@ -197,6 +197,7 @@ mod tests {
             heartbeat_interval: Duration::from_secs(5),
             rescue_after: Duration::from_secs(30),
             retention: None,
+            failed_retention: None,
         };
         let contact = Contact::new();
         tokio::time::sleep(Duration::from_secs(29)).await;

@@ -47,6 +47,8 @@ pub struct FleetTimings {
     pub heartbeat_interval: Duration,
     pub rescue_after: Duration,
     pub retention: Option<Duration>,
+    /// How long failed jobs are kept (`None`: until someone deletes or retries them).
+    pub failed_retention: Option<Duration>,
 }
 
 impl FleetTimings {
@@ -136,6 +138,7 @@ mod tests {
             heartbeat_interval: Duration::from_secs(5),
             rescue_after: Duration::from_secs(30),
             retention: None,
+            failed_retention: None,
         };
         assert_eq!(timings.fence_after(), Duration::from_secs(20));
         assert_eq!(timings.fence_grace(), Duration::from_secs(5));

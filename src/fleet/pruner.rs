@@ -1,4 +1,5 @@
-//! The pruner: deletes finished jobs older than the retention, one short batch a round, on
+//! The pruner: deletes finished jobs older than their retention (`retention` for succeeded
+//! and cancelled ones, `failed_retention` for failed ones), one short batch a round, on
 //! a task of its own. Rounds follow each other a heartbeat apart while there is a backlog,
 //! ten minutes apart otherwise; several workers pruning at once only share the work.
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::FleetTimings;
-use crate::store::{FleetStore, Timestamp};
+use crate::store::{Finished, FleetStore, Timestamp};
 
 /// How often old finished jobs are pruned, when there is no backlog.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
@@ -34,17 +35,30 @@ impl Pruner {
         }
     }
 
-    /// Deletes one batch of finished jobs older than the retention; true when a full batch
-    /// went (more may be waiting: the next round comes at the next tick).
+    /// Deletes one batch of each kind of finished job older than its retention; true when a
+    /// full batch went (more may be waiting: the next round comes at the next tick).
     async fn prune_round(&self) -> bool {
-        let Some(retention) = self.timings.retention else {
-            return false;
-        };
+        let mut backlog = false;
+        for (kind, retention) in [
+            (Finished::Done, self.timings.retention),
+            (Finished::Failed, self.timings.failed_retention),
+        ] {
+            if let Some(retention) = retention {
+                backlog |= self.prune_kind(kind, retention).await;
+            }
+        }
+        backlog
+    }
+
+    async fn prune_kind(&self, kind: Finished, retention: Duration) -> bool {
         let before = Timestamp::now().minus(retention);
-        match self.store.prune_batch(before, PRUNE_BATCH).await {
+        match self.store.prune_batch(kind, before, PRUNE_BATCH).await {
             Ok(0) => false,
             Ok(pruned) => {
-                info!("pruned {pruned} finished job(s) older than the retention");
+                info!(
+                    "pruned {pruned} {} job(s) older than their retention",
+                    kind.describe()
+                );
                 pruned >= PRUNE_BATCH as u64
             }
             Err(error) => {

@@ -105,8 +105,11 @@ impl Rescuer {
                 "marked failed (worker lost)"
             };
             warn!(
+                message_id = crate::logging::message_id::JOB_RESCUED,
                 rescued_job = job.id,
-                "rescued job {} from lost worker {}: {what}", job.id, job.lost_worker
+                "rescued job {} from lost worker {}: {what}",
+                job.id,
+                job.lost_worker
             );
         }
     }

@@ -9,6 +9,17 @@
 
 mod journal;
 
+/// Journal `MESSAGE_ID`s of the job's milestones, explained by the catalog the package
+/// installs (`systemd/pim-job-queue.catalog`, shown by `journalctl -x`), so that
+/// `journalctl MESSAGE_ID=…` finds every failed job of every instance.
+pub mod message_id {
+    pub const JOB_STARTED: &str = "c4a51d5e82be4ba9ad5a6e6b8115bd7f";
+    pub const JOB_FINISHED: &str = "6ac29e07ec8f45c1b58f299e4e118cbd";
+    pub const JOB_FAILED: &str = "4d68574683334192a1ac2fe9b81b7ed2";
+    pub const JOB_RESCUED: &str = "4b5bc487d06f424f8904d1ae7770567f";
+    pub const ALL: [&str; 4] = [JOB_STARTED, JOB_FINISHED, JOB_FAILED, JOB_RESCUED];
+}
+
 use std::io::IsTerminal;
 use std::time::Duration;
 
@@ -86,4 +97,17 @@ fn init_text(verbosity: i8, target: LogTarget) {
             .with_writer(std::io::stderr)
             .try_init(),
     };
+}
+
+#[cfg(test)]
+mod catalog_tests {
+    /// Every milestone's id has an entry in the catalog the package installs.
+    #[test]
+    fn every_message_id_is_in_the_catalog() {
+        let catalog = include_str!("../../systemd/pim-job-queue.catalog");
+        for id in super::message_id::ALL {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(catalog.contains(&format!("-- {id}\n")), "{id}");
+        }
+    }
 }

@@ -28,9 +28,9 @@ use sqlx::{MySqlConnection, Row};
 
 use super::mysql::{MysqlStore, classify, is_lock_conflict};
 use super::{
-    ClaimedJob, Completion, FleetStore, JobId, JobResult, Lease, OrphanedJob, PausedQueue, Poll,
-    QueueCounts, QueueLatency, QueueStore, Release, RescueScan, SchemaStore, SchemaVersion,
-    StoreError, StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
+    ClaimedJob, Completion, Finished, FleetStore, JobId, JobResult, Lease, OrphanedJob,
+    PausedQueue, Poll, QueueCounts, QueueLatency, QueueStore, Release, RescueScan, SchemaStore,
+    SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
 };
 use crate::akeneo::{AkeneoSettings, JobMessage, Launcher, Target};
 
@@ -838,8 +838,8 @@ impl FleetStore for AkeneoStore {
         Ok(failed.max(0) as u64)
     }
 
-    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
-        self.fleet.prune_batch(before, limit).await
+    async fn prune_batch(&self, kind: Finished, before: Timestamp, limit: i64) -> StoreResult<u64> {
+        self.fleet.prune_batch(kind, before, limit).await
     }
 }
 

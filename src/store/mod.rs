@@ -263,11 +263,24 @@ pub struct QueueCounts {
 }
 
 /// Which jobs `jobs` lists, newest first.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct JobFilter {
     pub queue: Option<String>,
     pub status: Option<JobStatus>,
+    pub code: Option<String>,
+    /// Only jobs created within this long, by the database's clock.
+    pub since: Option<Duration>,
     pub limit: u32,
+}
+
+/// How many of the jobs a filter selects share a code and a reason (`jobs --stats`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct JobStats {
+    pub code: String,
+    pub reason: Option<String>,
+    pub count: i64,
+    /// When the latest of them finished, if any did.
+    pub last_finished_at: Option<Timestamp>,
 }
 
 /// What an operator's state change (`retry`, `cancel`) did.
@@ -341,6 +354,33 @@ pub struct PausedQueue {
     pub paused_at: Timestamp,
     /// Who paused it (`$SUDO_USER`, else the user running the command).
     pub paused_by: String,
+}
+
+/// Which finished jobs a prune deletes, each kind after its own retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// Succeeded and cancelled jobs (`retention`).
+    Done,
+    /// Failed jobs (`failed_retention`): kept longer, until someone has looked at them.
+    Failed,
+}
+
+impl Finished {
+    /// How this kind is said to people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Finished::Done => "succeeded or cancelled",
+            Finished::Failed => "failed",
+        }
+    }
+
+    /// The statuses of this kind, as SQL string literals.
+    pub fn statuses(self) -> &'static str {
+        match self {
+            Finished::Done => "'succeeded', 'cancelled'",
+            Finished::Failed => "'failed'",
+        }
+    }
 }
 
 /// What became of a job this worker gave up (interrupted by a stop, or fenced off).

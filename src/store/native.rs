@@ -431,10 +431,11 @@ macro_rules! native_roles {
 
             async fn prune_batch(
                 &self,
+                kind: $crate::store::Finished,
                 before: $crate::store::Timestamp,
                 limit: i64,
             ) -> $crate::store::StoreResult<u64> {
-                let result = sqlx::query(&DIALECT.prune_batch())
+                let result = sqlx::query(&DIALECT.prune_batch(kind))
                     .bind(before.0)
                     .bind(limit)
                     .execute(&self.pool)
@@ -464,9 +465,15 @@ macro_rules! native_roles {
                 &self,
                 filter: &$crate::store::JobFilter,
             ) -> $crate::store::StoreResult<Vec<$crate::store::JobRecord>> {
+                // "Any age": further back than any clock reading, without overflowing.
+                let since = filter
+                    .since
+                    .map_or(1_i64 << 62, $crate::store::saturating_micros);
                 let found = sqlx::query(&DIALECT.list_jobs())
                     .bind(&filter.queue)
                     .bind(filter.status.map($crate::store::JobStatus::as_str))
+                    .bind(&filter.code)
+                    .bind(since)
                     .bind(filter.limit as i64)
                     .fetch_all(&self.pool)
                     .await
@@ -474,6 +481,29 @@ macro_rules! native_roles {
                 found
                     .iter()
                     .map(rows::job_record)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.error(e))
+            }
+
+            async fn job_stats(
+                &self,
+                filter: &$crate::store::JobFilter,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::JobStats>> {
+                let since = filter
+                    .since
+                    .map_or(1_i64 << 62, $crate::store::saturating_micros);
+                let found = sqlx::query(&DIALECT.job_stats())
+                    .bind(&filter.queue)
+                    .bind(filter.status.map($crate::store::JobStatus::as_str))
+                    .bind(&filter.code)
+                    .bind(since)
+                    .bind(filter.limit as i64)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                found
+                    .iter()
+                    .map(rows::job_stats)
                     .collect::<Result<_, _>>()
                     .map_err(|e| self.error(e))
             }
@@ -503,6 +533,50 @@ macro_rules! native_roles {
                     .await
                     .map_err(|e| self.error(e))?;
                 self.change_outcome(id, result.rows_affected()).await
+            }
+
+            async fn retry_matching(
+                &self,
+                filter: &$crate::store::JobFilter,
+            ) -> $crate::store::StoreResult<u64> {
+                let since = filter
+                    .since
+                    .map_or(1_i64 << 62, $crate::store::saturating_micros);
+                let result = sqlx::query(&DIALECT.retry_matching())
+                    .bind(&filter.queue)
+                    .bind(filter.status.map($crate::store::JobStatus::as_str))
+                    .bind(&filter.code)
+                    .bind(since)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(result.rows_affected())
+            }
+
+            async fn delete(
+                &self,
+                id: $crate::store::JobId,
+            ) -> $crate::store::StoreResult<$crate::store::ChangeOutcome> {
+                let result = sqlx::query(&DIALECT.delete())
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                self.change_outcome(id, result.rows_affected()).await
+            }
+
+            async fn delete_older(
+                &self,
+                status: $crate::store::JobStatus,
+                age: std::time::Duration,
+            ) -> $crate::store::StoreResult<u64> {
+                let result = sqlx::query(&DIALECT.delete_older())
+                    .bind(status.as_str())
+                    .bind($crate::store::saturating_micros(age))
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(result.rows_affected())
             }
 
             async fn cancel(

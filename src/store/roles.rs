@@ -8,9 +8,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ChangeOutcome, ClaimedJob, Completion, JobFilter, JobId, JobRecord, Lease, NewJob, OrphanedJob,
-    PausedQueue, Poll, PushListener, QueueCounts, QueueLatency, Release, RescueScan, RescuedJob,
-    SchemaVersion, StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
+    ChangeOutcome, ClaimedJob, Completion, Finished, JobFilter, JobId, JobRecord, JobStats,
+    JobStatus, Lease, NewJob, OrphanedJob, PausedQueue, Poll, PushListener, QueueCounts,
+    QueueLatency, Release, RescueScan, RescuedJob, SchemaVersion, StoreResult, Timestamp, Turn,
+    WorkerIdentity, WorkerRecord,
 };
 
 /// What every store has: a location to name it by and a schema to bring up to date.
@@ -228,17 +229,17 @@ pub trait FleetStore: Send + Sync {
     /// How many jobs failed within the last `window`, by the database's clock.
     async fn failed_since(&self, window: Duration) -> StoreResult<u64>;
 
-    /// Deletes at most `limit` succeeded, failed and cancelled jobs that finished before
-    /// `before`; returns how many.
-    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64>;
+    /// Deletes at most `limit` finished jobs of `kind` that finished before `before`;
+    /// returns how many.
+    async fn prune_batch(&self, kind: Finished, before: Timestamp, limit: i64) -> StoreResult<u64>;
 
-    /// Deletes every succeeded, failed and cancelled job that finished before `before`, in
-    /// batches so no statement holds its locks for long.
-    async fn prune_finished(&self, before: Timestamp) -> StoreResult<u64> {
+    /// Deletes every finished job of `kind` that finished before `before`, in batches so no
+    /// statement holds its locks for long.
+    async fn prune_finished(&self, kind: Finished, before: Timestamp) -> StoreResult<u64> {
         const BATCH: i64 = 5000;
         let mut total = 0;
         loop {
-            let pruned = self.prune_batch(before, BATCH).await?;
+            let pruned = self.prune_batch(kind, before, BATCH).await?;
             total += pruned;
             if pruned < BATCH as u64 {
                 return Ok(total);
@@ -258,10 +259,24 @@ pub trait AdminStore: Send + Sync {
 
     async fn list_jobs(&self, filter: &JobFilter) -> StoreResult<Vec<JobRecord>>;
 
+    /// The jobs `filter` selects, counted by code and reason, most frequent first.
+    async fn job_stats(&self, filter: &JobFilter) -> StoreResult<Vec<JobStats>>;
+
     async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>>;
 
     /// Puts a failed or cancelled job back to waiting, with its attempts reset.
     async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome>;
+
+    /// Puts every failed or cancelled job `filter` selects (its limit unused) back to
+    /// waiting, attempts reset; returns how many.
+    async fn retry_matching(&self, filter: &JobFilter) -> StoreResult<u64>;
+
+    /// Deletes a job that is not running.
+    async fn delete(&self, id: JobId) -> StoreResult<ChangeOutcome>;
+
+    /// Deletes every job of `status` (not running) that finished, or for a waiting job was
+    /// created, more than `age` ago by the database's clock; returns how many.
+    async fn delete_older(&self, status: JobStatus, age: Duration) -> StoreResult<u64>;
 
     /// Cancels a waiting job.
     async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome>;

@@ -266,3 +266,19 @@ where
         seconds: now.saturating_sub(oldest).max(0) as f64 / 1e6,
     })
 }
+
+/// Reads `code, reason, n, last` of [`super::statements::Dialect::job_stats`].
+pub fn job_stats<'r, R>(row: &'r R) -> Result<super::JobStats, sqlx::Error>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(super::JobStats {
+        code: row.try_get("code")?,
+        reason: row.try_get("reason")?,
+        count: row.try_get("n")?,
+        last_finished_at: row.try_get::<Option<i64>, _>("last")?.map(Timestamp),
+    })
+}

@@ -390,16 +390,39 @@ impl Dialect {
         )
     }
 
-    /// Jobs newest first, filtered by queue and status when those (bound first, NULL for
-    /// any) are given, at most a limit (bound last).
+    /// Jobs newest first, filtered by queue, status and code when those (bound first, NULL
+    /// for any) are given, created within a number of microseconds (bound fourth), at most
+    /// a limit (bound last).
     pub fn list_jobs(&self) -> String {
         format!(
             "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs
              WHERE queue = COALESCE({}, queue) AND status = COALESCE({}, status)
+               AND code = COALESCE({}, code) AND created_at >= {} - {}
              ORDER BY id DESC LIMIT {}",
             self.p(1),
             self.p(2),
-            self.p(3)
+            self.p(3),
+            self.db_now,
+            self.p(4),
+            self.p(5)
+        )
+    }
+
+    /// The jobs [`Dialect::list_jobs`] selects (same parameters), counted by code and
+    /// reason, most frequent first.
+    pub fn job_stats(&self) -> String {
+        format!(
+            "SELECT code, reason, {} AS n, MAX(finished_at) AS last FROM pjq_jobs
+             WHERE queue = COALESCE({}, queue) AND status = COALESCE({}, status)
+               AND code = COALESCE({}, code) AND created_at >= {} - {}
+             GROUP BY code, reason ORDER BY n DESC, code LIMIT {}",
+            self.integer("COUNT(*)"),
+            self.p(1),
+            self.p(2),
+            self.p(3),
+            self.db_now,
+            self.p(4),
+            self.p(5)
         )
     }
 
@@ -418,6 +441,43 @@ impl Dialect {
              WHERE id = {} AND status IN ('failed', 'cancelled')",
             self.db_now,
             self.p(1)
+        )
+    }
+
+    /// [`Dialect::retry`] for every failed or cancelled job the filter of
+    /// [`Dialect::list_jobs`] selects (its first four parameters).
+    pub fn retry_matching(&self) -> String {
+        format!(
+            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {now},
+                finished_at = NULL
+             WHERE status IN ('failed', 'cancelled')
+               AND queue = COALESCE({}, queue) AND status = COALESCE({}, status)
+               AND code = COALESCE({}, code) AND created_at >= {now} - {}",
+            self.p(1),
+            self.p(2),
+            self.p(3),
+            self.p(4),
+            now = self.db_now
+        )
+    }
+
+    /// Deletes a job (id) that is not running.
+    pub fn delete(&self) -> String {
+        format!(
+            "DELETE FROM pjq_jobs WHERE id = {} AND status <> 'running'",
+            self.p(1)
+        )
+    }
+
+    /// Deletes the jobs of a status (bound first, never `running`) that finished, or were
+    /// created if they have not, more than some microseconds (bound second) ago.
+    pub fn delete_older(&self) -> String {
+        format!(
+            "DELETE FROM pjq_jobs WHERE status = {} AND status <> 'running'
+               AND COALESCE(finished_at, created_at) < {} - {}",
+            self.p(1),
+            self.db_now,
+            self.p(2)
         )
     }
 
@@ -475,12 +535,13 @@ impl Dialect {
         )
     }
 
-    /// Deletes at most a limit (bound second) of the jobs that finished before a time
-    /// (bound first).
-    pub fn prune_batch(&self) -> String {
+    /// Deletes at most a limit (bound second) of the jobs of `kind` that finished before a
+    /// time (bound first).
+    pub fn prune_batch(&self, kind: super::Finished) -> String {
         let finished = format!(
-            "finished_at < {} AND status IN ('succeeded', 'failed', 'cancelled')",
-            self.p(1)
+            "finished_at < {} AND status IN ({})",
+            self.p(1),
+            kind.statuses()
         );
         if self.delete_limit {
             format!("DELETE FROM pjq_jobs WHERE {finished} LIMIT {}", self.p(2))
@@ -530,14 +591,22 @@ impl Dialect {
             ("bump stop generation", self.bump_stop_generation()),
             ("queue counts", self.queue_counts()),
             ("list jobs", self.list_jobs()),
+            ("job stats", self.job_stats()),
             ("get job", self.get_job()),
             ("retry", self.retry()),
+            ("retry matching", self.retry_matching()),
+            ("delete", self.delete()),
+            ("delete older", self.delete_older()),
             ("cancel", self.cancel()),
             ("register worker", self.register_worker()),
             ("heartbeat", self.heartbeat()),
             ("unregister worker", self.unregister_worker()),
             ("list workers", self.list_workers()),
-            ("prune batch", self.prune_batch()),
+            (
+                "prune succeeded and cancelled",
+                self.prune_batch(super::Finished::Done),
+            ),
+            ("prune failed", self.prune_batch(super::Finished::Failed)),
             ("pause", self.pause()),
             ("resume", self.resume()),
             ("paused queues", self.paused_queues()),
@@ -622,7 +691,11 @@ mod tests {
     fn the_dialects_differ_only_where_their_databases_do() {
         let mysql = super::super::mysql::DIALECT;
         let postgres = super::super::postgres::DIALECT;
-        assert!(mysql.prune_batch().ends_with("LIMIT ?"));
+        assert!(
+            mysql
+                .prune_batch(super::super::Finished::Failed)
+                .ends_with("LIMIT ?")
+        );
         assert!(!mysql.take_back(Holder::Token("")).contains("RETURNING"));
         assert!(
             postgres

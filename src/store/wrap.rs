@@ -20,10 +20,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    AdminStore, ChangeOutcome, Completion, Detail, FleetStore, JobFilter, JobId, JobRecord, Lease,
-    NewJob, OrphanedJob, PausedQueue, Poll, PushListener, QueueCounts, QueueLatency, QueueStore,
-    Release, RescueScan, SchemaStore, SchemaVersion, StoreError, StoreResult, Timestamp, Turn,
-    WorkerIdentity, WorkerRecord,
+    AdminStore, ChangeOutcome, Completion, Detail, Finished, FleetStore, JobFilter, JobId,
+    JobRecord, JobStats, JobStatus, Lease, NewJob, OrphanedJob, PausedQueue, Poll, PushListener,
+    QueueCounts, QueueLatency, QueueStore, Release, RescueScan, SchemaStore, SchemaVersion,
+    StoreError, StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
 };
 
 /// One store call, boxed so that a hook can wrap calls of every result type.
@@ -272,8 +272,8 @@ impl<S: FleetStore + ?Sized, H: CallHook> FleetStore for Wrapped<S, H> {
             .await
     }
 
-    async fn prune_batch(&self, before: Timestamp, limit: i64) -> StoreResult<u64> {
-        self.call("prune", self.inner.prune_batch(before, limit))
+    async fn prune_batch(&self, kind: Finished, before: Timestamp, limit: i64) -> StoreResult<u64> {
+        self.call("prune", self.inner.prune_batch(kind, before, limit))
             .await
     }
 }
@@ -292,12 +292,30 @@ impl<S: AdminStore + ?Sized, H: CallHook> AdminStore for Wrapped<S, H> {
         self.call("list jobs", self.inner.list_jobs(filter)).await
     }
 
+    async fn job_stats(&self, filter: &JobFilter) -> StoreResult<Vec<JobStats>> {
+        self.call("job stats", self.inner.job_stats(filter)).await
+    }
+
     async fn get_job(&self, id: JobId) -> StoreResult<Option<JobRecord>> {
         self.call("get job", self.inner.get_job(id)).await
     }
 
     async fn retry(&self, id: JobId) -> StoreResult<ChangeOutcome> {
         self.call("retry", self.inner.retry(id)).await
+    }
+
+    async fn retry_matching(&self, filter: &JobFilter) -> StoreResult<u64> {
+        self.call("retry matching", self.inner.retry_matching(filter))
+            .await
+    }
+
+    async fn delete(&self, id: JobId) -> StoreResult<ChangeOutcome> {
+        self.call("delete", self.inner.delete(id)).await
+    }
+
+    async fn delete_older(&self, status: JobStatus, age: Duration) -> StoreResult<u64> {
+        self.call("delete older", self.inner.delete_older(status, age))
+            .await
     }
 
     async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {

@@ -10,6 +10,8 @@ backend_tests!(
     jobs_filters_and_show_reports,
     retry_and_cancel_follow_the_rules,
     migrate_is_idempotent,
+    prune_keeps_failed_jobs_longer,
+    retry_and_delete_in_bulk,
 );
 
 fn push_prints_only_the_id(backend: Backend) {
@@ -109,6 +111,27 @@ fn jobs_filters_and_show_reports(backend: Backend) {
         serde_json::from_str(&scratch.ok(&["jobs", "--status", "failed", "--json"])).unwrap();
     assert!(none.as_array().unwrap().is_empty());
     assert_eq!(exit_code(&scratch.run(&["jobs", "--status", "lost"])), 64);
+    let ids_of = |args: &[&str]| -> Vec<i64> {
+        let mut all = vec!["jobs", "--json"];
+        all.extend_from_slice(args);
+        let listed: serde_json::Value = serde_json::from_str(&scratch.ok(&all)).unwrap();
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(ids_of(&["--code", "i"]), [4], "one code");
+    assert_eq!(ids_of(&["--code", "nothing"]), Vec::<i64>::new());
+    assert_eq!(
+        ids_of(&["--since", "1h"]).len(),
+        4,
+        "all created within the hour"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let fifth = scratch.push("ui_job", "u");
+    assert_eq!(ids_of(&["--since", "200ms"]), [fifth], "only the newest");
     let text = scratch.ok(&["show", "4"]);
     assert!(text.contains("queue:     import_export_job"), "{text}");
     let missing = scratch.run(&["show", "999"]);
@@ -154,6 +177,95 @@ fn migrate_is_idempotent(backend: Backend) {
     assert!(first.contains(" statements checked)"), "{first}");
     let second = scratch.ok(&["migrate"]);
     assert!(second.contains("(0 migration(s) applied, "), "{second}");
+}
+
+/// `prune` applies both retentions now: succeeded jobs go after `retention`, failed ones
+/// stay until `failed_retention`; 0 keeps a kind.
+fn prune_keeps_failed_jobs_longer(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    scratch.write_config(
+        "retention = \"1s\"\nfailed_retention = \"1h\"\n[jobs.broken]\ncommand = [\"/bin/false\"]",
+    );
+    let ok = scratch.push("ui_job", "fine");
+    let failed = scratch.push("ui_job", "broken");
+    scratch.ok(&["consume", "--limit", "2"]);
+    let stats: serde_json::Value =
+        serde_json::from_str(&scratch.ok(&["jobs", "--status", "failed", "--stats", "--json"]))
+            .unwrap();
+    assert_eq!(stats[0]["code"], "broken", "{stats}");
+    assert_eq!(stats[0]["count"], 1, "{stats}");
+    assert!(
+        stats[0]["reason"].as_str().unwrap().contains("exit"),
+        "{stats}"
+    );
+    assert_eq!(stats.as_array().unwrap().len(), 1, "{stats}");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let said = scratch.ok(&["prune"]);
+    assert!(
+        said.contains("succeeded or cancelled jobs: 1 removed"),
+        "{said}"
+    );
+    assert!(said.contains("failed jobs: 0 removed"), "{said}");
+    assert!(said.contains("(failed_retention = 1h)"), "{said}");
+    assert_eq!(exit_code(&scratch.run(&["show", &ok.to_string()])), 66);
+    assert_eq!(scratch.show(failed)["status"], "failed");
+    scratch.write_config("retention = 0\nfailed_retention = \"1ms\"");
+    let said = scratch.ok(&["prune"]);
+    assert!(
+        said.contains("succeeded or cancelled jobs: kept (retention = 0)"),
+        "{said}"
+    );
+    assert!(said.contains("failed jobs: 1 removed"), "{said}");
+}
+
+/// `retry --status failed …` requeues what the filter selects; `delete` removes jobs by id
+/// or by status and age, never a running one.
+fn retry_and_delete_in_bulk(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    scratch.write_config("[jobs.broken]\ncommand = [\"/bin/false\"]");
+    let broken: Vec<i64> = (0..3).map(|_| scratch.push("ui_job", "broken")).collect();
+    let fine = scratch.push("ui_job", "fine");
+    scratch.ok(&["consume", "--limit", "4"]);
+    let said = scratch.ok(&["retry", "--status", "failed", "--code", "fine"]);
+    assert!(said.contains("0 failed job(s) queued again"), "{said}");
+    let said = scratch.ok(&[
+        "retry", "--status", "failed", "--code", "broken", "--since", "1h",
+    ]);
+    assert!(said.contains("3 failed job(s) queued again"), "{said}");
+    for id in &broken {
+        assert_eq!(scratch.show(*id)["status"], "waiting");
+        assert_eq!(scratch.show(*id)["attempts"], 0);
+    }
+    assert_eq!(
+        exit_code(&scratch.run(&["retry", "--status", "succeeded"])),
+        65
+    );
+    assert_eq!(
+        exit_code(&scratch.run(&["retry", "1", "--status", "failed"])),
+        64
+    );
+    assert_eq!(exit_code(&scratch.run(&["retry"])), 64);
+
+    let said = scratch.ok(&["delete", &fine.to_string()]);
+    assert!(said.contains(&format!("Job #{fine} deleted.")), "{said}");
+    assert_eq!(exit_code(&scratch.run(&["show", &fine.to_string()])), 66);
+    assert_eq!(exit_code(&scratch.run(&["delete", "999"])), 66);
+    scratch.ok(&["consume", "--limit", "3"]);
+    let said = scratch.ok(&["delete", "--status", "failed", "--before", "1h"]);
+    assert!(
+        said.contains("0 failed job(s) older than 1h deleted"),
+        "{said}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let said = scratch.ok(&["delete", "--status", "failed", "--before", "100ms"]);
+    assert!(
+        said.contains("3 failed job(s) older than 100ms deleted"),
+        "{said}"
+    );
+    assert_eq!(
+        exit_code(&scratch.run(&["delete", "--status", "running", "--before", "1s"])),
+        65
+    );
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //! through the library, so each database behaves exactly alike.
 
 use pim_job_queue::store::{
-    ChangeOutcome, Completion, JobFilter, JobResult, JobStatus, JobStore, NewJob, Timestamp, Turn,
-    WorkerIdentity,
+    ChangeOutcome, Completion, Finished, JobFilter, JobResult, JobStatus, JobStore, NewJob,
+    Timestamp, Turn, WorkerIdentity,
 };
 
 use crate::backend_tests;
@@ -86,9 +86,9 @@ fn claim_takes_the_first_non_empty_queue_oldest_first(backend: Backend) {
         assert_eq!(order, [first_ui, second_ui, mid, low]);
         let running = store
             .list_jobs(&JobFilter {
-                queue: None,
                 status: Some(JobStatus::Running),
                 limit: 10,
+                ..JobFilter::default()
             })
             .await
             .unwrap();
@@ -462,11 +462,38 @@ fn prune_removes_only_old_finished_jobs(backend: Backend) {
             .complete(&claimed.lease, &done(JobResult::Succeeded))
             .await
             .unwrap();
+        let failed = store.push(&new_job("ui_job", "c", "{}")).await.unwrap();
+        let claimed = store.claim(&queues(), &worker("1")).await.unwrap().unwrap();
+        let failure = JobResult::Failed {
+            exit_code: Some(1),
+            signal: None,
+            reason: "exit 1".into(),
+        };
+        store
+            .complete(&claimed.lease, &done(failure))
+            .await
+            .unwrap();
         let long_ago = Timestamp(Timestamp::now().0 - 3_600_000_000);
-        assert_eq!(store.prune_finished(long_ago).await.unwrap(), 0);
+        assert_eq!(
+            store
+                .prune_finished(Finished::Done, long_ago)
+                .await
+                .unwrap(),
+            0
+        );
         let soon = Timestamp::now().plus(std::time::Duration::from_secs(1));
-        assert_eq!(store.prune_finished(soon).await.unwrap(), 1);
+        assert_eq!(store.prune_finished(Finished::Done, soon).await.unwrap(), 1);
         assert!(store.get_job(finished).await.unwrap().is_none());
+        assert!(
+            store.get_job(failed).await.unwrap().is_some(),
+            "failed jobs wait longer"
+        );
+        assert!(store.get_job(waiting).await.unwrap().is_some());
+        assert_eq!(
+            store.prune_finished(Finished::Failed, soon).await.unwrap(),
+            1
+        );
+        assert!(store.get_job(failed).await.unwrap().is_none());
         assert!(store.get_job(waiting).await.unwrap().is_some());
     });
 }

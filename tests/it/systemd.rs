@@ -574,6 +574,18 @@ fn journald_mode_sends_job_fields_and_priorities() {
             "{text}"
         );
     }
+    let finished = message("job finished");
+    assert_eq!(
+        finished["MESSAGE_ID"], "6ac29e07ec8f45c1b58f299e4e118cbd",
+        "{finished:?}"
+    );
+    assert_eq!(finished["JOB_RESULT"], "succeeded", "{finished:?}");
+    let usec: u64 = finished["JOB_DURATION_USEC"].parse().expect("a number");
+    assert!(usec > 0 && usec < 60_000_000, "{usec}");
+    assert_eq!(
+        message("job started")["MESSAGE_ID"],
+        "c4a51d5e82be4ba9ad5a6e6b8115bd7f"
+    );
     assert_eq!(
         message("out-line")["PRIORITY"],
         "6",
