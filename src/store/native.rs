@@ -465,15 +465,7 @@ macro_rules! native_roles {
                 &self,
                 filter: &$crate::store::JobFilter,
             ) -> $crate::store::StoreResult<Vec<$crate::store::JobRecord>> {
-                // "Any age": further back than any clock reading, without overflowing.
-                let since = filter
-                    .since
-                    .map_or(1_i64 << 62, $crate::store::saturating_micros);
-                let found = sqlx::query(&DIALECT.list_jobs())
-                    .bind(&filter.queue)
-                    .bind(filter.status.map($crate::store::JobStatus::as_str))
-                    .bind(&filter.code)
-                    .bind(since)
+                let found = rows::bind_job_filter(sqlx::query(&DIALECT.list_jobs()), filter)
                     .bind(filter.limit as i64)
                     .fetch_all(&self.pool)
                     .await
@@ -489,14 +481,7 @@ macro_rules! native_roles {
                 &self,
                 filter: &$crate::store::JobFilter,
             ) -> $crate::store::StoreResult<Vec<$crate::store::JobStats>> {
-                let since = filter
-                    .since
-                    .map_or(1_i64 << 62, $crate::store::saturating_micros);
-                let found = sqlx::query(&DIALECT.job_stats())
-                    .bind(&filter.queue)
-                    .bind(filter.status.map($crate::store::JobStatus::as_str))
-                    .bind(&filter.code)
-                    .bind(since)
+                let found = rows::bind_job_filter(sqlx::query(&DIALECT.job_stats()), filter)
                     .bind(filter.limit as i64)
                     .fetch_all(&self.pool)
                     .await
@@ -539,14 +524,7 @@ macro_rules! native_roles {
                 &self,
                 filter: &$crate::store::JobFilter,
             ) -> $crate::store::StoreResult<u64> {
-                let since = filter
-                    .since
-                    .map_or(1_i64 << 62, $crate::store::saturating_micros);
-                let result = sqlx::query(&DIALECT.retry_matching())
-                    .bind(&filter.queue)
-                    .bind(filter.status.map($crate::store::JobStatus::as_str))
-                    .bind(&filter.code)
-                    .bind(since)
+                let result = rows::bind_job_filter(sqlx::query(&DIALECT.retry_matching()), filter)
                     .execute(&self.pool)
                     .await
                     .map_err(|e| self.error(e))?;

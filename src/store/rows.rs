@@ -282,3 +282,22 @@ where
         last_finished_at: row.try_get::<Option<i64>, _>("last")?.map(Timestamp),
     })
 }
+
+/// Binds the parameters of [`super::statements::Dialect::job_filter`], in its order.
+pub(super) fn bind_job_filter<'q, DB>(
+    query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    filter: &'q super::JobFilter,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    Option<&'q str>: sqlx::Encode<'q, DB> + Type<DB>,
+    i64: sqlx::Encode<'q, DB> + Type<DB>,
+{
+    // "Any age": further back than any clock reading, without overflowing.
+    let since = filter.since.map_or(1_i64 << 62, super::saturating_micros);
+    query
+        .bind(filter.queue.as_deref())
+        .bind(filter.status.map(super::JobStatus::as_str))
+        .bind(filter.code.as_deref())
+        .bind(since)
+}

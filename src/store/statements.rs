@@ -390,20 +390,26 @@ impl Dialect {
         )
     }
 
-    /// Jobs newest first, filtered by queue, status and code when those (bound first, NULL
-    /// for any) are given, created within a number of microseconds (bound fourth), at most
-    /// a limit (bound last).
-    pub fn list_jobs(&self) -> String {
+    /// The conditions of a [`super::JobFilter`]: queue, status and code (bound first, NULL
+    /// for any), created within a number of microseconds (bound fourth).
+    fn job_filter(&self) -> String {
         format!(
-            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs
-             WHERE queue = COALESCE({}, queue) AND status = COALESCE({}, status)
-               AND code = COALESCE({}, code) AND created_at >= {} - {}
-             ORDER BY id DESC LIMIT {}",
+            "queue = COALESCE({}, queue) AND status = COALESCE({}, status)
+               AND code = COALESCE({}, code) AND created_at >= {} - {}",
             self.p(1),
             self.p(2),
             self.p(3),
             self.db_now,
-            self.p(4),
+            self.p(4)
+        )
+    }
+
+    /// The jobs of a [`Dialect::job_filter`], newest first, at most a limit (bound last).
+    pub fn list_jobs(&self) -> String {
+        format!(
+            "SELECT {JOB_RECORD_COLUMNS} FROM pjq_jobs WHERE {}
+             ORDER BY id DESC LIMIT {}",
+            self.job_filter(),
             self.p(5)
         )
     }
@@ -412,16 +418,10 @@ impl Dialect {
     /// reason, most frequent first.
     pub fn job_stats(&self) -> String {
         format!(
-            "SELECT code, reason, {} AS n, MAX(finished_at) AS last FROM pjq_jobs
-             WHERE queue = COALESCE({}, queue) AND status = COALESCE({}, status)
-               AND code = COALESCE({}, code) AND created_at >= {} - {}
+            "SELECT code, reason, {} AS n, MAX(finished_at) AS last FROM pjq_jobs WHERE {}
              GROUP BY code, reason ORDER BY n DESC, code LIMIT {}",
             self.integer("COUNT(*)"),
-            self.p(1),
-            self.p(2),
-            self.p(3),
-            self.db_now,
-            self.p(4),
+            self.job_filter(),
             self.p(5)
         )
     }
@@ -444,20 +444,15 @@ impl Dialect {
         )
     }
 
-    /// [`Dialect::retry`] for every failed or cancelled job the filter of
-    /// [`Dialect::list_jobs`] selects (its first four parameters).
+    /// [`Dialect::retry`] for every failed or cancelled job a [`Dialect::job_filter`]
+    /// selects.
     pub fn retry_matching(&self) -> String {
         format!(
-            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {now},
+            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {},
                 finished_at = NULL
-             WHERE status IN ('failed', 'cancelled')
-               AND queue = COALESCE({}, queue) AND status = COALESCE({}, status)
-               AND code = COALESCE({}, code) AND created_at >= {now} - {}",
-            self.p(1),
-            self.p(2),
-            self.p(3),
-            self.p(4),
-            now = self.db_now
+             WHERE status IN ('failed', 'cancelled') AND {}",
+            self.db_now,
+            self.job_filter()
         )
     }
 
