@@ -710,6 +710,43 @@ fn instance_conf_selects_queues_and_status_shows_depth() {
     );
 }
 
+/// A paused PIM queue is passed over by our workers (the others run), `check` reports its
+/// wait without alerting, and `resume` lets it run.
+#[test]
+fn a_paused_pim_queue_waits_until_resumed() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let pim = Pim::new("akeneo7");
+    let import = pim.execution("csv_product_import");
+    let ui = pim.execution("mass_edit");
+    pim.job_message("import_export_job", IMPORT, import, "{}");
+    pim.job_message("ui_job", UI, ui, "{}");
+    pim.scratch
+        .ok(&["pause", "import_export_job", "--reason", "supplier feed"]);
+    let output = pim.consume(&["--time-limit", "1"], &[]);
+    assert_eq!(exit_code(&output), 0);
+    assert_eq!(
+        pim.order(),
+        [format!(
+            "akeneo:batch:watchdog --quiet --job_execution_id={ui}"
+        )]
+    );
+    assert_eq!(
+        pim.remaining_messages(),
+        1,
+        "the paused queue's message waits"
+    );
+    let check = pim.scratch.run(&["check", "--max-latency", "1ms"]);
+    let line = String::from_utf8_lossy(&check.stdout).to_string();
+    assert_eq!(exit_code(&check), 0, "{line}");
+    assert!(line.contains("(paused)"), "{line}");
+    pim.scratch.ok(&["resume", "import_export_job"]);
+    let output = pim.consume(&["--time-limit", "1"], &[]);
+    assert_eq!(exit_code(&output), 0);
+    assert_eq!(pim.remaining_messages(), 0, "resumed: taken");
+}
+
 /// Real Symfony Messenger code (Debian's packages) dispatches the messages; we consume them.
 #[test]
 fn messages_dispatched_by_real_symfony_messenger_are_consumed() {
