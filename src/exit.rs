@@ -67,6 +67,16 @@ impl Failure {
     pub fn data(message: impl Into<String>) -> Self {
         Self::new(ExitCode::DataErr, message)
     }
+
+    /// An exit whose reason the command has already printed (`check`'s state line):
+    /// nothing more is said.
+    pub fn already_said(exit: ExitCode) -> Self {
+        Self::new(exit, String::new())
+    }
+
+    pub fn is_already_said(&self) -> bool {
+        self.message.is_empty()
+    }
 }
 
 impl fmt::Display for Failure {

@@ -70,8 +70,7 @@ fn main() {
         // the terminal. Saying it in both would print it twice under systemd.
         if is_daemon {
             tracing::error!("{}", failure.message);
-        } else if !failure.message.is_empty() {
-            // An empty message: the command said it all (`check`'s state line).
+        } else if !failure.is_already_said() {
             eprintln!("pim-job-queue: {}", failure.message);
         }
         logging::flush();

@@ -37,7 +37,7 @@ pub(super) async fn check(context: &Context, args: &CheckArgs) -> Result<(), Fai
     println!("{report}");
     match report.state {
         State::Ok => Ok(()),
-        state => Err(Failure::new(state.exit(), String::new())),
+        state => Err(Failure::already_said(state.exit())),
     }
 }
 

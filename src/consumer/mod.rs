@@ -272,8 +272,7 @@ impl Consumer {
 
     /// Says a change of the fleet-wide pauses in STATUS, as the rescuer's round read them.
     fn note_pauses(&mut self, contact: &Contact) {
-        let paused = contact.paused();
-        if paused != self.paused {
+        if let Some(paused) = contact.paused_unless(&self.paused) {
             self.paused = paused;
             self.notifier.status(&self.idle_status());
         }

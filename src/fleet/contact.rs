@@ -91,9 +91,11 @@ impl Contact {
 
     /// Hands the queues a reload chose to the heartbeat, which records them with its next
     /// beat: the consumer never waits on the database for a reload, even while a job runs.
-    /// The fleet-wide pauses, described, for STATUS.
-    pub fn paused(&self) -> String {
-        self.state.lock().expect("contact lock").paused.clone()
+    /// The fleet-wide pauses, described, for STATUS, when they differ from `known` (the
+    /// consumer asks every turn: no copy unless they changed).
+    pub fn paused_unless(&self, known: &str) -> Option<String> {
+        let state = self.state.lock().expect("contact lock");
+        (state.paused != known).then(|| state.paused.clone())
     }
 
     pub(super) fn record_paused(&self, paused: String) {

@@ -96,6 +96,19 @@ macro_rules! native_roles {
                 Ok(Some(status == "waiting"))
             }
 
+            /// Decodes every row with `decode`, sorting a decoding error like any other.
+            fn decode_all<'r, R, T>(
+                &self,
+                found: &'r [R],
+                decode: impl Fn(&'r R) -> Result<T, sqlx::Error>,
+            ) -> $crate::store::StoreResult<Vec<T>> {
+                found
+                    .iter()
+                    .map(decode)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.error(e))
+            }
+
             /// Prepares every statement the store uses on its server, in the schema it
             /// finds: a statement the server refuses is named in the error.
             async fn prepare_every_statement(&self) -> $crate::store::StoreResult<usize> {
@@ -312,11 +325,7 @@ macro_rules! native_roles {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(|e| self.error(e))?;
-                found
-                    .iter()
-                    .map(rows::worker_record)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| self.error(e))
+                self.decode_all(&found, rows::worker_record)
             }
 
             async fn rescue_scan(
@@ -396,11 +405,7 @@ macro_rules! native_roles {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(|e| self.error(e))?;
-                found
-                    .iter()
-                    .map(rows::paused_queue)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| self.error(e))
+                self.decode_all(&found, rows::paused_queue)
             }
 
             async fn queue_latencies(
@@ -410,11 +415,7 @@ macro_rules! native_roles {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(|e| self.error(e))?;
-                found
-                    .iter()
-                    .map(|row| rows::queue_latency(row, "queue"))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| self.error(e))
+                self.decode_all(&found, |row| rows::queue_latency(row, "queue"))
             }
 
             async fn failed_since(
@@ -470,11 +471,7 @@ macro_rules! native_roles {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(|e| self.error(e))?;
-                found
-                    .iter()
-                    .map(rows::job_record)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| self.error(e))
+                self.decode_all(&found, rows::job_record)
             }
 
             async fn job_stats(
@@ -486,11 +483,7 @@ macro_rules! native_roles {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(|e| self.error(e))?;
-                found
-                    .iter()
-                    .map(rows::job_stats)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| self.error(e))
+                self.decode_all(&found, rows::job_stats)
             }
 
             async fn get_job(

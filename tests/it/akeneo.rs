@@ -672,6 +672,16 @@ fn beside_a_php_consumer_and_a_second_worker_no_message_twice() {
     }
 }
 
+/// One import message and one ui_job message, each with its execution; returns the ui_job
+/// one's execution id.
+fn import_and_ui_messages(pim: &Pim) -> i64 {
+    let import = pim.execution("csv_product_import");
+    let ui = pim.execution("mass_edit");
+    pim.job_message("import_export_job", IMPORT, import, "{}");
+    pim.job_message("ui_job", UI, ui, "{}");
+    ui
+}
+
 #[test]
 fn instance_conf_selects_queues_and_status_shows_depth() {
     if !Backend::Mariadb.available() {
@@ -679,10 +689,7 @@ fn instance_conf_selects_queues_and_status_shows_depth() {
     }
     let pim = Pim::new("akeneo7");
     std::fs::write(pim.scratch.path("4.conf"), "ui_job\n").unwrap();
-    let import = pim.execution("csv_product_import");
-    let ui = pim.execution("mass_edit");
-    pim.job_message("import_export_job", IMPORT, import, "{}");
-    pim.job_message("ui_job", UI, ui, "{}");
+    let ui = import_and_ui_messages(&pim);
     let status = pim.scratch.status_json();
     let queues = status["queues"].as_array().unwrap();
     assert_eq!(queues[0]["queue"], "ui_job");
@@ -718,10 +725,7 @@ fn a_paused_pim_queue_waits_until_resumed() {
         return;
     }
     let pim = Pim::new("akeneo7");
-    let import = pim.execution("csv_product_import");
-    let ui = pim.execution("mass_edit");
-    pim.job_message("import_export_job", IMPORT, import, "{}");
-    pim.job_message("ui_job", UI, ui, "{}");
+    let ui = import_and_ui_messages(&pim);
     pim.scratch
         .ok(&["pause", "import_export_job", "--reason", "supplier feed"]);
     let output = pim.consume(&["--time-limit", "1"], &[]);
