@@ -4,7 +4,9 @@
 use crate::cli::{DeleteArgs, IdArgs, PauseArgs, RetryArgs};
 use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
-use crate::store::{self, ChangeOutcome, Finished, JobFilter, JobStatus, JobStore, Timestamp};
+use crate::store::{
+    self, CallLimits, ChangeOutcome, Finished, JobFilter, JobStatus, JobStore, Timestamp,
+};
 use crate::units::format_duration;
 use crate::wake::WakeDir;
 
@@ -22,7 +24,12 @@ pub(super) async fn stop_workers(context: &Context) -> Result<(), Failure> {
 }
 
 pub(super) async fn migrate(context: &Context) -> Result<(), Failure> {
-    let opened = store::open_configured(&context.config, &context.database_url).await?;
+    let opened = store::open_configured(
+        &context.config,
+        &context.database_url,
+        CallLimits::for_command(),
+    )
+    .await?;
     let store = opened.worker();
     let applied = store.migrate().await?;
     let version = store.schema_version().await?;

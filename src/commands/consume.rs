@@ -13,7 +13,7 @@ use crate::exit::{ExitCode, Failure};
 use crate::instance::read_instance_queues;
 use crate::notify::Notifier;
 use crate::signals::{Shutdown, Signals, StopLevel};
-use crate::store::{self, WorkerIdentity, WorkerStore};
+use crate::store::{self, CallLimits, WorkerIdentity, WorkerStore};
 use crate::units::format_duration;
 
 use super::{Context, try_open};
@@ -175,7 +175,12 @@ pub(super) async fn open_store_patiently(
     let location = store::redact_url(&context.database_url);
     let mut backoff = Backoff::default();
     loop {
-        match try_open(context).await {
+        match try_open(
+            context,
+            CallLimits::for_rescue_after(context.config.rescue_after),
+        )
+        .await
+        {
             Ok(opened) => {
                 let store = opened.into_worker();
                 info!(

@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
 use crate::notify::Notifier;
 use crate::secrets::{self, UrlSource};
-use crate::store::{self, Opened, StoreError};
+use crate::store::{self, CallLimits, Opened, StoreError};
 
 mod change;
 mod check;
@@ -48,7 +48,7 @@ impl Context {
 
     /// Opens the store for a one-shot command: no retries, the schema brought up to date.
     async fn open_store(&self) -> Result<Opened, Failure> {
-        Ok(try_open(self).await?)
+        Ok(try_open(self, CallLimits::for_command()).await?)
     }
 }
 
@@ -127,9 +127,9 @@ pub fn generate_assets(dir: &std::path::Path) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Opens the configured store and brings (or checks) its schema.
-async fn try_open(context: &Context) -> Result<Opened, StoreError> {
-    let store = store::open_configured(&context.config, &context.database_url).await?;
+/// Opens the configured store with `limits` and brings (or checks) its schema.
+async fn try_open(context: &Context, limits: CallLimits) -> Result<Opened, StoreError> {
+    let store = store::open_configured(&context.config, &context.database_url, limits).await?;
     store::prepare_schema(store.worker(), context.config.auto_migrate)
         .await
         .map_err(|error| error.without_secrets_of(&context.database_url))?;

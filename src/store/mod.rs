@@ -635,6 +635,15 @@ impl CallLimits {
         }
     }
 
+    /// Limits for a command an operator or a script runs (push, status, pause, ...): no
+    /// fence bounds it, so it waits out a busy writer (workers starting up on a loaded SQLite
+    /// file) as long as any call may, instead of failing with "database is locked".
+    pub fn for_command() -> CallLimits {
+        CallLimits {
+            deadline: Self::MOST,
+        }
+    }
+
     /// What the server is told to give up after (a lock wait, SQLite's busy wait, a
     /// statement): before the client's deadline, so a slow call ends with an error the
     /// server chose and the connection stays usable.
@@ -750,9 +759,13 @@ impl Opened {
 }
 
 /// Opens the store the configuration selects: the native job store at `url`, or the PIM's
-/// Messenger table when `transport = "akeneo"`, with call limits fitting its fleet timings.
-pub async fn open_configured(config: &crate::config::Config, url: &str) -> StoreResult<Opened> {
-    let limits = CallLimits::for_rescue_after(config.rescue_after);
+/// Messenger table when `transport = "akeneo"`, each call bounded by `limits` (a worker's
+/// fit its fleet timings, a command's [`CallLimits::for_command`]).
+pub async fn open_configured(
+    config: &crate::config::Config,
+    url: &str,
+    limits: CallLimits,
+) -> StoreResult<Opened> {
     match &config.transport {
         crate::config::Transport::Native => Ok(Opened::Native(open_with(url, limits).await?)),
         crate::config::Transport::Akeneo(settings) => {

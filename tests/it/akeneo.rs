@@ -830,10 +830,14 @@ fn a_message_taken_over_before_its_acknowledgement_is_left_to_its_new_holder() {
     let config = pim_job_queue::config::Config::load(Some(&pim.scratch.config_path())).unwrap();
     let taken_over = "2030-01-01 00:00:00";
     block_on(async {
-        let store = pim_job_queue::store::open_configured(&config, &pim.scratch.url)
-            .await
-            .unwrap()
-            .into_worker();
+        let store = pim_job_queue::store::open_configured(
+            &config,
+            &pim.scratch.url,
+            pim_job_queue::store::CallLimits::for_rescue_after(config.rescue_after),
+        )
+        .await
+        .unwrap()
+        .into_worker();
         // The worker's own tables (the stop-workers generation is read with every claim).
         store.migrate().await.unwrap();
         let worker = WorkerIdentity::for_this_process(None, Some("host-a".into()));

@@ -2,6 +2,7 @@
 
 use crate::backend_tests;
 use crate::support::*;
+use std::time::Duration;
 
 backend_tests!(
     push_prints_only_the_id,
@@ -306,6 +307,40 @@ fn unreachable_sqlite_file_exits_69_for_one_shot_commands() {
         "{}",
         stderr(&output)
     );
+}
+
+/// A command is not fenced like a worker's heartbeat: it waits out a writer that holds
+/// SQLite's lock longer than a worker's call may (1 s with `rescue_after = 3s`), as workers
+/// starting up on a loaded host do, instead of failing with "database is locked".
+#[test]
+fn a_command_waits_out_a_long_sqlite_write_lock() {
+    let scratch = Scratch::new(Backend::Sqlite);
+    scratch.write_config("heartbeat_interval = \"500ms\"\nrescue_after = \"3s\"");
+    scratch.ok(&["migrate"]);
+    let (locked, release) = std::sync::mpsc::channel();
+    let url = scratch.url.clone();
+    let holder = std::thread::spawn(move || {
+        block_on(async {
+            use sqlx::Connection;
+            let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            locked.send(()).unwrap();
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            sqlx::query("COMMIT").execute(&mut conn).await.unwrap();
+        })
+    });
+    release.recv().unwrap();
+    let started = std::time::Instant::now();
+    let id = scratch.push("ui_job", "x");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the lock was held"
+    );
+    holder.join().unwrap();
+    assert_eq!(scratch.show(id)["status"], "waiting");
 }
 
 #[test]

@@ -32,7 +32,13 @@ fn consume_reloadable(
 ) -> StopReason {
     let config = Config::load(Some(&scratch.config_path())).unwrap();
     block_on(async {
-        let opened = store::open_configured(&config, &scratch.url).await.unwrap();
+        let opened = store::open_configured(
+            &config,
+            &scratch.url,
+            store::CallLimits::for_rescue_after(config.rescue_after),
+        )
+        .await
+        .unwrap();
         let store: Arc<dyn WorkerStore> = Arc::new(Wrapped::new(opened.into_worker(), faults));
         let (_trigger, shutdown) = Shutdown::new();
         let signals = Signals { shutdown, reload };
