@@ -823,6 +823,12 @@ impl FleetStore for AkeneoStore {
             .map_err(|e| self.error(e))
     }
 
+    /// The PIM tracks its jobs in its own tables (`akeneo_batch_job_execution`): no tallies
+    /// of ours.
+    async fn finished_tallies(&self) -> StoreResult<Option<Vec<super::Tally>>> {
+        Ok(None)
+    }
+
     /// Akeneo's record of a failure is its job execution (status FAILED).
     async fn failed_since(&self, window: Duration) -> StoreResult<u64> {
         let since = utc_seconds(SystemTime::now() - window);

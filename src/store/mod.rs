@@ -346,6 +346,44 @@ pub struct QueueLatency {
     pub seconds: f64,
 }
 
+/// The upper bounds of the job duration and wait histograms: a tenth of a second (a
+/// `ui_job` that feels instant) to six hours (a full catalog export).
+pub const HISTOGRAM_BOUNDS: [Duration; 13] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(10),
+    Duration::from_secs(30),
+    Duration::from_secs(60),
+    Duration::from_secs(300),
+    Duration::from_secs(600),
+    Duration::from_secs(1800),
+    Duration::from_secs(3600),
+    Duration::from_secs(7200),
+    Duration::from_secs(21600),
+];
+
+/// Finished jobs (or rescues) of one queue, event and pair of histogram buckets, counted
+/// since the store was created: the rows still in the table plus those a prune, delete or
+/// retry folded into the tallies before removing them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub queue: String,
+    /// `succeeded`, `failed`, `cancelled`, `lost`, `interrupted`, or `rescued`.
+    pub event: String,
+    /// Index into [`HISTOGRAM_BOUNDS`] of the duration's bucket (its length past the last
+    /// bound), -1 for a job that never started and for rescues.
+    pub duration_bucket: i64,
+    /// The same for the wait from due to start.
+    pub wait_bucket: i64,
+    pub jobs: i64,
+    /// Summed durations, microseconds.
+    pub duration_sum: i64,
+    /// Summed waits, microseconds.
+    pub wait_sum: i64,
+}
+
 /// A queue an operator paused fleet-wide: claims pass it over until it is resumed.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct PausedQueue {

@@ -35,7 +35,7 @@ pub(super) const DIALECT: Dialect = Dialect {
     concat: statements::concat_fn,
     joined,
     returning: false,
-    delete_limit: true,
+    lock_rows: " FOR UPDATE",
 };
 
 /// The pause descriptions joined, for [`Dialect::rescue_scan`].
@@ -136,6 +136,21 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             reason TEXT NOT NULL,
             paused_at BIGINT NOT NULL,
             paused_by VARCHAR(255) NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"],
+    ),
+    (
+        3,
+        // What finished jobs counted as before a prune, delete or retry removed them (see
+        // `Dialect::fold_tallies`), and rescues: the counters `metrics` reports.
+        &["CREATE TABLE IF NOT EXISTS pjq_tallies (
+            queue VARCHAR(64) NOT NULL,
+            event VARCHAR(16) NOT NULL,
+            duration_bucket INT NOT NULL,
+            wait_bucket INT NOT NULL,
+            jobs BIGINT NOT NULL,
+            duration_sum BIGINT NOT NULL,
+            wait_sum BIGINT NOT NULL,
+            PRIMARY KEY (queue, event, duration_bucket, wait_bucket)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"],
     ),
 ];
@@ -454,8 +469,16 @@ impl SchemaStore for MysqlStore {
     }
 }
 
+/// The database `native_roles!` names in its types.
+type Db = sqlx::MySql;
+
 // What this backend does differently, for `native_roles!`.
 impl MysqlStore {
+    /// A transaction that reads rows (locking them), then changes them.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Db>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
     async fn run_turn(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
         let mut attempt = 0;
         loop {

@@ -46,7 +46,8 @@ macro_rules! native_roles {
 
             /// Requeues (attempts left) or fails a running job whose lease is still
             /// `lease` and whose holder is as `holder` says; returns which, or `None` when
-            /// the guard did not hold.
+            /// the guard did not hold. A rescue (a lost holder) is counted in the same
+            /// transaction.
             async fn take_back(
                 &self,
                 id: $crate::store::JobId,
@@ -67,33 +68,76 @@ macro_rules! native_roles {
                 if let Holder::Token(token) = holder {
                     query = query.bind(token);
                 }
-                if DIALECT.returning {
+                let mut tx = self.begin_write().await.map_err(|e| self.error(e))?;
+                let status: Option<String> = if DIALECT.returning {
                     let row = query
-                        .fetch_optional(&self.pool)
+                        .fetch_optional(&mut *tx)
                         .await
                         .map_err(|e| self.error(e))?;
-                    return match row {
-                        Some(row) => {
-                            let status: String =
-                                sqlx::Row::try_get(&row, 0).map_err(|e| self.error(e))?;
-                            Ok(Some(status == "waiting"))
-                        }
-                        None => Ok(None),
-                    };
-                }
-                let mut tx = self.pool.begin().await.map_err(|e| self.error(e))?;
-                let result = query.execute(&mut *tx).await.map_err(|e| self.error(e))?;
-                if result.rows_affected() != 1 {
+                    row.map(|row| sqlx::Row::try_get(&row, 0))
+                        .transpose()
+                        .map_err(|e| self.error(e))?
+                } else {
+                    let result = query.execute(&mut *tx).await.map_err(|e| self.error(e))?;
+                    if result.rows_affected() == 1 {
+                        let status = sqlx::query_scalar(&DIALECT.status_of())
+                            .bind(id)
+                            .fetch_one(&mut *tx)
+                            .await
+                            .map_err(|e| self.error(e))?;
+                        Some(status)
+                    } else {
+                        None
+                    }
+                };
+                let Some(status) = status else {
                     tx.rollback().await.map_err(|e| self.error(e))?;
                     return Ok(None);
+                };
+                if matches!(holder, Holder::Lost { .. }) {
+                    sqlx::query(&DIALECT.count_rescue())
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.error(e))?;
                 }
-                let status: String = sqlx::query_scalar(&DIALECT.status_of())
-                    .bind(id)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| self.error(e))?;
                 tx.commit().await.map_err(|e| self.error(e))?;
                 Ok(Some(status == "waiting"))
+            }
+
+            /// Locks the rows `lock` selects, counts the finished ones into the tallies,
+            /// then applies `change` (a statement over a list of ids) to them, in one
+            /// transaction: whatever takes a finished job out of the table or out of its
+            /// final state (prune, delete, retry) counts it first, exactly once, so the
+            /// finished counters never go down. Returns the rows `change` changed.
+            async fn fold_then_change<'q>(
+                &self,
+                lock: sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>>,
+                change: impl Fn(usize) -> String + Send,
+            ) -> $crate::store::StoreResult<u64> {
+                // Ids per statement: well under every server's limit on bound values.
+                const CHUNK: usize = 500;
+                let mut tx = self.begin_write().await.map_err(|e| self.error(e))?;
+                let locked = lock.fetch_all(&mut *tx).await.map_err(|e| self.error(e))?;
+                let ids = self.decode_all(&locked, |row| sqlx::Row::try_get::<i64, _>(row, 0))?;
+                let mut changed = 0;
+                for chunk in ids.chunks(CHUNK) {
+                    let fold = DIALECT.fold_tallies(chunk.len());
+                    let mut query = sqlx::query(&fold);
+                    for id in chunk {
+                        query = query.bind(*id);
+                    }
+                    query.execute(&mut *tx).await.map_err(|e| self.error(e))?;
+                    let statement = change(chunk.len());
+                    let mut query = sqlx::query(&statement);
+                    for id in chunk {
+                        query = query.bind(*id);
+                    }
+                    let result = query.execute(&mut *tx).await.map_err(|e| self.error(e))?;
+                    changed += result.rows_affected();
+                }
+                tx.commit().await.map_err(|e| self.error(e))?;
+                Ok(changed)
             }
 
             /// Decodes every row with `decode`, sorting a decoding error like any other.
@@ -436,13 +480,19 @@ macro_rules! native_roles {
                 before: $crate::store::Timestamp,
                 limit: i64,
             ) -> $crate::store::StoreResult<u64> {
-                let result = sqlx::query(&DIALECT.prune_batch(kind))
-                    .bind(before.0)
-                    .bind(limit)
-                    .execute(&self.pool)
+                let lock = DIALECT.prunable_ids(kind);
+                let lock = sqlx::query(&lock).bind(before.0).bind(limit);
+                self.fold_then_change(lock, |n| DIALECT.delete_ids(n)).await
+            }
+
+            async fn finished_tallies(
+                &self,
+            ) -> $crate::store::StoreResult<Option<Vec<$crate::store::Tally>>> {
+                let found = sqlx::query(&DIALECT.finished_tallies())
+                    .fetch_all(&self.pool)
                     .await
                     .map_err(|e| self.error(e))?;
-                Ok(result.rows_affected())
+                self.decode_all(&found, rows::tally).map(Some)
             }
         }
 
@@ -505,35 +555,33 @@ macro_rules! native_roles {
                 &self,
                 id: $crate::store::JobId,
             ) -> $crate::store::StoreResult<$crate::store::ChangeOutcome> {
-                let result = sqlx::query(&DIALECT.retry())
-                    .bind(id)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(|e| self.error(e))?;
-                self.change_outcome(id, result.rows_affected()).await
+                let lock = DIALECT.retryable_id();
+                let lock = sqlx::query(&lock).bind(id);
+                let retried = self
+                    .fold_then_change(lock, |n| DIALECT.retry_ids(n))
+                    .await?;
+                self.change_outcome(id, retried).await
             }
 
             async fn retry_matching(
                 &self,
                 filter: &$crate::store::JobFilter,
             ) -> $crate::store::StoreResult<u64> {
-                let result = rows::bind_job_filter(sqlx::query(&DIALECT.retry_matching()), filter)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(|e| self.error(e))?;
-                Ok(result.rows_affected())
+                let lock = DIALECT.retryable_ids_matching();
+                let lock = rows::bind_job_filter(sqlx::query(&lock), filter);
+                self.fold_then_change(lock, |n| DIALECT.retry_ids(n)).await
             }
 
             async fn delete(
                 &self,
                 id: $crate::store::JobId,
             ) -> $crate::store::StoreResult<$crate::store::ChangeOutcome> {
-                let result = sqlx::query(&DIALECT.delete())
-                    .bind(id)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(|e| self.error(e))?;
-                self.change_outcome(id, result.rows_affected()).await
+                let lock = DIALECT.deletable_id();
+                let lock = sqlx::query(&lock).bind(id);
+                let deleted = self
+                    .fold_then_change(lock, |n| DIALECT.delete_ids(n))
+                    .await?;
+                self.change_outcome(id, deleted).await
             }
 
             async fn delete_older(
@@ -541,13 +589,11 @@ macro_rules! native_roles {
                 status: $crate::store::JobStatus,
                 age: std::time::Duration,
             ) -> $crate::store::StoreResult<u64> {
-                let result = sqlx::query(&DIALECT.delete_older())
+                let lock = DIALECT.old_ids();
+                let lock = sqlx::query(&lock)
                     .bind(status.as_str())
-                    .bind($crate::store::saturating_micros(age))
-                    .execute(&self.pool)
-                    .await
-                    .map_err(|e| self.error(e))?;
-                Ok(result.rows_affected())
+                    .bind($crate::store::saturating_micros(age));
+                self.fold_then_change(lock, |n| DIALECT.delete_ids(n)).await
             }
 
             async fn cancel(

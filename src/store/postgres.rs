@@ -31,7 +31,7 @@ pub(super) const DIALECT: Dialect = Dialect {
     concat: statements::pipes,
     joined,
     returning: true,
-    delete_limit: false,
+    lock_rows: " FOR UPDATE",
 };
 
 /// The pause descriptions joined, for [`Dialect::rescue_scan`].
@@ -111,6 +111,21 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             reason TEXT NOT NULL,
             paused_at BIGINT NOT NULL,
             paused_by TEXT NOT NULL
+        )"],
+    ),
+    (
+        4,
+        // What finished jobs counted as before a prune, delete or retry removed them (see
+        // `Dialect::fold_tallies`), and rescues: the counters `metrics` reports.
+        &["CREATE TABLE pjq_tallies (
+            queue TEXT NOT NULL,
+            event TEXT NOT NULL,
+            duration_bucket INTEGER NOT NULL,
+            wait_bucket INTEGER NOT NULL,
+            jobs BIGINT NOT NULL,
+            duration_sum BIGINT NOT NULL,
+            wait_sum BIGINT NOT NULL,
+            PRIMARY KEY (queue, event, duration_bucket, wait_bucket)
         )"],
     ),
 ];
@@ -306,8 +321,16 @@ impl SchemaStore for PostgresStore {
     }
 }
 
+/// The database `native_roles!` names in its types.
+type Db = sqlx::Postgres;
+
 // What this backend does differently, for `native_roles!`.
 impl PostgresStore {
+    /// A transaction that reads rows (locking them), then changes them.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Db>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
     async fn run_turn(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
         self.turn(turn).await.map_err(|e| self.error(e))
     }

@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use super::{
     ChangeOutcome, ClaimedJob, Completion, Finished, JobFilter, JobId, JobRecord, JobStats,
     JobStatus, Lease, NewJob, OrphanedJob, PausedQueue, Poll, PushListener, QueueCounts,
-    QueueLatency, Release, RescueScan, RescuedJob, SchemaVersion, StoreResult, Timestamp, Turn,
-    WorkerIdentity, WorkerRecord,
+    QueueLatency, Release, RescueScan, RescuedJob, SchemaVersion, StoreResult, Tally, Timestamp,
+    Turn, WorkerIdentity, WorkerRecord,
 };
 
 /// What every store has: a location to name it by and a schema to bring up to date.
@@ -225,6 +225,10 @@ pub trait FleetStore: Send + Sync {
 
     /// The queues with a due job, each with how long its oldest due job has waited.
     async fn queue_latencies(&self) -> StoreResult<Vec<QueueLatency>>;
+
+    /// Every finished job and rescue ever counted, by queue, event and histogram buckets
+    /// (see [`Tally`]); `None` where the jobs are tracked elsewhere (the PIM's own tables).
+    async fn finished_tallies(&self) -> StoreResult<Option<Vec<Tally>>>;
 
     /// How many jobs failed within the last `window`, by the database's clock.
     async fn failed_since(&self, window: Duration) -> StoreResult<u64>;

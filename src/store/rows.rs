@@ -283,6 +283,25 @@ where
     })
 }
 
+/// Reads a row of [`super::statements::Dialect::finished_tallies`].
+pub fn tally<'r, R>(row: &'r R) -> Result<super::Tally, sqlx::Error>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(super::Tally {
+        queue: row.try_get("queue")?,
+        event: row.try_get("event")?,
+        duration_bucket: row.try_get("duration_bucket")?,
+        wait_bucket: row.try_get("wait_bucket")?,
+        jobs: row.try_get("jobs")?,
+        duration_sum: row.try_get("duration_sum")?,
+        wait_sum: row.try_get("wait_sum")?,
+    })
+}
+
 /// Binds the parameters of [`super::statements::Dialect::job_filter`], in its order.
 pub(super) fn bind_job_filter<'q, DB>(
     query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,

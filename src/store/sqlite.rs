@@ -32,7 +32,7 @@ pub(super) const DIALECT: Dialect = Dialect {
     concat: statements::pipes,
     joined,
     returning: true,
-    delete_limit: false,
+    lock_rows: "",
 };
 
 /// The pause descriptions joined, for [`Dialect::rescue_scan`].
@@ -99,6 +99,21 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             reason TEXT NOT NULL,
             paused_at INTEGER NOT NULL,
             paused_by TEXT NOT NULL
+        )"],
+    ),
+    (
+        3,
+        // What finished jobs counted as before a prune, delete or retry removed them (see
+        // `Dialect::fold_tallies`), and rescues: the counters `metrics` reports.
+        &["CREATE TABLE pjq_tallies (
+            queue TEXT NOT NULL,
+            event TEXT NOT NULL,
+            duration_bucket INTEGER NOT NULL,
+            wait_bucket INTEGER NOT NULL,
+            jobs INTEGER NOT NULL,
+            duration_sum INTEGER NOT NULL,
+            wait_sum INTEGER NOT NULL,
+            PRIMARY KEY (queue, event, duration_bucket, wait_bucket)
         )"],
     ),
 ];
@@ -298,8 +313,17 @@ impl SchemaStore for SqliteStore {
     }
 }
 
+/// The database `native_roles!` names in its types.
+type Db = sqlx::Sqlite;
+
 // What this backend does differently, for `native_roles!`.
 impl SqliteStore {
+    /// A transaction that reads rows, then changes them: on SQLite it takes the write lock
+    /// first, so its reads never need an upgrade another writer could refuse.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Db>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
     async fn run_turn(&self, turn: &Turn<'_>) -> StoreResult<Poll> {
         self.turn(turn).await.map_err(|e| self.error(e))
     }

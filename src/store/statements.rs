@@ -1,6 +1,6 @@
 //! The native backends' SQL, written once. A [`Dialect`] holds what differs between SQLite,
 //! PostgreSQL and MariaDB/MySQL (the clock expression, placeholders, integer casts, the
-//! upsert clause, `RETURNING`, how a bounded delete is spelled); every statement is built
+//! upsert clause, `RETURNING`, how a read locks its rows); every statement is built
 //! from it here, and [`Dialect::every_statement`] lists them all, so a test can check that
 //! each dialect has each statement and that its server accepts it.
 //!
@@ -28,9 +28,9 @@ pub(super) struct Dialect {
     pub joined: fn(&str) -> String,
     /// Whether `UPDATE … RETURNING` exists (not on MariaDB 10.11 or MySQL).
     pub returning: bool,
-    /// Whether `DELETE … LIMIT n` exists (MySQL's; the others delete by a limited
-    /// subquery, which MySQL refuses and MariaDB plans as a full scan).
-    pub delete_limit: bool,
+    /// What makes a `SELECT` lock the rows it reads until the transaction ends
+    /// (`FOR UPDATE`; nothing on SQLite, whose write transactions hold the whole file).
+    pub lock_rows: &'static str,
 }
 
 /// How an insert refreshes the row whose key it collides with.
@@ -433,46 +433,183 @@ impl Dialect {
         )
     }
 
-    /// Puts a failed or cancelled job (id) back to waiting, its attempts reset.
-    pub fn retry(&self) -> String {
+    /// The id of a failed or cancelled job (bound), locked: one [`Dialect::retry_ids`]
+    /// takes back to waiting.
+    pub fn retryable_id(&self) -> String {
+        format!(
+            "SELECT id FROM pjq_jobs WHERE id = {} AND status IN ('failed', 'cancelled'){}",
+            self.p(1),
+            self.lock_rows
+        )
+    }
+
+    /// The ids, locked, of every failed or cancelled job a [`Dialect::job_filter`] selects.
+    pub fn retryable_ids_matching(&self) -> String {
+        format!(
+            "SELECT id FROM pjq_jobs WHERE status IN ('failed', 'cancelled') AND {}
+             ORDER BY id{}",
+            self.job_filter(),
+            self.lock_rows
+        )
+    }
+
+    /// Puts `ids` failed or cancelled jobs (bound) back to waiting, their attempts reset.
+    pub fn retry_ids(&self, ids: usize) -> String {
         format!(
             "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {},
                 finished_at = NULL
-             WHERE id = {} AND status IN ('failed', 'cancelled')",
+             WHERE id IN ({}) AND status IN ('failed', 'cancelled')",
             self.db_now,
-            self.p(1)
+            self.placeholders(1, ids)
         )
     }
 
-    /// [`Dialect::retry`] for every failed or cancelled job a [`Dialect::job_filter`]
-    /// selects.
-    pub fn retry_matching(&self) -> String {
+    /// The id of a job (bound) that is not running, locked.
+    pub fn deletable_id(&self) -> String {
         format!(
-            "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {},
-                finished_at = NULL
-             WHERE status IN ('failed', 'cancelled') AND {}",
-            self.db_now,
-            self.job_filter()
+            "SELECT id FROM pjq_jobs WHERE id = {} AND status <> 'running'{}",
+            self.p(1),
+            self.lock_rows
         )
     }
 
-    /// Deletes a job (id) that is not running.
-    pub fn delete(&self) -> String {
+    /// The ids, locked, of the jobs of a status (bound first, never `running`) that
+    /// finished, or were created if they have not, more than some microseconds (bound
+    /// second) ago.
+    pub fn old_ids(&self) -> String {
         format!(
-            "DELETE FROM pjq_jobs WHERE id = {} AND status <> 'running'",
-            self.p(1)
-        )
-    }
-
-    /// Deletes the jobs of a status (bound first, never `running`) that finished, or were
-    /// created if they have not, more than some microseconds (bound second) ago.
-    pub fn delete_older(&self) -> String {
-        format!(
-            "DELETE FROM pjq_jobs WHERE status = {} AND status <> 'running'
-               AND COALESCE(finished_at, created_at) < {} - {}",
+            "SELECT id FROM pjq_jobs WHERE status = {} AND status <> 'running'
+               AND COALESCE(finished_at, created_at) < {} - {}
+             ORDER BY id{}",
             self.p(1),
             self.db_now,
-            self.p(2)
+            self.p(2),
+            self.lock_rows
+        )
+    }
+
+    /// Deletes `ids` jobs (bound) that are not running.
+    pub fn delete_ids(&self, ids: usize) -> String {
+        format!(
+            "DELETE FROM pjq_jobs WHERE id IN ({}) AND status <> 'running'",
+            self.placeholders(1, ids)
+        )
+    }
+
+    /// `count` placeholders from the `first`-th, comma-separated.
+    fn placeholders(&self, first: usize, count: usize) -> String {
+        let all: Vec<String> = (first..first + count).map(|n| self.p(n)).collect();
+        all.join(", ")
+    }
+
+    /// What a finished `pjq_jobs` row counts as in `pjq_jobs_finished_total`: its status,
+    /// except that a failure no process reported is `lost` (a rescuer took it from a
+    /// silent worker) or `interrupted` (its worker gave it back on a stop or a fence).
+    /// Both are written by a take-back, the only writer that clears `worker_token` of a
+    /// job it fails.
+    fn finished_event(&self) -> String {
+        format!(
+            "CASE WHEN status = 'failed' AND worker_token IS NULL THEN
+                CASE WHEN reason = '{}' THEN 'lost' ELSE 'interrupted' END
+             ELSE status END",
+            super::WORKER_LOST
+        )
+    }
+
+    /// The histogram bucket of a duration in microseconds: the index of the first bound
+    /// of [`super::HISTOGRAM_BOUNDS`] it does not exceed, their count past the last one,
+    /// -1 when it is unknown (the job never started).
+    fn bucket_of(&self, micros: &str) -> String {
+        let mut cases = format!("CASE WHEN {micros} IS NULL THEN -1");
+        for (index, bound) in super::HISTOGRAM_BOUNDS.iter().enumerate() {
+            cases.push_str(&format!(
+                " WHEN {micros} <= {} THEN {index}",
+                bound.as_micros()
+            ));
+        }
+        cases.push_str(&format!(" ELSE {} END", super::HISTOGRAM_BOUNDS.len()));
+        cases
+    }
+
+    /// The tally columns of finished `pjq_jobs` rows, grouped by the first four: queue,
+    /// event, duration and wait buckets, then jobs and the summed duration and wait
+    /// (microseconds). A job's wait runs from when it was due to when it started.
+    fn tally_columns(&self) -> String {
+        let duration = "(finished_at - started_at)";
+        let wait = "(started_at - available_at)";
+        format!(
+            "queue, {} AS event, {} AS duration_bucket, {} AS wait_bucket,
+             {} AS jobs, {} AS duration_sum, {} AS wait_sum",
+            self.finished_event(),
+            self.bucket_of(duration),
+            self.bucket_of(wait),
+            self.integer("COUNT(*)"),
+            self.integer(&format!("COALESCE(SUM({duration}), 0)")),
+            self.integer(&format!("COALESCE(SUM({wait}), 0)"))
+        )
+    }
+
+    /// An insert into `pjq_tallies` that adds to the row it collides with.
+    fn add_to_tallies(&self, select: &str) -> String {
+        let key = "queue, event, duration_bucket, wait_bucket";
+        let added = ["jobs", "duration_sum", "wait_sum"].map(|c| match self.upsert {
+            Upsert::OnConflict => format!("{c} = pjq_tallies.{c} + excluded.{c}"),
+            Upsert::OnDuplicateKey => format!("{c} = {c} + VALUES({c})"),
+        });
+        let on_collision = match self.upsert {
+            Upsert::OnConflict => format!("ON CONFLICT ({key}) DO UPDATE SET"),
+            Upsert::OnDuplicateKey => "ON DUPLICATE KEY UPDATE".to_string(),
+        };
+        format!(
+            "INSERT INTO pjq_tallies ({key}, jobs, duration_sum, wait_sum)
+             {select}
+             {on_collision} {}",
+            added.join(", ")
+        )
+    }
+
+    /// Counts the finished jobs among `ids` (bound) into `pjq_tallies`, before a prune,
+    /// a delete or a retry takes them out of the table or out of their final state: the
+    /// finished counters are the finished rows plus the tallies, so they never go down,
+    /// and the turn that finishes a job writes nothing more for them.
+    pub fn fold_tallies(&self, ids: usize) -> String {
+        self.add_to_tallies(&format!(
+            "SELECT {} FROM pjq_jobs
+             WHERE id IN ({}) AND status IN ('succeeded', 'failed', 'cancelled')
+             GROUP BY 1, 2, 3, 4",
+            self.tally_columns(),
+            self.placeholders(1, ids)
+        ))
+    }
+
+    /// Counts one rescue of a job (id) in `pjq_tallies`.
+    pub fn count_rescue(&self) -> String {
+        self.add_to_tallies(&format!(
+            "SELECT queue, 'rescued', -1, -1, 1, 0, 0 FROM pjq_jobs WHERE id = {}",
+            self.p(1)
+        ))
+    }
+
+    /// Every tally: the finished rows' and the folded ones', summed, by queue, event and
+    /// buckets.
+    pub fn finished_tallies(&self) -> String {
+        format!(
+            "SELECT queue, event, {} AS duration_bucket, {} AS wait_bucket, {} AS jobs,
+                    {} AS duration_sum, {} AS wait_sum
+             FROM (SELECT {} FROM pjq_jobs
+                   WHERE status IN ('succeeded', 'failed', 'cancelled') GROUP BY 1, 2, 3, 4
+                   UNION ALL
+                   SELECT queue, event, duration_bucket, wait_bucket, jobs, duration_sum,
+                          wait_sum
+                   FROM pjq_tallies) t
+             GROUP BY queue, event, duration_bucket, wait_bucket
+             ORDER BY queue, event, duration_bucket, wait_bucket",
+            self.integer("duration_bucket"),
+            self.integer("wait_bucket"),
+            self.integer("SUM(jobs)"),
+            self.integer("SUM(duration_sum)"),
+            self.integer("SUM(wait_sum)"),
+            self.tally_columns()
         )
     }
 
@@ -530,23 +667,17 @@ impl Dialect {
         )
     }
 
-    /// Deletes at most a limit (bound second) of the jobs of `kind` that finished before a
-    /// time (bound first).
-    pub fn prune_batch(&self, kind: super::Finished) -> String {
-        let finished = format!(
-            "finished_at < {} AND status IN ({})",
+    /// The ids, locked, of at most a limit (bound second) of the jobs of `kind` that
+    /// finished before a time (bound first), oldest ids first.
+    pub fn prunable_ids(&self, kind: super::Finished) -> String {
+        format!(
+            "SELECT id FROM pjq_jobs WHERE finished_at < {} AND status IN ({})
+             ORDER BY id LIMIT {}{}",
             self.p(1),
-            kind.statuses()
-        );
-        if self.delete_limit {
-            format!("DELETE FROM pjq_jobs WHERE {finished} LIMIT {}", self.p(2))
-        } else {
-            format!(
-                "DELETE FROM pjq_jobs WHERE id IN (
-                    SELECT id FROM pjq_jobs WHERE {finished} LIMIT {})",
-                self.p(2)
-            )
-        }
+            kind.statuses(),
+            self.p(2),
+            self.lock_rows
+        )
     }
 
     /// Every statement this module builds, by name, with sample sizes where a statement's
@@ -588,20 +719,28 @@ impl Dialect {
             ("list jobs", self.list_jobs()),
             ("job stats", self.job_stats()),
             ("get job", self.get_job()),
-            ("retry", self.retry()),
-            ("retry matching", self.retry_matching()),
-            ("delete", self.delete()),
-            ("delete older", self.delete_older()),
+            ("retryable id", self.retryable_id()),
+            ("retryable ids matching", self.retryable_ids_matching()),
+            ("retry ids", self.retry_ids(2)),
+            ("deletable id", self.deletable_id()),
+            ("old ids", self.old_ids()),
+            ("delete ids", self.delete_ids(2)),
+            ("fold tallies", self.fold_tallies(2)),
+            ("count rescue", self.count_rescue()),
+            ("finished tallies", self.finished_tallies()),
             ("cancel", self.cancel()),
             ("register worker", self.register_worker()),
             ("heartbeat", self.heartbeat()),
             ("unregister worker", self.unregister_worker()),
             ("list workers", self.list_workers()),
             (
-                "prune succeeded and cancelled",
-                self.prune_batch(super::Finished::Done),
+                "prunable succeeded and cancelled",
+                self.prunable_ids(super::Finished::Done),
             ),
-            ("prune failed", self.prune_batch(super::Finished::Failed)),
+            (
+                "prunable failed",
+                self.prunable_ids(super::Finished::Failed),
+            ),
             ("pause", self.pause()),
             ("resume", self.resume()),
             ("paused queues", self.paused_queues()),
@@ -688,8 +827,18 @@ mod tests {
         let postgres = super::super::postgres::DIALECT;
         assert!(
             mysql
-                .prune_batch(super::super::Finished::Failed)
-                .ends_with("LIMIT ?")
+                .prunable_ids(super::super::Finished::Failed)
+                .ends_with("LIMIT ? FOR UPDATE")
+        );
+        assert!(
+            mysql
+                .fold_tallies(1)
+                .contains("ON DUPLICATE KEY UPDATE jobs = jobs + VALUES(jobs)")
+        );
+        assert!(
+            postgres
+                .fold_tallies(1)
+                .contains("DO UPDATE SET jobs = pjq_tallies.jobs + excluded.jobs")
         );
         assert!(!mysql.take_back(Holder::Token("")).contains("RETURNING"));
         assert!(

@@ -23,7 +23,7 @@ use super::{
     AdminStore, ChangeOutcome, Completion, Detail, Finished, FleetStore, JobFilter, JobId,
     JobRecord, JobStats, JobStatus, Lease, NewJob, OrphanedJob, PausedQueue, Poll, PushListener,
     QueueCounts, QueueLatency, QueueStore, Release, RescueScan, SchemaStore, SchemaVersion,
-    StoreError, StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
+    StoreError, StoreResult, Tally, Timestamp, Turn, WorkerIdentity, WorkerRecord,
 };
 
 /// One store call, boxed so that a hook can wrap calls of every result type.
@@ -269,6 +269,11 @@ impl<S: FleetStore + ?Sized, H: CallHook> FleetStore for Wrapped<S, H> {
 
     async fn failed_since(&self, window: Duration) -> StoreResult<u64> {
         self.call("failed since", self.inner.failed_since(window))
+            .await
+    }
+
+    async fn finished_tallies(&self) -> StoreResult<Option<Vec<Tally>>> {
+        self.call("finished tallies", self.inner.finished_tallies())
             .await
     }
 

@@ -31,6 +31,7 @@ backend_tests!(
     every_statement_prepares_on_the_server,
     a_turn_that_finds_the_only_due_job_held_says_contended,
     a_paused_queue_is_passed_over_until_resumed,
+    finished_counters_never_go_down,
 );
 
 fn job(queue: &str, code: &str) -> NewJob {
@@ -893,5 +894,96 @@ fn a_paused_queue_is_passed_over_until_resumed(backend: Backend) {
         assert_eq!(store.resume(&ui_only).await.unwrap(), 0);
         let claimed = store.claim(&queues(), &me).await.unwrap();
         assert_eq!(claimed.map(|job| job.id), Some(ui));
+    });
+}
+
+/// Finished jobs counted by event (over every bucket), from the store's tallies.
+async fn finished_counts(store: &dyn JobStore) -> std::collections::BTreeMap<String, i64> {
+    let mut counts = std::collections::BTreeMap::new();
+    for tally in store.finished_tallies().await.unwrap().unwrap() {
+        assert_eq!(tally.queue, "ui_job");
+        *counts.entry(tally.event).or_insert(0) += tally.jobs;
+    }
+    counts
+}
+
+fn counted(pairs: &[(&str, i64)]) -> std::collections::BTreeMap<String, i64> {
+    pairs.iter().map(|(e, n)| (e.to_string(), *n)).collect()
+}
+
+/// The finished counters are events: a retry, a delete or a prune takes a job out of its
+/// final state or out of the table, never out of the count; a rescue is counted once, and
+/// a job its lost worker never finished counts as `lost`.
+fn finished_counters_never_go_down(backend: Backend) {
+    use std::time::Duration;
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let failure = || JobResult::Failed {
+            exit_code: Some(1),
+            signal: None,
+            reason: "exit code 1".into(),
+        };
+        let mut ids = Vec::new();
+        for (code, result) in [
+            ("a", JobResult::Succeeded),
+            ("b", failure()),
+            ("c", failure()),
+        ] {
+            let id = store.push(&job("ui_job", code)).await.unwrap();
+            let claimed = store.claim(&queues(), &worker("1")).await.unwrap().unwrap();
+            store.complete(&claimed.lease, &done(result)).await.unwrap();
+            ids.push(id);
+        }
+        let waiting = store.push(&job("ui_job", "d")).await.unwrap();
+        store.cancel(waiting, Timestamp::now()).await.unwrap();
+        let before = counted(&[("cancelled", 1), ("failed", 2), ("succeeded", 1)]);
+        assert_eq!(finished_counts(store.as_ref()).await, before);
+
+        assert_eq!(store.retry(ids[1]).await.unwrap(), ChangeOutcome::Changed);
+        assert_eq!(finished_counts(store.as_ref()).await, before, "retry");
+        assert_eq!(store.delete(ids[2]).await.unwrap(), ChangeOutcome::Changed);
+        assert_eq!(finished_counts(store.as_ref()).await, before, "delete");
+        let soon = Timestamp::now().plus(Duration::from_secs(1));
+        assert_eq!(store.prune_finished(Finished::Done, soon).await.unwrap(), 2);
+        assert_eq!(finished_counts(store.as_ref()).await, before, "prune");
+
+        // The retried job runs again and succeeds: one more event.
+        let again = store.claim(&queues(), &worker("1")).await.unwrap().unwrap();
+        assert_eq!(again.id, ids[1]);
+        store
+            .complete(&again.lease, &done(JobResult::Succeeded))
+            .await
+            .unwrap();
+        let lost = worker("lost");
+        store.register_worker(&lost, &queues()).await.unwrap();
+        store.push(&job("ui_job", "e")).await.unwrap();
+        store.claim(&queues(), &lost).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let rescued = store
+            .rescue_orphans(Duration::from_secs(1), Timestamp::now())
+            .await
+            .unwrap();
+        assert_eq!(rescued.len(), 1);
+        assert_eq!(
+            finished_counts(store.as_ref()).await,
+            counted(&[
+                ("cancelled", 1),
+                ("failed", 2),
+                ("lost", 1),
+                ("rescued", 1),
+                ("succeeded", 2)
+            ])
+        );
+        let tallies = store.finished_tallies().await.unwrap().unwrap();
+        let succeeded: Vec<_> = tallies.iter().filter(|t| t.event == "succeeded").collect();
+        assert!(
+            succeeded
+                .iter()
+                .all(|t| t.duration_bucket >= 0 && t.wait_bucket >= 0),
+            "a job that ran has a duration and a wait: {succeeded:?}"
+        );
+        let cancelled = tallies.iter().find(|t| t.event == "cancelled").unwrap();
+        assert_eq!((cancelled.duration_bucket, cancelled.wait_bucket), (-1, -1));
     });
 }
