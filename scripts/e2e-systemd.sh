@@ -31,6 +31,7 @@ check() {
 }
 
 [ "$(id -u)" = 0 ] || fail "needs root (systemd-nspawn, debootstrap)"
+[ -n "${PJQ_PROMTOOL:-}" ] || fetch_promtool
 
 # ------------------------------------------------------------------ container
 
@@ -168,6 +169,13 @@ journal_has() { journal "${@:2}" | grep -F -- "$1" >/dev/null; }
 explained() { cexec journalctl --no-pager -q -x --boot "${@:2}" | grep -F -- "$1" >/dev/null; }
 status_shows() { cexec systemctl --no-pager status "$1" | grep -F -- "$2" >/dev/null; }
 restarted() { [ "$(prop "$1" NRestarts)" -ge 1 ]; }
+promtool_accepts() { cexec cat "$1" | "$PJQ_PROMTOOL" check metrics; }
+# Whether the sample $2 of the metrics file $3 is at least $1.
+metric_at_least() {
+  local value
+  value=$(cexec cat "$3" | awk -v series="$2" '$1 == series {print $2}')
+  [ -n "$value" ] && awk -v v="$value" -v min="$1" 'BEGIN {exit !(v >= min)}'
+}
 workers_of_hosts() {
   local status host
   status=$(pjq status --json)
@@ -241,6 +249,20 @@ run_checks() { # label
   wait_for "3b: instance 1 says it is paused" 20 is "Idle, waiting for jobs on import_export_job; paused: import_export_job (feed broken)" prop pim_job_queue@1 StatusText
   check "3b: resume" pjq resume import_export_job
   wait_for "3b: instance 1 says it no more" 20 is "Idle, waiting for jobs on import_export_job" prop pim_job_queue@1 StatusText
+
+  # 3c. The metrics timer (off by default) writes node_exporter's textfile, which promtool
+  # accepts and which counts the jobs of 3.
+  local textfile=/var/lib/prometheus/node-exporter/pim_job_queue.prom
+  check "3c: the metrics timer is off by default" is disabled cexec systemctl is-enabled pim-job-queue-metrics.timer
+  cexec mkdir -p /var/lib/prometheus/node-exporter
+  cexec rm -f "$textfile"
+  check "3c: systemctl start pim-job-queue-metrics.timer" cexec systemctl start pim-job-queue-metrics.timer
+  wait_for "3c: the timer wrote $textfile" 20 cexec test -s "$textfile"
+  check "3c: promtool check metrics accepts it" promtool_accepts "$textfile"
+  check "3c: it counts the jobs of 3" metric_at_least 2 'pjq_jobs_finished_total{queue="ui_job",result="succeeded"}' "$textfile"
+  check "3c: the service ran as pim-job-queue and succeeded" is success prop pim-job-queue-metrics.service Result
+  check "3c: no temporary file is left" refused cexec sh -c "ls -A /var/lib/prometheus/node-exporter | grep -v '^pim_job_queue.prom\$'"
+  cexec systemctl stop pim-job-queue-metrics.timer
 
   # 4. A bad 3.conf leaves instance 3 failed, the reason in its journal, no restart loop.
   check "4: start of instance 3 fails" refused cexec systemctl start pim_job_queue@3

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 apt_install systemd util-linux faketime php-cli php-mysql php-symfony-messenger php-symfony-doctrine-messenger php-doctrine-dbal php-symfony-cache php-symfony-console php-symfony-event-dispatcher
 start_database_servers
+fetch_promtool
 cargo build --quiet
 scripts/check-unit.sh target/debug/pim-job-queue
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-4}"

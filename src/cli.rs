@@ -85,6 +85,10 @@ pub enum Command {
     /// exit code: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also when the database does not
     /// answer within 10 s). Thresholds are `[WARN:]CRIT`.
     Check(CheckArgs),
+    /// The fleet's state in the Prometheus text format, from the database: jobs by queue
+    /// and state, queue latency, finished and rescued counters, duration and wait
+    /// histograms, workers by host and state.
+    Metrics(MetricsArgs),
     /// Create or upgrade the database schema.
     Migrate,
     /// Write the man page and shell completions into DIR (used when packaging).
@@ -188,6 +192,15 @@ pub struct CheckArgs {
     /// The most jobs that may have failed within a window: e.g. `1h=5:20`.
     #[arg(long, value_name = "WINDOW=[WARN:]CRIT")]
     pub max_failed: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// Write into FILE instead of stdout, atomically (a temporary file renamed over it), as
+    /// node_exporter's textfile collector needs: e.g.
+    /// `/var/lib/prometheus/node-exporter/pim_job_queue.prom`.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -19,6 +19,8 @@ pub enum ExitCode {
     Unavailable = 69,
     /// A bug or an unexpected database answer.
     Software = 70,
+    /// An output file could not be written (`metrics --output`).
+    CantCreat = 73,
     /// This user may not do it (write the job store).
     NoPerm = 77,
     /// A temporary failure; trying again later may work. The daemon also exits with it when

@@ -23,6 +23,7 @@ pub mod exit;
 pub mod fleet;
 pub mod instance;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod outcome;
 pub mod runner;

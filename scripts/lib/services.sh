@@ -20,6 +20,23 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# Debian's promtool, for the metrics tests: extracted from the `prometheus` package into
+# target/tools rather than installed, which would start a Prometheus server. Exports
+# PJQ_PROMTOOL.
+fetch_promtool() {
+  local tools=target/tools
+  if [ ! -x "$tools/usr/bin/promtool" ]; then
+    say "fetching promtool from Debian's prometheus package"
+    mkdir -p "$tools"
+    (cd "$tools" && { apt-get download prometheus >/dev/null 2>&1 \
+        || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get download prometheus >/dev/null; }; })
+    dpkg-deb -x "$tools"/prometheus_*.deb "$tools"
+    rm -f "$tools"/prometheus_*.deb
+  fi
+  PJQ_PROMTOOL=$(realpath "$tools/usr/bin/promtool")
+  export PJQ_PROMTOOL
+}
+
 wait_for() {
   local what=$1; shift
   for _ in $(seq 1 60); do

@@ -14,6 +14,7 @@ mod change;
 mod check;
 mod consume;
 mod inspect;
+mod metrics;
 mod push;
 
 use change::{cancel, delete, migrate, pause, prune, resume, retry, stop_workers};
@@ -93,6 +94,7 @@ pub async fn run(cli: &Cli, context: &Context, notifier: Arc<Notifier>) -> Resul
         Command::Pause(args) => pause(context, args).await,
         Command::Resume(args) => resume(context, &args.queues).await,
         Command::Check(args) => check::check(context, args).await,
+        Command::Metrics(args) => metrics::metrics(context, args).await,
         Command::Prune => prune(context).await,
         Command::Migrate => migrate(context).await,
         Command::GenerateAssets { dir } => generate_assets(dir),

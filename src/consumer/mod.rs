@@ -136,12 +136,7 @@ impl Consumer {
         notifier: Arc<Notifier>,
         reloader: Reloader,
     ) -> Self {
-        let timings = FleetTimings {
-            heartbeat_interval: config.heartbeat_interval,
-            rescue_after: config.rescue_after,
-            retention: config.retention,
-            failed_retention: config.failed_retention,
-        };
+        let timings = FleetTimings::of(&config);
         Consumer {
             store,
             options,

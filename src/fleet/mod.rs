@@ -52,6 +52,16 @@ pub struct FleetTimings {
 }
 
 impl FleetTimings {
+    /// The timings `config` sets.
+    pub fn of(config: &crate::config::Config) -> FleetTimings {
+        FleetTimings {
+            heartbeat_interval: config.heartbeat_interval,
+            rescue_after: config.rescue_after,
+            retention: config.retention,
+            failed_retention: config.failed_retention,
+        }
+    }
+
     /// How long without contact before this worker stops its own running job.
     pub fn fence_after(&self) -> Duration {
         self.rescue_after * 2 / 3

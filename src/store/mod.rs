@@ -300,6 +300,8 @@ pub struct WorkerRecord {
     pub pid: i64,
     pub queues: String,
     pub started_at: Timestamp,
+    /// When its last heartbeat reached the database, by the database's clock.
+    pub heartbeat_at: Timestamp,
     /// How long ago, by the database's clock, its last heartbeat was.
     pub heartbeat_age_seconds: f64,
     pub current_job: Option<JobId>,

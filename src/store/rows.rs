@@ -83,6 +83,7 @@ where
         pid: row.try_get("pid")?,
         queues: row.try_get("queues")?,
         started_at: Timestamp(row.try_get("started_at")?),
+        heartbeat_at: Timestamp(row.try_get("heartbeat_at")?),
         heartbeat_age_seconds: age.max(0) as f64 / 1e6,
         current_job: row.try_get("current_job")?,
     })

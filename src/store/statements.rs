@@ -661,7 +661,7 @@ impl Dialect {
     /// The workers, each with its heartbeat's age in microseconds by the database's clock.
     pub fn list_workers(&self) -> String {
         format!(
-            "SELECT host, instance, pid, queues, started_at, current_job, {} AS age
+            "SELECT host, instance, pid, queues, started_at, heartbeat_at, current_job, {} AS age
              FROM pjq_workers ORDER BY host, instance, pid",
             self.integer(&format!("{} - heartbeat_at", self.db_now))
         )

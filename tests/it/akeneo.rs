@@ -548,6 +548,11 @@ fn akeneo6_heartbeat_and_failure_fix_up() {
         (6, Some("FAILED")),
         "the fix-up marks it failed"
     );
+    // `check` counts the PIM's failed executions.
+    let check = pim.scratch.run(&["check", "--max-failed", "1h=0:5"]);
+    let line = String::from_utf8_lossy(&check.stdout).to_string();
+    assert_eq!(exit_code(&check), 1, "{line}");
+    assert!(line.contains("1 jobs failed in the last 1h"), "{line}");
 
     pim.job_message("import_export_job", IMPORT, fine, "{}");
     let output = pim.consume(&["--limit", "1"], &[]);
@@ -717,8 +722,8 @@ fn instance_conf_selects_queues_and_status_shows_depth() {
     );
 }
 
-/// A paused PIM queue is passed over by our workers (the others run), `check` reports its
-/// wait without alerting, and `resume` lets it run.
+/// A paused PIM queue is passed over by our workers (the others run), `metrics` and
+/// `check` report its wait (without alerting), and `resume` lets it run.
 #[test]
 fn a_paused_pim_queue_waits_until_resumed() {
     if !Backend::Mariadb.available() {
@@ -740,6 +745,20 @@ fn a_paused_pim_queue_waits_until_resumed() {
         pim.remaining_messages(),
         1,
         "the paused queue's message waits"
+    );
+    let metrics = pim.scratch.ok(&["metrics"]);
+    crate::metrics::check_with_promtool(&metrics);
+    let value = |series: &str| crate::metrics::value(&metrics, series);
+    assert_eq!(
+        value("pjq_jobs{queue=\"import_export_job\",state=\"waiting\"}"),
+        1.0
+    );
+    assert_eq!(value("pjq_jobs{queue=\"ui_job\",state=\"waiting\"}"), 0.0);
+    assert_eq!(value("pjq_queue_paused{queue=\"import_export_job\"}"), 1.0);
+    assert!(value("pjq_queue_latency_seconds{queue=\"import_export_job\"}") >= 0.0);
+    assert!(
+        !metrics.contains("pjq_jobs_finished_total"),
+        "the PIM counts its own results"
     );
     let check = pim.scratch.run(&["check", "--max-latency", "1ms"]);
     let line = String::from_utf8_lossy(&check.stdout).to_string();

@@ -14,6 +14,7 @@ mod faults;
 mod fleet;
 mod hostile;
 mod instance;
+mod metrics;
 mod pause;
 mod properties;
 mod secrets;
