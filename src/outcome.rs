@@ -118,6 +118,16 @@ impl JobOutcome {
                 "job finished"
             ),
             JobOutcome::Finished {
+                result: JobResult::Cancelled { reason },
+                ..
+            } => warn!(
+                message_id = JOB_FINISHED,
+                job_result = "cancelled",
+                job_duration_usec = usec,
+                duration = %duration,
+                "job cancelled: {reason}"
+            ),
+            JobOutcome::Finished {
                 result: JobResult::Failed { reason, .. },
                 ..
             } => warn!(

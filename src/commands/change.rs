@@ -102,15 +102,25 @@ pub(super) async fn delete(context: &Context, args: &DeleteArgs) -> Result<(), F
 
 pub(super) async fn cancel(context: &Context, args: &IdArgs) -> Result<(), Failure> {
     let opened = context.open_store().await?;
+    let reason = format!("cancelled by operator ({})", operator());
     let outcome = opened
         .jobs("cancel")?
-        .cancel(args.id, Timestamp::now())
+        .cancel(args.id, &reason, Timestamp::now())
         .await?;
+    if outcome == ChangeOutcome::Requested {
+        println!(
+            "Job #{} is running: its worker ends it within a heartbeat interval ({}) and its \
+             kill_grace, and records it cancelled.",
+            args.id,
+            format_duration(context.config.heartbeat_interval)
+        );
+        return Ok(());
+    }
     report_change(
         args.id,
         outcome,
         "cancelled",
-        "only waiting jobs can be cancelled",
+        "only waiting or running jobs can be cancelled",
     )
 }
 
@@ -121,7 +131,7 @@ pub(super) fn report_change(
     rule: &str,
 ) -> Result<(), Failure> {
     match outcome {
-        ChangeOutcome::Changed => {
+        ChangeOutcome::Changed | ChangeOutcome::Requested => {
             println!("Job #{id} {done}.");
             Ok(())
         }
@@ -183,7 +193,8 @@ fn chosen_queues(config: &Config, named: &[String]) -> Result<Vec<String>, Failu
     Ok(named.to_vec())
 }
 
-/// Who runs this command, for the record of a pause: the user behind `sudo` first.
+/// Who runs this command, for the record of a pause or a cancel: the user behind `sudo`
+/// first.
 fn operator() -> String {
     ["SUDO_USER", "USER", "LOGNAME"]
         .iter()

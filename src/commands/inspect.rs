@@ -250,6 +250,9 @@ pub(super) async fn show(context: &Context, args: &ShowArgs) -> Result<(), Failu
     if let Some(reason) = &job.reason {
         println!("  reason:    {}", printable(reason));
     }
+    if let (JobStatus::Running, Some(request)) = (job.status, &job.cancel_requested) {
+        println!("  cancel:    requested, {}", printable(request));
+    }
     if !job.output.is_empty() {
         println!("  output (last {} lines):", job.output.len());
         for line in &job.output {

@@ -71,7 +71,7 @@ impl Consumer {
                 output,
                 ran_for,
             } => match result {
-                JobResult::Succeeded => return Some(Ok(())),
+                JobResult::Succeeded | JobResult::Cancelled { .. } => return Some(Ok(())),
                 JobResult::Failed { .. } if !self.breaker.within_window(*ran_for) => {
                     return Some(Ok(()));
                 }
@@ -268,6 +268,7 @@ impl Consumer {
                 _ = contact.lost_for(self.timings.fence_after()) => {
                     JobEvent::Interrupt("lost contact with the database", self.timings.fence_grace())
                 }
+                reason = contact.cancel_requested(job.id) => JobEvent::Cancel(reason),
                 _ = contact.lease_lost(job.id) => {
                     JobEvent::Interrupt("this worker was declared lost: the job is someone else's", self.timings.fence_grace())
                 }
@@ -296,6 +297,14 @@ impl Consumer {
                 }
                 JobEvent::Interrupt(reason, grace) => {
                     break self.end_now(running, reason, grace).await;
+                }
+                JobEvent::Cancel(reason) => {
+                    warn!("ending the job's process group: {reason}");
+                    self.notifier.extend_timeout(kill_grace + STATUS_REFRESH);
+                    self.notifier
+                        .while_pinging(running.end_group(kill_grace))
+                        .await;
+                    break self.notifier.while_pinging(running.cancelled(reason)).await;
                 }
                 JobEvent::Tick => self.keep_alive_while_running(job, &running, stop_deadline),
                 JobEvent::Reload => self.reload(contact),
@@ -419,6 +428,8 @@ pub(super) enum JobEvent {
     StopRequested,
     /// End the job now: why, and how long SIGTERM gets before SIGKILL.
     Interrupt(&'static str, Duration),
+    /// An operator cancelled the job: end it, and it ends `cancelled` for this reason.
+    Cancel(String),
 }
 
 pub(super) fn running_status(job: &ClaimedJob, elapsed: Duration) -> String {

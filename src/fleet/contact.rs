@@ -1,6 +1,7 @@
 //! What the heartbeat knows about the database, shared with the consumer: when a heartbeat
 //! last got through (the fence), since when the database has been unavailable, which job
-//! this worker runs, and whether it was found to have lost that job.
+//! this worker runs, whether it was found to have lost that job, and whether an operator
+//! asked to cancel it.
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -14,9 +15,10 @@ use crate::store::JobId;
 #[derive(Debug)]
 pub struct Contact {
     state: Mutex<ContactState>,
-    /// Woken when the heartbeat learns that this worker was declared lost while it ran a
-    /// job: the job is someone else's now.
-    lease_lost: tokio::sync::Notify,
+    /// Woken when the heartbeat learns something about the running job: this worker was
+    /// declared lost while it ran it (the job is someone else's now), or an operator asked
+    /// to cancel it.
+    news: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -31,6 +33,8 @@ struct ContactState {
     current_job: Option<JobId>,
     /// A job this worker was found to have lost (its registration taken away while it ran).
     lost_job: Option<JobId>,
+    /// A job an operator asked to cancel, and why.
+    cancel: Option<(JobId, String)>,
     /// Queues a reload chose, for the heartbeat to record with its next beat.
     new_queues: Option<Vec<String>>,
     /// The queues paused fleet-wide, as the rescuer's last round read them (`queue
@@ -47,10 +51,11 @@ impl Contact {
                 connected_since: Instant::now(),
                 current_job: None,
                 lost_job: None,
+                cancel: None,
                 new_queues: None,
                 paused: String::new(),
             }),
-            lease_lost: tokio::sync::Notify::new(),
+            news: tokio::sync::Notify::new(),
         }
     }
 
@@ -58,12 +63,29 @@ impl Contact {
     /// while it ran the job, as a rescue does). Remembered, so a loop that was busy when
     /// the heartbeat found out still hears it; never about another job.
     pub async fn lease_lost(&self, job: JobId) {
+        self.news_of(|state| (state.lost_job == Some(job)).then_some(()))
+            .await
+    }
+
+    /// Resolves with the operator's reason once the heartbeat has read a cancel request
+    /// for `job`; remembered like [`Contact::lease_lost`], never about another job.
+    pub async fn cancel_requested(&self, job: JobId) -> String {
+        self.news_of(|state| match &state.cancel {
+            Some((id, reason)) if *id == job => Some(reason.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits until `found` finds its news in the state, checked after each notification
+    /// (and once at first, so news that came before the wait is heard).
+    async fn news_of<T>(&self, found: impl Fn(&ContactState) -> Option<T>) -> T {
         loop {
-            let notified = self.lease_lost.notified();
+            let notified = self.news.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.lock().lost_job == Some(job) {
-                return;
+            if let Some(news) = found(&self.lock()) {
+                return news;
             }
             notified.await;
         }
@@ -155,7 +177,19 @@ impl Contact {
     /// someone else's now, and the loop that watches it hears so.
     pub(super) fn lose_job(&self, job: JobId) {
         self.lock().lost_job = Some(job);
-        self.lease_lost.notify_waiters();
+        self.news.notify_waiters();
+    }
+
+    /// Records an operator's request to cancel `job`; false when it was known already.
+    pub(super) fn request_cancel(&self, job: JobId, reason: String) -> bool {
+        let mut state = self.lock();
+        if state.cancel.as_ref().is_some_and(|(id, _)| *id == job) {
+            return false;
+        }
+        state.cancel = Some((job, reason));
+        drop(state);
+        self.news.notify_waiters();
+        true
     }
 }
 
@@ -191,6 +225,21 @@ mod tests {
         contact.lease_lost(7).await;
         let other = tokio::time::timeout(Duration::from_secs(3600), contact.lease_lost(8));
         assert!(other.await.is_err(), "job 8 was never lost");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_request_is_heard_once_and_only_for_its_job() {
+        let contact = Arc::new(Contact::new());
+        let waiting = tokio::spawn({
+            let contact = contact.clone();
+            async move { contact.cancel_requested(7).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(contact.request_cancel(7, "cancelled by operator".into()));
+        assert!(!contact.request_cancel(7, "again".into()), "known already");
+        assert_eq!(waiting.await.unwrap(), "cancelled by operator");
+        let other = tokio::time::timeout(Duration::from_secs(3600), contact.cancel_requested(8));
+        assert!(other.await.is_err(), "job 8 was never cancelled");
     }
 
     #[tokio::test(start_paused = true)]

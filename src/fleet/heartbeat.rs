@@ -1,6 +1,7 @@
 //! The heartbeat: alone on its task and timer, so nothing else the worker does (a rescue, a
 //! prune, a job, a reload) can delay it, and with it the fence. It also records the queues
-//! a reload chose, and finds out when this worker was declared lost.
+//! a reload chose, finds out when this worker was declared lost, and reads an operator's
+//! request to cancel the running job.
 
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use tracing::{error, info, warn};
 
 use super::contact::Contact;
 use super::{FleetTimings, clock};
-use crate::store::{FleetStore, StoreResult, WorkerIdentity};
+use crate::store::{FleetStore, JobId, StoreResult, WorkerIdentity};
 
 pub(super) struct Heartbeat {
     pub(super) store: Arc<dyn FleetStore>,
@@ -69,6 +70,20 @@ impl Heartbeat {
             self.store
                 .register_worker(&self.worker, &self.queues)
                 .await?;
+            return Ok(());
+        }
+        if let Some(job) = current {
+            self.read_cancel_request(job).await?;
+        }
+        Ok(())
+    }
+
+    /// Tells the consumer when an operator asked to cancel the running `job`.
+    async fn read_cancel_request(&self, job: JobId) -> StoreResult<()> {
+        if let Some(reason) = self.store.cancel_request(job, &self.worker).await?
+            && self.contact.request_cancel(job, reason.clone())
+        {
+            info!(job_id = job, "job {job}: {reason}: ending it");
         }
         Ok(())
     }

@@ -249,6 +249,17 @@ impl RunningJob {
         JobOutcome::timed_out(status, output, ran_for)
     }
 
+    /// The worker ended the job (with [`RunningJob::end_group`]) because an operator
+    /// cancelled it: a final result.
+    pub async fn cancelled(self, reason: String) -> JobOutcome {
+        let (output, ran_for) = self.conclude().await;
+        JobOutcome::Finished {
+            result: crate::store::JobResult::Cancelled { reason },
+            output,
+            ran_for,
+        }
+    }
+
     /// The worker ended the job (with [`RunningJob::end_group`]) before it finished.
     pub async fn interrupted(self, reason: &str) -> JobOutcome {
         let (output, ran_for) = self.conclude().await;

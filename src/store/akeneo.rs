@@ -693,6 +693,7 @@ impl QueueStore for AkeneoStore {
         let reason = match &completion.result {
             JobResult::Succeeded => "the job exited without finishing its execution".to_string(),
             JobResult::Failed { reason, .. } => format!("the job ended: {reason}"),
+            JobResult::Cancelled { reason } => format!("the job was ended: {reason}"),
         };
         self.finish(lease, &reason).await?;
         Ok(true)
@@ -821,6 +822,15 @@ impl FleetStore for AkeneoStore {
             .map(|row| super::rows::queue_latency(row, "queue_name"))
             .collect::<Result<_, _>>()
             .map_err(|e| self.error(e))
+    }
+
+    /// The PIM stops its jobs itself (status STOPPING, read by the running job).
+    async fn cancel_request(
+        &self,
+        _job: super::JobId,
+        _worker: &super::WorkerIdentity,
+    ) -> StoreResult<Option<String>> {
+        Ok(None)
     }
 
     /// The PIM tracks its jobs in its own tables (`akeneo_batch_job_execution`): no tallies

@@ -204,6 +204,10 @@ pub struct Poll {
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobResult {
     Succeeded,
+    /// Ended by its worker at an operator's request (`cancel` of a running job).
+    Cancelled {
+        reason: String,
+    },
     Failed {
         exit_code: Option<i32>,
         signal: Option<i32>,
@@ -241,6 +245,8 @@ pub struct JobRecord {
     pub exit_signal: Option<i64>,
     pub reason: Option<String>,
     pub output: Vec<String>,
+    /// An operator's request to end this running job, until its worker honours it.
+    pub cancel_requested: Option<String>,
 }
 
 /// How many jobs a queue has in each state.
@@ -287,6 +293,8 @@ pub struct JobStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeOutcome {
     Changed,
+    /// The job is running: its worker was asked to end it (a cancel).
+    Requested,
     NotFound,
     /// The job exists but is in a state the change does not apply to.
     WrongState(JobStatus),
@@ -630,6 +638,9 @@ fn release_of(outcome: Option<bool>) -> Release {
 fn completion_columns(result: &JobResult) -> (JobStatus, Option<i64>, Option<i64>, Option<&str>) {
     match result {
         JobResult::Succeeded => (JobStatus::Succeeded, Some(0), None, None),
+        JobResult::Cancelled { reason } => {
+            (JobStatus::Cancelled, None, None, Some(reason.as_str()))
+        }
         JobResult::Failed {
             exit_code,
             signal,

@@ -142,7 +142,8 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
         3,
         // What finished jobs counted as before a prune, delete or retry removed them (see
         // `Dialect::fold_tallies`), and rescues: the counters `metrics` reports.
-        &["CREATE TABLE IF NOT EXISTS pjq_tallies (
+        &[
+            "CREATE TABLE IF NOT EXISTS pjq_tallies (
             queue VARCHAR(64) NOT NULL,
             event VARCHAR(16) NOT NULL,
             duration_bucket INT NOT NULL,
@@ -151,7 +152,10 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             duration_sum BIGINT NOT NULL,
             wait_sum BIGINT NOT NULL,
             PRIMARY KEY (queue, event, duration_bucket, wait_bucket)
-        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"],
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+            // A running job's cancel request, for its worker's heartbeat to find.
+            "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS cancel_requested TEXT NULL",
+        ],
     ),
 ];
 

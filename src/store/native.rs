@@ -485,6 +485,20 @@ macro_rules! native_roles {
                 self.fold_then_change(lock, |n| DIALECT.delete_ids(n)).await
             }
 
+            async fn cancel_request(
+                &self,
+                job: $crate::store::JobId,
+                worker: &$crate::store::WorkerIdentity,
+            ) -> $crate::store::StoreResult<Option<String>> {
+                let request: Option<Option<String>> = sqlx::query_scalar(&DIALECT.cancel_request())
+                    .bind(job)
+                    .bind(worker.token.as_str())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(request.flatten())
+            }
+
             async fn finished_tallies(
                 &self,
             ) -> $crate::store::StoreResult<Option<Vec<$crate::store::Tally>>> {
@@ -599,15 +613,28 @@ macro_rules! native_roles {
             async fn cancel(
                 &self,
                 id: $crate::store::JobId,
+                reason: &str,
                 now: $crate::store::Timestamp,
             ) -> $crate::store::StoreResult<$crate::store::ChangeOutcome> {
-                let result = sqlx::query(&DIALECT.cancel())
+                let cancelled = sqlx::query(&DIALECT.cancel())
                     .bind(now.0)
+                    .bind(reason)
                     .bind(id)
                     .execute(&self.pool)
                     .await
                     .map_err(|e| self.error(e))?;
-                self.change_outcome(id, result.rows_affected()).await
+                if cancelled.rows_affected() == 0 {
+                    let requested = sqlx::query(&DIALECT.request_cancel())
+                        .bind(reason)
+                        .bind(id)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(|e| self.error(e))?;
+                    if requested.rows_affected() > 0 {
+                        return Ok($crate::store::ChangeOutcome::Requested);
+                    }
+                }
+                self.change_outcome(id, cancelled.rows_affected()).await
             }
         }
     };

@@ -117,7 +117,8 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
         4,
         // What finished jobs counted as before a prune, delete or retry removed them (see
         // `Dialect::fold_tallies`), and rescues: the counters `metrics` reports.
-        &["CREATE TABLE pjq_tallies (
+        &[
+            "CREATE TABLE pjq_tallies (
             queue TEXT NOT NULL,
             event TEXT NOT NULL,
             duration_bucket INTEGER NOT NULL,
@@ -126,7 +127,10 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             duration_sum BIGINT NOT NULL,
             wait_sum BIGINT NOT NULL,
             PRIMARY KEY (queue, event, duration_bucket, wait_bucket)
-        )"],
+        )",
+            // A running job's cancel request, for its worker's heartbeat to find.
+            "ALTER TABLE pjq_jobs ADD COLUMN cancel_requested TEXT",
+        ],
     ),
 ];
 

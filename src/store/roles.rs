@@ -230,6 +230,14 @@ pub trait FleetStore: Send + Sync {
     /// (see [`Tally`]); `None` where the jobs are tracked elsewhere (the PIM's own tables).
     async fn finished_tallies(&self) -> StoreResult<Option<Vec<Tally>>>;
 
+    /// The cancel request an operator left on `job`, which `worker` runs (see
+    /// [`AdminStore::cancel`]); `None` where jobs are cancelled elsewhere (the PIM's stop).
+    async fn cancel_request(
+        &self,
+        job: JobId,
+        worker: &WorkerIdentity,
+    ) -> StoreResult<Option<String>>;
+
     /// How many jobs failed within the last `window`, by the database's clock.
     async fn failed_since(&self, window: Duration) -> StoreResult<u64>;
 
@@ -282,8 +290,10 @@ pub trait AdminStore: Send + Sync {
     /// created, more than `age` ago by the database's clock; returns how many.
     async fn delete_older(&self, status: JobStatus, age: Duration) -> StoreResult<u64>;
 
-    /// Cancels a waiting job.
-    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome>;
+    /// Cancels a waiting job with `reason`; asks the worker running a running one to end
+    /// it ([`ChangeOutcome::Requested`]: it ends `cancelled` with `reason` once its worker's
+    /// next heartbeat reads the request).
+    async fn cancel(&self, id: JobId, reason: &str, now: Timestamp) -> StoreResult<ChangeOutcome>;
 }
 
 /// What a worker daemon needs: every role but job management by id.

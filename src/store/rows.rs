@@ -42,6 +42,7 @@ where
             .filter(|text| !text.is_empty())
             .map(|text| text.lines().map(str::to_owned).collect())
             .unwrap_or_default(),
+        cancel_requested: row.try_get("cancel_requested")?,
     })
 }
 

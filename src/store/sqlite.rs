@@ -105,7 +105,8 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
         3,
         // What finished jobs counted as before a prune, delete or retry removed them (see
         // `Dialect::fold_tallies`), and rescues: the counters `metrics` reports.
-        &["CREATE TABLE pjq_tallies (
+        &[
+            "CREATE TABLE pjq_tallies (
             queue TEXT NOT NULL,
             event TEXT NOT NULL,
             duration_bucket INTEGER NOT NULL,
@@ -114,7 +115,10 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             duration_sum INTEGER NOT NULL,
             wait_sum INTEGER NOT NULL,
             PRIMARY KEY (queue, event, duration_bucket, wait_bucket)
-        )"],
+        )",
+            // A running job's cancel request, for its worker's heartbeat to find.
+            "ALTER TABLE pjq_jobs ADD COLUMN cancel_requested TEXT",
+        ],
     ),
 ];
 
@@ -141,16 +145,27 @@ impl SqliteStore {
             .disable_statement_logging();
         let path = options.get_filename().display().to_string();
         create_store_file(options.get_filename())?;
-        let pool = SqlitePoolOptions::new()
-            // No ping before each use: it doubled every call's round trips, and a
-            // connection that died meanwhile fails its statement, which is retried like
-            // any other transient error.
-            .test_before_acquire(false)
-            .max_connections(2)
-            .connect_with(options)
-            .await
-            .map_err(|error| classify(error, &path))?;
-        Ok(SqliteStore { pool, path })
+        let deadline = tokio::time::Instant::now() + limits.server_side();
+        loop {
+            let connecting = SqlitePoolOptions::new()
+                // No ping before each use: it doubled every call's round trips, and a
+                // connection that died meanwhile fails its statement, which is retried like
+                // any other transient error.
+                .test_before_acquire(false)
+                .max_connections(2)
+                .connect_with(options.clone())
+                .await;
+            match connecting {
+                Ok(pool) => return Ok(SqliteStore { pool, path }),
+                // A file another process is creating: switching it to WAL takes an
+                // exclusive lock, and SQLite answers BUSY at once rather than call the busy
+                // handler where waiting could deadlock. It is over in milliseconds.
+                Err(error) if is_busy(&error) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(error) => return Err(classify(error, &path)),
+            }
+        }
     }
 
     fn error(&self, error: sqlx::Error) -> StoreError {
@@ -444,6 +459,12 @@ fn permission_problem(path: &str) -> Option<String> {
 
 /// Sorts a SQLite error by its primary result code: the one place that decides what waiting
 /// can fix.
+/// SQLITE_BUSY, with any extended code.
+fn is_busy(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.code().and_then(|code| code.parse::<i64>().ok()).is_some_and(|code| code & 0xff == 5))
+}
+
 pub fn classify(error: sqlx::Error, path: &str) -> StoreError {
     // Primary result codes: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
     const TRANSIENT: [i64; 6] = [5, 6, 8, 10, 13, 14];

@@ -55,7 +55,7 @@ pub(super) const STOP_GENERATION: &str =
 /// The columns [`super::rows::job_record`] reads, in the order backends select them.
 pub(super) const JOB_RECORD_COLUMNS: &str = "id, queue, code, payload, status, attempts, \
     max_attempts, created_at, available_at, claimed_at, started_at, finished_at, worker_host, \
-    worker_instance, worker_pid, exit_code, exit_signal, reason, output";
+    worker_instance, worker_pid, exit_code, exit_signal, reason, output, cancel_requested";
 
 /// Who must hold a job for a take-back ([`Dialect::take_back`]) to apply.
 #[derive(Clone, Copy)]
@@ -457,7 +457,7 @@ impl Dialect {
     pub fn retry_ids(&self, ids: usize) -> String {
         format!(
             "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {},
-                finished_at = NULL
+                finished_at = NULL, cancel_requested = NULL
              WHERE id IN ({}) AND status IN ('failed', 'cancelled')",
             self.db_now,
             self.placeholders(1, ids)
@@ -613,12 +613,33 @@ impl Dialect {
         )
     }
 
-    /// Cancels a waiting job: finished_at, then id.
+    /// Cancels a waiting job: finished_at, reason, then id.
     pub fn cancel(&self) -> String {
         format!(
-            "UPDATE pjq_jobs SET status = 'cancelled', finished_at = {},
-                reason = 'cancelled by operator'
+            "UPDATE pjq_jobs SET status = 'cancelled', finished_at = {}, reason = {}
              WHERE id = {} AND status = 'waiting'",
+            self.p(1),
+            self.p(2),
+            self.p(3)
+        )
+    }
+
+    /// Asks the worker running a job to end it: the reason, then id. The request stays
+    /// until a worker honours it (a job given back meanwhile is cancelled by the next
+    /// worker that claims it) or a retry clears it.
+    pub fn request_cancel(&self) -> String {
+        format!(
+            "UPDATE pjq_jobs SET cancel_requested = {} WHERE id = {} AND status = 'running'",
+            self.p(1),
+            self.p(2)
+        )
+    }
+
+    /// The cancel request of a job (id) a worker (token) runs, for its heartbeat.
+    pub fn cancel_request(&self) -> String {
+        format!(
+            "SELECT cancel_requested FROM pjq_jobs
+             WHERE id = {} AND worker_token = {} AND status = 'running'",
             self.p(1),
             self.p(2)
         )
@@ -729,6 +750,8 @@ impl Dialect {
             ("count rescue", self.count_rescue()),
             ("finished tallies", self.finished_tallies()),
             ("cancel", self.cancel()),
+            ("request cancel", self.request_cancel()),
+            ("cancel request", self.cancel_request()),
             ("register worker", self.register_worker()),
             ("heartbeat", self.heartbeat()),
             ("unregister worker", self.unregister_worker()),

@@ -272,6 +272,15 @@ impl<S: FleetStore + ?Sized, H: CallHook> FleetStore for Wrapped<S, H> {
             .await
     }
 
+    async fn cancel_request(
+        &self,
+        job: JobId,
+        worker: &WorkerIdentity,
+    ) -> StoreResult<Option<String>> {
+        self.call("cancel request", self.inner.cancel_request(job, worker))
+            .await
+    }
+
     async fn finished_tallies(&self) -> StoreResult<Option<Vec<Tally>>> {
         self.call("finished tallies", self.inner.finished_tallies())
             .await
@@ -323,7 +332,8 @@ impl<S: AdminStore + ?Sized, H: CallHook> AdminStore for Wrapped<S, H> {
             .await
     }
 
-    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<ChangeOutcome> {
-        self.call("cancel", self.inner.cancel(id, now)).await
+    async fn cancel(&self, id: JobId, reason: &str, now: Timestamp) -> StoreResult<ChangeOutcome> {
+        self.call("cancel", self.inner.cancel(id, reason, now))
+            .await
     }
 }

@@ -242,11 +242,21 @@ fn retry_resets_a_failed_job(backend: Backend) {
             store.retry(id).await.unwrap(),
             ChangeOutcome::WrongState(JobStatus::Waiting)
         );
-        let claimed = store.claim(&queues(), &worker("1")).await.unwrap().unwrap();
+        let first = worker("1");
+        let claimed = store.claim(&queues(), &first).await.unwrap().unwrap();
+        // A running job's cancel is a request its worker (only) reads.
         assert_eq!(
-            store.cancel(id, now).await.unwrap(),
-            ChangeOutcome::WrongState(JobStatus::Running)
+            store
+                .cancel(id, "cancelled by operator (ops)", now)
+                .await
+                .unwrap(),
+            ChangeOutcome::Requested
         );
+        assert_eq!(
+            store.cancel_request(id, &first).await.unwrap().as_deref(),
+            Some("cancelled by operator (ops)")
+        );
+        assert_eq!(store.cancel_request(id, &worker("2")).await.unwrap(), None);
         let failed = JobResult::Failed {
             exit_code: Some(1),
             signal: None,
@@ -254,6 +264,11 @@ fn retry_resets_a_failed_job(backend: Backend) {
         };
         store.complete(&claimed.lease, &done(failed)).await.unwrap();
         assert_eq!(store.retry(id).await.unwrap(), ChangeOutcome::Changed);
+        assert_eq!(
+            store.get_job(id).await.unwrap().unwrap().cancel_requested,
+            None,
+            "a retry clears the old request"
+        );
         let again = store.claim(&queues(), &worker("2")).await.unwrap().unwrap();
         assert_eq!(again.id, id);
         assert_eq!(again.attempts, 1, "retry resets the attempts");
@@ -936,7 +951,10 @@ fn finished_counters_never_go_down(backend: Backend) {
             ids.push(id);
         }
         let waiting = store.push(&job("ui_job", "d")).await.unwrap();
-        store.cancel(waiting, Timestamp::now()).await.unwrap();
+        store
+            .cancel(waiting, "cancelled by operator", Timestamp::now())
+            .await
+            .unwrap();
         let before = counted(&[("cancelled", 1), ("failed", 2), ("succeeded", 1)]);
         assert_eq!(finished_counts(store.as_ref()).await, before);
 

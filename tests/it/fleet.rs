@@ -17,6 +17,7 @@ backend_tests!(
     reloads_during_a_long_job_never_let_it_be_rescued,
     push_wakes_an_idle_worker_on_the_same_host,
     a_steady_ui_stream_keeps_lower_queues_waiting,
+    a_running_job_is_cancelled_from_another_process,
 );
 
 /// Fast heartbeats so rescue happens in about two seconds (the fence after 1.3 s, each call
@@ -289,6 +290,55 @@ fn a_steady_ui_stream_keeps_lower_queues_waiting(backend: Backend) {
 }
 
 // --- Shared backends only: the proxy cuts TCP, and the fleet is sized for a server. ---
+
+/// `cancel` of a running job, from another process (any host): the worker that runs it
+/// reads the request with its next heartbeat and ends the job's whole process group (here
+/// both processes ignore SIGTERM, so SIGKILL after kill_grace); the job is recorded
+/// cancelled with who asked, and the worker goes on with the next job.
+fn a_running_job_is_cancelled_from_another_process(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let pids = scratch.path("pids");
+    scratch.write_config(&format!(
+        "heartbeat_interval = \"500ms\"\nrescue_after = \"3s\"\n\
+         [jobs.stubborn]\n\
+         command = [\"/bin/sh\", \"-c\", \"trap '' TERM; sleep 60 & echo $! >> {0}; echo $$ >> {0}; wait\"]\n\
+         kill_grace = \"1s\"",
+        pids.display()
+    ));
+    let mut worker = scratch.spawn_consumer("a", &["--host-id", "host-a"]);
+    let id = scratch.push("ui_job", "stubborn");
+    wait_until(Duration::from_secs(10), "the job and its child", || {
+        std::fs::read_to_string(&pids).is_ok_and(|text| text.lines().count() == 2)
+    });
+    let processes: Vec<i32> = std::fs::read_to_string(&pids)
+        .unwrap()
+        .lines()
+        .map(|line| line.trim().parse().unwrap())
+        .collect();
+    let said = scratch.ok(&["cancel", &id.to_string()]);
+    assert!(said.contains("is running"), "{said}");
+    // heartbeat_interval + kill_grace + 1 s.
+    wait_until(
+        Duration::from_millis(2500),
+        "no process of the job left",
+        || processes.iter().all(|pid| process_is_gone(*pid)),
+    );
+    wait_until(Duration::from_secs(5), "the job recorded cancelled", || {
+        scratch.show(id)["status"] == "cancelled"
+    });
+    let job = scratch.show(id);
+    let reason = job["reason"].as_str().unwrap();
+    assert!(reason.starts_with("cancelled by operator ("), "{reason}");
+    let next = scratch.push("ui_job", "after");
+    wait_until(Duration::from_secs(10), "the next job to run", || {
+        scratch.show(next)["status"] == "succeeded"
+    });
+    let again = scratch.run(&["cancel", &id.to_string()]);
+    assert_eq!(exit_code(&again), 65, "{}", stderr(&again));
+    assert_eq!(exit_code(&scratch.run(&["cancel", "999999"])), 66);
+    send_signal(&worker, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut worker, Duration::from_secs(10)), 0);
+}
 
 mod shared {
     use super::*;
