@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::store::{Completion, JobResult, Timestamp};
+use crate::store::{Completion, JobResult, ResourceUsage, Timestamp};
 use crate::units::format_duration;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +27,8 @@ pub enum JobOutcome {
         /// The last lines of its output.
         output: Vec<String>,
         ran_for: Duration,
+        /// Its peak memory and CPU time, when measured.
+        usage: ResourceUsage,
     },
     /// The job cannot run, now or ever (its payload or command template does not make a
     /// launch): failed, final, no process was started.
@@ -62,6 +64,7 @@ impl JobOutcome {
             result,
             output,
             ran_for,
+            usage: ResourceUsage::default(),
         }
     }
 
@@ -73,16 +76,38 @@ impl JobOutcome {
             result: failed(exit_code, signal, "timeout".into()),
             output,
             ran_for,
+            usage: ResourceUsage::default(),
         }
+    }
+
+    /// Adds what the kernel measured while the job ran: its peak memory and CPU time, and
+    /// how many of its processes the OOM killer took, which a failure's reason then says
+    /// (an OOM kill is SIGKILL or exit code 137, otherwise unexplained).
+    pub fn measured(mut self, measured: ResourceUsage, oom_kills: u64) -> Self {
+        if let JobOutcome::Finished { result, usage, .. } = &mut self {
+            *usage = measured;
+            if let (JobResult::Failed { reason, .. }, 1..) = (result, oom_kills) {
+                reason.push_str(&format!(
+                    " (the kernel's OOM killer killed {oom_kills} process(es) of this job)"
+                ));
+            }
+        }
+        self
     }
 
     /// The one store write that records this outcome.
     pub fn record(&self) -> Record<'_> {
         match self {
-            JobOutcome::Finished { result, output, .. } => Record::Complete(Completion {
+            JobOutcome::Finished {
+                result,
+                output,
+                usage,
+                ..
+            } => Record::Complete(Completion {
                 result: result.clone(),
                 output: output.clone(),
                 finished_at: Timestamp::now(),
+                usage: *usage,
             }),
             JobOutcome::Refused { reason } => Record::Complete(refusal(reason)),
             JobOutcome::Interrupted { reason, .. } => Record::GiveBack(reason),
@@ -183,6 +208,7 @@ pub fn refusal(reason: &str) -> Completion {
         result: failed(None, None, reason.to_string()),
         output: Vec::new(),
         finished_at: Timestamp::now(),
+        usage: ResourceUsage::default(),
     }
 }
 

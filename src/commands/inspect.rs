@@ -250,6 +250,13 @@ pub(super) async fn show(context: &Context, args: &ShowArgs) -> Result<(), Failu
     if let Some(reason) = &job.reason {
         println!("  reason:    {}", printable(reason));
     }
+    if let (Some(bytes), Some(cpu)) = (job.usage.peak_rss_bytes, job.usage.cpu_usec) {
+        println!(
+            "  resources: peak RSS {:.1} MiB, CPU {:.2} s",
+            bytes as f64 / (1024.0 * 1024.0),
+            cpu as f64 / 1e6
+        );
+    }
     if let (JobStatus::Running, Some(request)) = (job.status, &job.cancel_requested) {
         println!("  cancel:    requested, {}", printable(request));
     }

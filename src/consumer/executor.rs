@@ -70,6 +70,7 @@ impl Consumer {
                 result,
                 output,
                 ran_for,
+                ..
             } => match result {
                 JobResult::Succeeded | JobResult::Cancelled { .. } => return Some(Ok(())),
                 JobResult::Failed { .. } if !self.breaker.within_window(*ran_for) => {

@@ -7,6 +7,7 @@
 //! and the last lines are kept for the job's record. [`spawn`] starts the process without
 //! copying the worker (a `posix_spawn`-style clone with the death signal added).
 
+mod oom;
 mod spawn;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -83,6 +84,17 @@ pub struct RunningJob {
     readers: Vec<JoinHandle<()>>,
     timeout: Option<Duration>,
     signal_leader_first: bool,
+    /// The OOM killer's count in this worker's cgroup when the job started.
+    oom_kills_at_start: Option<u64>,
+}
+
+/// What a job left behind once its main process is gone.
+struct Ended {
+    output: Vec<String>,
+    ran_for: Duration,
+    usage: crate::store::ResourceUsage,
+    /// Processes the OOM killer killed while the job ran.
+    oom_kills: u64,
 }
 
 /// Starts the job. Its output is logged inside the caller's current tracing span.
@@ -99,6 +111,7 @@ pub fn start(launch: &JobLaunch) -> io::Result<RunningJob> {
         payload: payload.as_ref().map(|fd| fd.as_raw_fd()),
         payload_target: PAYLOAD_FD,
     };
+    let oom_kills_at_start = oom::kills_so_far();
     let spawned = spawn::spawn(&program)?;
     drop(payload); // the child has its own copy now
     let group = spawned.process.pid();
@@ -118,6 +131,7 @@ pub fn start(launch: &JobLaunch) -> io::Result<RunningJob> {
         readers,
         timeout: launch.timeout,
         signal_leader_first: launch.signal_leader_first,
+        oom_kills_at_start,
     })
 }
 
@@ -239,40 +253,44 @@ impl RunningJob {
 
     /// The job's main process exited by itself (`status`, as [`RunningJob::exited`] gave it).
     pub async fn exited_with(self, status: Option<ExitStatus>) -> JobOutcome {
-        let (output, ran_for) = self.conclude().await;
-        JobOutcome::exited(status, output, ran_for)
+        let ended = self.conclude().await;
+        JobOutcome::exited(status, ended.output, ended.ran_for)
+            .measured(ended.usage, ended.oom_kills)
     }
 
     /// The timeout ran out and [`RunningJob::end_group`] ended the job with `status`.
     pub async fn timed_out(self, status: Option<ExitStatus>) -> JobOutcome {
-        let (output, ran_for) = self.conclude().await;
-        JobOutcome::timed_out(status, output, ran_for)
+        let ended = self.conclude().await;
+        JobOutcome::timed_out(status, ended.output, ended.ran_for)
+            .measured(ended.usage, ended.oom_kills)
     }
 
     /// The worker ended the job (with [`RunningJob::end_group`]) because an operator
     /// cancelled it: a final result.
     pub async fn cancelled(self, reason: String) -> JobOutcome {
-        let (output, ran_for) = self.conclude().await;
+        let ended = self.conclude().await;
         JobOutcome::Finished {
             result: crate::store::JobResult::Cancelled { reason },
-            output,
-            ran_for,
+            output: ended.output,
+            ran_for: ended.ran_for,
+            usage: ended.usage,
         }
     }
 
     /// The worker ended the job (with [`RunningJob::end_group`]) before it finished.
     pub async fn interrupted(self, reason: &str) -> JobOutcome {
-        let (output, ran_for) = self.conclude().await;
+        let ended = self.conclude().await;
         JobOutcome::Interrupted {
             reason: reason.to_string(),
-            output,
-            ran_for,
+            output: ended.output,
+            ran_for: ended.ran_for,
         }
     }
 
     /// Cleans up once the main process is gone (leftover processes, output); returns the
-    /// last lines of output and how long the job ran.
-    async fn conclude(mut self) -> (Vec<String>, Duration) {
+    /// last lines of output, how long the job ran and what the kernel measured.
+    async fn conclude(mut self) -> Ended {
+        let ran_for = self.started.elapsed();
         self.kill_leftovers();
         self.drain_output().await;
         let output = self
@@ -282,7 +300,16 @@ impl RunningJob {
             .iter()
             .cloned()
             .collect();
-        (output, self.started.elapsed())
+        let oom_kills = match (self.oom_kills_at_start, oom::kills_so_far()) {
+            (Some(before), Some(after)) => after.saturating_sub(before),
+            _ => 0,
+        };
+        Ended {
+            output,
+            ran_for,
+            usage: self.child.usage(),
+            oom_kills,
+        }
     }
 
     /// SIGTERM (to the main process first when it forwards signals itself, then to the whole

@@ -27,6 +27,8 @@ use nix::unistd::Pid;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use crate::store::ResourceUsage;
+
 /// What a job's process is started from.
 pub struct Program<'a> {
     pub argv: &'a [String],
@@ -288,6 +290,15 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((read, write))
 }
 
+/// Linux reports `ru_maxrss` in kibibytes.
+fn usage_of(rusage: &libc::rusage) -> ResourceUsage {
+    let micros = |time: libc::timeval| time.tv_sec * 1_000_000 + time.tv_usec;
+    ResourceUsage {
+        peak_rss_bytes: Some(rusage.ru_maxrss * 1024),
+        cpu_usec: Some(micros(rusage.ru_utime) + micros(rusage.ru_stime)),
+    }
+}
+
 /// Waits for a child that has already ended or is about to (its exec failed).
 fn reap_blocking(pid: Pid) {
     let mut status = 0;
@@ -304,6 +315,8 @@ pub struct ChildProcess {
     pid: Pid,
     pidfd: AsyncFd<OwnedFd>,
     status: Option<ExitStatus>,
+    /// Its resource usage, once reaped.
+    usage: ResourceUsage,
 }
 
 impl ChildProcess {
@@ -332,6 +345,7 @@ impl ChildProcess {
             pid,
             pidfd,
             status: None,
+            usage: ResourceUsage::default(),
         })
     }
 
@@ -347,22 +361,35 @@ impl ChildProcess {
                 return Ok(status);
             }
             let mut ready = self.pidfd.readable().await?;
-            if let Some(status) = self.try_reap()? {
+            if let Some((status, usage)) = self.try_reap()? {
                 self.status = Some(status);
+                self.usage = usage;
                 return Ok(status);
             }
             ready.clear_ready();
         }
     }
 
-    fn try_reap(&self) -> io::Result<Option<ExitStatus>> {
+    /// The peak memory and CPU time of the process and of the descendants it waited for,
+    /// once it has been reaped (unknown before).
+    pub fn usage(&self) -> ResourceUsage {
+        self.usage
+    }
+
+    /// Reaps the process if it has ended, with `wait4`, which also returns its rusage.
+    fn try_reap(&self) -> io::Result<Option<(ExitStatus, ResourceUsage)>> {
         use std::os::unix::process::ExitStatusExt;
         let mut status = 0;
-        // SAFETY: waitpid on our own child, without blocking.
-        let reaped = unsafe { libc::waitpid(self.pid.as_raw(), &mut status, libc::WNOHANG) };
+        // SAFETY: all-zero is a valid rusage (plain integers).
+        let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child, without blocking, into locals.
+        let reaped =
+            unsafe { libc::wait4(self.pid.as_raw(), &mut status, libc::WNOHANG, &mut rusage) };
         match reaped {
             0 => Ok(None),
-            n if n == self.pid.as_raw() => Ok(Some(ExitStatus::from_raw(status))),
+            n if n == self.pid.as_raw() => {
+                Ok(Some((ExitStatus::from_raw(status), usage_of(&rusage))))
+            }
             _ => Err(io::Error::last_os_error()),
         }
     }

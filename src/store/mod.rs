@@ -221,6 +221,17 @@ pub struct Completion {
     pub result: JobResult,
     pub output: Vec<String>,
     pub finished_at: Timestamp,
+    pub usage: ResourceUsage,
+}
+
+/// What the kernel measured of a job's main process and the descendants it waited for
+/// (`wait4`'s rusage): unknown when no process ran or it could not be reaped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ResourceUsage {
+    /// The largest resident set size, bytes.
+    pub peak_rss_bytes: Option<i64>,
+    /// User plus system CPU time, microseconds.
+    pub cpu_usec: Option<i64>,
 }
 
 /// Everything stored about a job, for `show`, `jobs` and `status`.
@@ -247,6 +258,8 @@ pub struct JobRecord {
     pub output: Vec<String>,
     /// An operator's request to end this running job, until its worker honours it.
     pub cancel_requested: Option<String>,
+    /// The last run's peak memory and CPU time.
+    pub usage: ResourceUsage,
 }
 
 /// How many jobs a queue has in each state.

@@ -155,6 +155,9 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
             // A running job's cancel request, for its worker's heartbeat to find.
             "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS cancel_requested TEXT NULL",
+            // The last run's peak memory and CPU time (`wait4`'s rusage).
+            "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS peak_rss_bytes BIGINT NULL",
+            "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS cpu_usec BIGINT NULL",
         ],
     ),
 ];
@@ -275,6 +278,8 @@ impl MysqlStore {
             either("exit_signal", "?", "NULL"),
             either("reason", "?", "NULL"),
             either("output", "?", "NULL"),
+            either("peak_rss_bytes", "?", "NULL"),
+            either("cpu_usec", "?", "NULL"),
             either("lease", "lease", "lease + 1"),
             either("attempts", "attempts", "attempts + 1"),
             either("claimed_at", "claimed_at", now),
@@ -310,6 +315,8 @@ impl MysqlStore {
             .bind(signal)
             .bind(reason)
             .bind(completion.output.join("\n"))
+            .bind(completion.usage.peak_rss_bytes)
+            .bind(completion.usage.cpu_usec)
             .bind(worker.token.as_str())
             .bind(worker.host.as_str())
             .bind(worker.instance.as_deref())

@@ -130,6 +130,9 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
         )",
             // A running job's cancel request, for its worker's heartbeat to find.
             "ALTER TABLE pjq_jobs ADD COLUMN cancel_requested TEXT",
+            // The last run's peak memory and CPU time (`wait4`'s rusage).
+            "ALTER TABLE pjq_jobs ADD COLUMN peak_rss_bytes BIGINT",
+            "ALTER TABLE pjq_jobs ADD COLUMN cpu_usec BIGINT",
         ],
     ),
 ];
@@ -177,7 +180,7 @@ impl PostgresStore {
     /// LOCKED`, queues tried in order and no further once one yields a row), the stop-workers
     /// generation, and whether a due job was left because another worker held it.
     /// The worker's token, host, instance and pid are bound first ($1–$4), the queues
-    /// ($5), then the result ($6–$14) when there is one.
+    /// ($5), then the result ($6–$16) when there is one.
     fn turn_statement(finished: bool) -> String {
         let done = if finished {
             format!("done AS ({} RETURNING id),", DIALECT.complete_job(6))

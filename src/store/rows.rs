@@ -43,6 +43,10 @@ where
             .map(|text| text.lines().map(str::to_owned).collect())
             .unwrap_or_default(),
         cancel_requested: row.try_get("cancel_requested")?,
+        usage: super::ResourceUsage {
+            peak_rss_bytes: row.try_get("peak_rss_bytes")?,
+            cpu_usec: row.try_get("cpu_usec")?,
+        },
     })
 }
 
@@ -194,6 +198,8 @@ where
         .bind(signal)
         .bind(reason)
         .bind(completion.output.join("\n"))
+        .bind(completion.usage.peak_rss_bytes)
+        .bind(completion.usage.cpu_usec)
         .bind(lease.job_id)
         .bind(lease.token.as_str())
         .bind(lease.lease)

@@ -118,6 +118,9 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
         )",
             // A running job's cancel request, for its worker's heartbeat to find.
             "ALTER TABLE pjq_jobs ADD COLUMN cancel_requested TEXT",
+            // The last run's peak memory and CPU time (`wait4`'s rusage).
+            "ALTER TABLE pjq_jobs ADD COLUMN peak_rss_bytes INTEGER",
+            "ALTER TABLE pjq_jobs ADD COLUMN cpu_usec INTEGER",
         ],
     ),
 ];

@@ -55,7 +55,8 @@ pub(super) const STOP_GENERATION: &str =
 /// The columns [`super::rows::job_record`] reads, in the order backends select them.
 pub(super) const JOB_RECORD_COLUMNS: &str = "id, queue, code, payload, status, attempts, \
     max_attempts, created_at, available_at, claimed_at, started_at, finished_at, worker_host, \
-    worker_instance, worker_pid, exit_code, exit_signal, reason, output, cancel_requested";
+    worker_instance, worker_pid, exit_code, exit_signal, reason, output, cancel_requested, \
+    peak_rss_bytes, cpu_usec";
 
 /// Who must hold a job for a take-back ([`Dialect::take_back`]) to apply.
 #[derive(Clone, Copy)]
@@ -141,12 +142,12 @@ impl Dialect {
     /// exit_signal, reason, output, then id, token, lease bound from `first` (see
     /// [`super::rows::bind_completion`]).
     pub fn complete_job(&self, first: usize) -> String {
-        let p: Vec<String> = (first..first + 9).map(|n| self.p(n)).collect();
+        let p: Vec<String> = (first..first + 11).map(|n| self.p(n)).collect();
         format!(
             "UPDATE pjq_jobs SET status = {}, finished_at = {}, exit_code = {},
-                exit_signal = {}, reason = {}, output = {}
+                exit_signal = {}, reason = {}, output = {}, peak_rss_bytes = {}, cpu_usec = {}
              WHERE id = {} AND worker_token = {} AND lease = {} AND status = 'running'",
-            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]
         )
     }
 

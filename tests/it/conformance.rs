@@ -3,7 +3,7 @@
 
 use pim_job_queue::store::{
     ChangeOutcome, Completion, Finished, JobFilter, JobResult, JobStatus, JobStore, NewJob,
-    Timestamp, Turn, WorkerIdentity,
+    ResourceUsage, Timestamp, Turn, WorkerIdentity,
 };
 
 use crate::backend_tests;
@@ -62,11 +62,18 @@ fn idle_turn<'a>(queues: &'a [String], worker: &'a WorkerIdentity) -> Turn<'a> {
     }
 }
 
+/// What every test completion says the kernel measured.
+const MEASURED: ResourceUsage = ResourceUsage {
+    peak_rss_bytes: Some(3 << 30),
+    cpu_usec: Some(4_200_000),
+};
+
 fn done(result: JobResult) -> Completion {
     Completion {
         result,
         output: vec!["line one".into(), "line two".into()],
         finished_at: Timestamp::now(),
+        usage: MEASURED,
     }
 }
 
@@ -168,6 +175,7 @@ fn completion_is_guarded_by_token_and_lease(backend: Backend) {
         assert_eq!(record.status, JobStatus::Failed);
         assert_eq!(record.exit_code, Some(2));
         assert_eq!(record.output, ["line one", "line two"]);
+        assert_eq!(record.usage, MEASURED);
         assert!(record.started_at.is_some() && record.finished_at.is_some());
     });
 }
@@ -610,6 +618,7 @@ fn a_turn_records_the_result_and_claims_the_next_together(backend: Backend) {
         let record = store.get_job(third).await.unwrap().unwrap();
         assert_eq!(record.status, JobStatus::Succeeded);
         assert_eq!(record.output, ["line one", "line two"]);
+        assert_eq!(record.usage, MEASURED, "measured in the turn too");
         let claimed = store.get_job(first).await.unwrap().unwrap();
         assert_eq!(claimed.status, JobStatus::Running);
         assert!(

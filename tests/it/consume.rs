@@ -23,7 +23,28 @@ backend_tests!(
     delayed_jobs_wait_their_turn,
     sigterm_lets_the_running_job_finish,
     four_workers_run_2000_jobs_exactly_once,
+    a_jobs_peak_memory_and_cpu_time_are_recorded,
 );
+
+/// The kernel's measure of a job (`wait4`: the main process and the children it waited
+/// for) is stored with its result: here `tail` holds 50 MB of its input.
+fn a_jobs_peak_memory_and_cpu_time_are_recorded(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    scratch.write_config(
+        r#"[jobs.hungry]
+command = ["/bin/sh", "-c", "head -c 60000000 /dev/zero | tail -c 50000000 > /dev/null"]
+"#,
+    );
+    let id = scratch.push("ui_job", "hungry");
+    scratch.ok(&["consume", "--limit", "1"]);
+    let job = scratch.show(id);
+    assert_eq!(job["status"], "succeeded");
+    let peak = job["usage"]["peak_rss_bytes"].as_i64().unwrap();
+    assert!((50_000_000..1_000_000_000).contains(&peak), "{peak}");
+    assert!(job["usage"]["cpu_usec"].as_i64().unwrap() > 0);
+    let shown = scratch.ok(&["show", &id.to_string()]);
+    assert!(shown.contains("resources: peak RSS "), "{shown}");
+}
 
 fn strict_priority_across_the_three_queues(backend: Backend) {
     let scratch = Scratch::new(backend);
