@@ -5,7 +5,7 @@ use crate::cli::{DeleteArgs, IdArgs, PauseArgs, RetryArgs};
 use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
 use crate::store::{
-    self, CallLimits, ChangeOutcome, Finished, JobFilter, JobStatus, JobStore, Timestamp,
+    self, CallLimits, ChangeOutcome, Finished, JobFilter, JobStatus, JobStore, Opened, Timestamp,
 };
 use crate::units::format_duration;
 use crate::wake::WakeDir;
@@ -103,10 +103,27 @@ pub(super) async fn delete(context: &Context, args: &DeleteArgs) -> Result<(), F
 pub(super) async fn cancel(context: &Context, args: &IdArgs) -> Result<(), Failure> {
     let opened = context.open_store().await?;
     let reason = format!("cancelled by operator ({})", operator());
-    let outcome = opened
-        .jobs("cancel")?
-        .cancel(args.id, &reason, Timestamp::now())
-        .await?;
+    let outcome = match &opened {
+        Opened::Native(store) => store.cancel(args.id, &reason, Timestamp::now()).await?,
+        Opened::Consumed(store) => {
+            let outcome = store.stop_job(args.id).await?;
+            if outcome == ChangeOutcome::Requested {
+                println!(
+                    "Job execution {} is STOPPING, as the PIM's own stop leaves it: a \
+                     stoppable job stops at its next item (then STOPPED); one the PIM does \
+                     not declare stoppable runs on.",
+                    args.id
+                );
+                return Ok(());
+            }
+            return report_change(
+                args.id,
+                outcome,
+                "stopped",
+                "only a running job execution can be stopped",
+            );
+        }
+    };
     if outcome == ChangeOutcome::Requested {
         println!(
             "Job #{} is running: its worker ends it within a heartbeat interval ({}) and its \

@@ -28,9 +28,10 @@ use sqlx::{MySqlConnection, Row};
 
 use super::mysql::{MysqlStore, classify, is_lock_conflict};
 use super::{
-    ClaimedJob, Completion, Finished, FleetStore, JobId, JobResult, Lease, OrphanedJob,
-    PausedQueue, Poll, QueueCounts, QueueLatency, QueueStore, Release, RescueScan, SchemaStore,
-    SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WorkerIdentity, WorkerRecord,
+    ChangeOutcome, ClaimedJob, Completion, Finished, FleetStore, ForeignJobs, JobId, JobResult,
+    JobStatus, Lease, OrphanedJob, PausedQueue, Poll, QueueCounts, QueueLatency, QueueStore,
+    Release, RescueScan, SchemaStore, SchemaVersion, StoreError, StoreResult, Timestamp, Turn,
+    WorkerIdentity, WorkerRecord,
 };
 use crate::akeneo::{AkeneoSettings, JobMessage, Launcher, Target};
 
@@ -44,7 +45,10 @@ const SOFT_DELETED_FROM: &str = "9999-12-31 00:00:00";
 /// neither consumer kind takes or purges it. `UPDATE ... SET delivered_at = NULL` releases it.
 const SET_ASIDE: &str = "9000-01-01 00:00:00";
 /// Akeneo's BatchStatus values the worker reads or writes.
+const COMPLETED: i64 = 1;
 const STARTING: i64 = 2;
+const STARTED: i64 = 3;
+const STOPPING: i64 = 4;
 const FAILED: i64 = 6;
 
 /// What one claim transaction did with the row it locked.
@@ -704,6 +708,44 @@ impl QueueStore for AkeneoStore {
         self.finish(lease, &format!("the worker ended the job: {reason}"))
             .await?;
         Ok(Release::Failed)
+    }
+}
+
+/// `cancel EXECUTION_ID`: what the PIM's "stop job" does (`JobTrackerController::stopJobAction`
+/// through `SqlUpdateJobExecutionStatus`): status and exit code STOPPING, for a running
+/// execution. The job's steps check it between items and stop themselves (status STOPPED);
+/// a job the PIM does not declare stoppable runs on, as it would after the PIM's own stop.
+#[async_trait]
+impl ForeignJobs for AkeneoStore {
+    async fn stop_job(&self, id: JobId) -> StoreResult<ChangeOutcome> {
+        let stopped = sqlx::query(
+            "UPDATE akeneo_batch_job_execution SET status = ?, exit_code = 'STOPPING'
+             WHERE id = ? AND status IN (?, ?)",
+        )
+        .bind(STOPPING)
+        .bind(id)
+        .bind(STARTING)
+        .bind(STARTED)
+        .execute(self.pool())
+        .await
+        .map_err(|e| self.error(e))?;
+        if stopped.rows_affected() > 0 {
+            return Ok(ChangeOutcome::Requested);
+        }
+        let status: Option<i64> =
+            sqlx::query_scalar("SELECT status FROM akeneo_batch_job_execution WHERE id = ?")
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await
+                .map_err(|e| self.error(e))?;
+        Ok(match status {
+            None => ChangeOutcome::NotFound,
+            Some(STOPPING) => ChangeOutcome::Requested,
+            Some(COMPLETED) => ChangeOutcome::WrongState(JobStatus::Succeeded),
+            Some(FAILED) => ChangeOutcome::WrongState(JobStatus::Failed),
+            // STOPPED, ABANDONED, UNKNOWN, PAUSED...: over, one way or another.
+            Some(_) => ChangeOutcome::WrongState(JobStatus::Cancelled),
+        })
     }
 }
 

@@ -18,7 +18,10 @@ pub mod sqlite;
 mod statements;
 pub mod wrap;
 
-pub use roles::{AdminStore, FleetStore, JobStore, QueueStore, SchemaStore, WorkerStore};
+pub use roles::{
+    AdminStore, ConsumedStore, FleetStore, ForeignJobs, JobStore, QueueStore, SchemaStore,
+    WorkerStore,
+};
 
 use std::fmt;
 use std::path::PathBuf;
@@ -789,8 +792,8 @@ pub enum Opened {
     /// The native job store: every role.
     Native(Box<dyn JobStore>),
     /// A store whose jobs another system queues and tracks (the PIM's Messenger table):
-    /// what a worker needs, no job management by id.
-    Consumed(Box<dyn WorkerStore>),
+    /// what a worker needs, and that system's stop; no job management by id.
+    Consumed(Box<dyn ConsumedStore>),
 }
 
 impl Opened {
@@ -844,7 +847,7 @@ pub async fn open_configured(
             let store = bounded_open(url, limits, opening)
                 .await
                 .map_err(|error| error.without_secrets_of(url))?;
-            let store: Box<dyn WorkerStore> = Box::new(store);
+            let store: Box<dyn ConsumedStore> = Box::new(store);
             Ok(Opened::Consumed(Box::new(wrap::Deadlined::with_deadline(
                 store,
                 limits.deadline,

@@ -296,10 +296,24 @@ pub trait AdminStore: Send + Sync {
     async fn cancel(&self, id: JobId, reason: &str, now: Timestamp) -> StoreResult<ChangeOutcome>;
 }
 
+/// Jobs another system queues and tracks (the PIM's job executions), stopped as that
+/// system's own "stop" does.
+#[async_trait]
+pub trait ForeignJobs: Send + Sync {
+    /// Asks a running job to stop: [`ChangeOutcome::Requested`] (also when it is stopping
+    /// already); a finished one is [`ChangeOutcome::WrongState`].
+    async fn stop_job(&self, id: JobId) -> StoreResult<ChangeOutcome>;
+}
+
 /// What a worker daemon needs: every role but job management by id.
 pub trait WorkerStore: SchemaStore + QueueStore + FleetStore {}
 
 impl<T: SchemaStore + QueueStore + FleetStore + ?Sized> WorkerStore for T {}
+
+/// A store whose jobs another system tracks: what a worker needs, and that system's stop.
+pub trait ConsumedStore: WorkerStore + ForeignJobs {}
+
+impl<T: WorkerStore + ForeignJobs + ?Sized> ConsumedStore for T {}
 
 /// A store with every role: the native job store.
 pub trait JobStore: WorkerStore + AdminStore {}

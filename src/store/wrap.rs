@@ -20,10 +20,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    AdminStore, ChangeOutcome, Completion, Detail, Finished, FleetStore, JobFilter, JobId,
-    JobRecord, JobStats, JobStatus, Lease, NewJob, OrphanedJob, PausedQueue, Poll, PushListener,
-    QueueCounts, QueueLatency, QueueStore, Release, RescueScan, SchemaStore, SchemaVersion,
-    StoreError, StoreResult, Tally, Timestamp, Turn, WorkerIdentity, WorkerRecord,
+    AdminStore, ChangeOutcome, Completion, Detail, Finished, FleetStore, ForeignJobs, JobFilter,
+    JobId, JobRecord, JobStats, JobStatus, Lease, NewJob, OrphanedJob, PausedQueue, Poll,
+    PushListener, QueueCounts, QueueLatency, QueueStore, Release, RescueScan, SchemaStore,
+    SchemaVersion, StoreError, StoreResult, Tally, Timestamp, Turn, WorkerIdentity, WorkerRecord,
 };
 
 /// One store call, boxed so that a hook can wrap calls of every result type.
@@ -289,6 +289,13 @@ impl<S: FleetStore + ?Sized, H: CallHook> FleetStore for Wrapped<S, H> {
     async fn prune_batch(&self, kind: Finished, before: Timestamp, limit: i64) -> StoreResult<u64> {
         self.call("prune", self.inner.prune_batch(kind, before, limit))
             .await
+    }
+}
+
+#[async_trait]
+impl<S: ForeignJobs + ?Sized, H: CallHook> ForeignJobs for Wrapped<S, H> {
+    async fn stop_job(&self, id: JobId) -> StoreResult<ChangeOutcome> {
+        self.call("stop job", self.inner.stop_job(id)).await
     }
 }
 

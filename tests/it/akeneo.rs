@@ -901,3 +901,36 @@ fn a_message_taken_over_before_its_acknowledgement_is_left_to_its_new_holder() {
         "the execution the other consumer runs is left STARTING"
     );
 }
+
+/// `cancel EXECUTION_ID` in Akeneo mode does what the PIM's "stop job" does: STOPPING (status
+/// and exit code) for a running execution, which the job's steps read and stop on; a
+/// finished one is exit 65, an unknown one 66.
+#[test]
+fn cancel_stops_a_running_execution_as_the_pim_does() {
+    if !Backend::Mariadb.available() {
+        return;
+    }
+    let pim = Pim::new("akeneo7");
+    let running = pim.execution("csv_product_import");
+    pim.sql(&format!(
+        "UPDATE akeneo_batch_job_execution SET status = 3, exit_code = 'EXECUTING' WHERE id = {running}"
+    ));
+    let said = pim.scratch.ok(&["cancel", &running.to_string()]);
+    assert!(said.contains("STOPPING"), "{said}");
+    assert_eq!(pim.execution_status(running), 4);
+    let exit = pim.query_text(&format!(
+        "SELECT exit_code FROM akeneo_batch_job_execution WHERE id = {running}"
+    ));
+    assert_eq!(exit.as_deref(), Some("STOPPING"));
+    // Asking again is harmless.
+    pim.scratch.ok(&["cancel", &running.to_string()]);
+
+    let done = pim.execution("csv_product_export");
+    pim.sql(&format!(
+        "UPDATE akeneo_batch_job_execution SET status = 1, exit_code = 'COMPLETED' WHERE id = {done}"
+    ));
+    let refused = pim.scratch.run(&["cancel", &done.to_string()]);
+    assert_eq!(exit_code(&refused), 65, "{}", stderr(&refused));
+    assert_eq!(pim.execution_status(done), 1, "left as it was");
+    assert_eq!(exit_code(&pim.scratch.run(&["cancel", "999999"])), 66);
+}
