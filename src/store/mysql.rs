@@ -485,9 +485,14 @@ type Db = sqlx::MySql;
 
 // What this backend does differently, for `native_roles!`.
 impl MysqlStore {
-    /// A transaction that reads rows (locking them), then changes them.
+    /// A transaction that reads rows (locking them), then changes them, at READ COMMITTED:
+    /// its locking reads lock the rows they return and no gaps, so a prune scanning the
+    /// finished jobs never holds a range a worker's turn must insert an index entry into
+    /// (at REPEATABLE READ the two deadlocked under eight busy workers).
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Db>, sqlx::Error> {
-        self.pool.begin().await
+        self.pool
+            .begin_with("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION")
+            .await
     }
 
     async fn run_turn(&self, turn: &Turn<'_>) -> StoreResult<Poll> {

@@ -105,35 +105,58 @@ macro_rules! native_roles {
                 Ok(Some(status == "waiting"))
             }
 
-            /// Locks the rows `lock` selects, counts the finished ones into the tallies,
-            /// then applies `change` (a statement over a list of ids) to them, in one
-            /// transaction: whatever takes a finished job out of the table or out of its
-            /// final state (prune, delete, retry) counts it first, exactly once, so the
-            /// finished counters never go down. Returns the rows `change` changed.
+            /// Takes the jobs `candidates` picks (a read that locks nothing) that are
+            /// still as `still` says, locks their rows by primary key, counts the finished
+            /// ones into the tallies, then applies `change` (a statement over a list of ids)
+            /// to them, in one transaction: whatever takes a finished job out of the table
+            /// or out of its final state (prune, delete, retry) counts it first, exactly
+            /// once, so the finished counters never go down. Returns the rows `change`
+            /// changed.
             async fn fold_then_change<'q>(
                 &self,
-                lock: sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>>,
+                candidates: sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>>,
+                still: $crate::store::statements::Still,
                 change: impl Fn(usize) -> String + Send,
             ) -> $crate::store::StoreResult<u64> {
                 // Ids per statement: well under every server's limit on bound values.
                 const CHUNK: usize = 500;
+                let picked = candidates
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                let picked =
+                    self.decode_all(&picked, |row| sqlx::Row::try_get::<i64, _>(row, 0))?;
+                if picked.is_empty() {
+                    return Ok(0);
+                }
+                fn by_id<'s>(
+                    statement: &'s str,
+                    ids: &[i64],
+                ) -> sqlx::query::Query<'s, Db, <Db as sqlx::Database>::Arguments<'s>> {
+                    ids.iter()
+                        .fold(sqlx::query(statement), |query, id| query.bind(*id))
+                }
                 let mut tx = self.begin_write().await.map_err(|e| self.error(e))?;
-                let locked = lock.fetch_all(&mut *tx).await.map_err(|e| self.error(e))?;
-                let ids = self.decode_all(&locked, |row| sqlx::Row::try_get::<i64, _>(row, 0))?;
                 let mut changed = 0;
-                for chunk in ids.chunks(CHUNK) {
-                    let fold = DIALECT.fold_tallies(chunk.len());
-                    let mut query = sqlx::query(&fold);
-                    for id in chunk {
-                        query = query.bind(*id);
+                for chunk in picked.chunks(CHUNK) {
+                    let lock = DIALECT.locked_ids(chunk.len(), still);
+                    let locked = by_id(&lock, chunk)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(|e| self.error(e))?;
+                    let ids =
+                        self.decode_all(&locked, |row| sqlx::Row::try_get::<i64, _>(row, 0))?;
+                    if ids.is_empty() {
+                        continue;
                     }
-                    query.execute(&mut *tx).await.map_err(|e| self.error(e))?;
-                    let statement = change(chunk.len());
-                    let mut query = sqlx::query(&statement);
-                    for id in chunk {
-                        query = query.bind(*id);
-                    }
-                    let result = query.execute(&mut *tx).await.map_err(|e| self.error(e))?;
+                    by_id(&DIALECT.fold_tallies(ids.len()), &ids)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.error(e))?;
+                    let result = by_id(&change(ids.len()), &ids)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.error(e))?;
                     changed += result.rows_affected();
                 }
                 tx.commit().await.map_err(|e| self.error(e))?;
@@ -480,9 +503,11 @@ macro_rules! native_roles {
                 before: $crate::store::Timestamp,
                 limit: i64,
             ) -> $crate::store::StoreResult<u64> {
-                let lock = DIALECT.prunable_ids(kind);
-                let lock = sqlx::query(&lock).bind(before.0).bind(limit);
-                self.fold_then_change(lock, |n| DIALECT.delete_ids(n)).await
+                use $crate::store::statements::Still;
+                let picked = DIALECT.prunable_ids(kind);
+                let picked = sqlx::query(&picked).bind(before.0).bind(limit);
+                self.fold_then_change(picked, Still::Finished(kind), |n| DIALECT.delete_ids(n))
+                    .await
             }
 
             async fn cancel_request(
@@ -569,10 +594,11 @@ macro_rules! native_roles {
                 &self,
                 id: $crate::store::JobId,
             ) -> $crate::store::StoreResult<$crate::store::ChangeOutcome> {
-                let lock = DIALECT.retryable_id();
-                let lock = sqlx::query(&lock).bind(id);
+                use $crate::store::statements::Still;
+                let picked = DIALECT.retryable_id();
+                let picked = sqlx::query(&picked).bind(id);
                 let retried = self
-                    .fold_then_change(lock, |n| DIALECT.retry_ids(n))
+                    .fold_then_change(picked, Still::Retryable, |n| DIALECT.retry_ids(n))
                     .await?;
                 self.change_outcome(id, retried).await
             }
@@ -581,19 +607,22 @@ macro_rules! native_roles {
                 &self,
                 filter: &$crate::store::JobFilter,
             ) -> $crate::store::StoreResult<u64> {
-                let lock = DIALECT.retryable_ids_matching();
-                let lock = rows::bind_job_filter(sqlx::query(&lock), filter);
-                self.fold_then_change(lock, |n| DIALECT.retry_ids(n)).await
+                use $crate::store::statements::Still;
+                let picked = DIALECT.retryable_ids_matching();
+                let picked = rows::bind_job_filter(sqlx::query(&picked), filter);
+                self.fold_then_change(picked, Still::Retryable, |n| DIALECT.retry_ids(n))
+                    .await
             }
 
             async fn delete(
                 &self,
                 id: $crate::store::JobId,
             ) -> $crate::store::StoreResult<$crate::store::ChangeOutcome> {
-                let lock = DIALECT.deletable_id();
-                let lock = sqlx::query(&lock).bind(id);
+                use $crate::store::statements::Still;
+                let picked = DIALECT.deletable_id();
+                let picked = sqlx::query(&picked).bind(id);
                 let deleted = self
-                    .fold_then_change(lock, |n| DIALECT.delete_ids(n))
+                    .fold_then_change(picked, Still::NotRunning, |n| DIALECT.delete_ids(n))
                     .await?;
                 self.change_outcome(id, deleted).await
             }
@@ -603,11 +632,13 @@ macro_rules! native_roles {
                 status: $crate::store::JobStatus,
                 age: std::time::Duration,
             ) -> $crate::store::StoreResult<u64> {
-                let lock = DIALECT.old_ids();
-                let lock = sqlx::query(&lock)
+                use $crate::store::statements::Still;
+                let picked = DIALECT.old_ids();
+                let picked = sqlx::query(&picked)
                     .bind(status.as_str())
                     .bind($crate::store::saturating_micros(age));
-                self.fold_then_change(lock, |n| DIALECT.delete_ids(n)).await
+                self.fold_then_change(picked, Still::In(status), |n| DIALECT.delete_ids(n))
+                    .await
             }
 
             async fn cancel(

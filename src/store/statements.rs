@@ -42,6 +42,32 @@ pub(super) enum Upsert {
     OnDuplicateKey,
 }
 
+/// What a job picked for a prune, delete or retry must still be when its row is locked
+/// (see [`Dialect::locked_ids`]): it was picked by a read that locked nothing, and may have
+/// changed since (a retry, a claim).
+#[derive(Clone, Copy)]
+pub(super) enum Still {
+    /// Finished, of this kind.
+    Finished(super::Finished),
+    /// Not running (any other state may be deleted).
+    NotRunning,
+    /// In this state (`delete --status`).
+    In(super::JobStatus),
+    /// Failed or cancelled.
+    Retryable,
+}
+
+impl Still {
+    fn condition(self) -> String {
+        match self {
+            Still::Finished(kind) => format!("status IN ({})", kind.statuses()),
+            Still::NotRunning => "status <> 'running'".to_string(),
+            Still::In(status) => format!("status = '{}' AND status <> 'running'", status.as_str()),
+            Still::Retryable => "status IN ('failed', 'cancelled')".to_string(),
+        }
+    }
+}
+
 /// When a taken-back job runs again: while it has attempts left, and always when it never
 /// started. Claims write `started_at` themselves (the claim is the start record), so "never
 /// started" is a row claimed by a worker older than that, whose start was a separate write:
@@ -434,23 +460,22 @@ impl Dialect {
         )
     }
 
-    /// The id of a failed or cancelled job (bound), locked: one [`Dialect::retry_ids`]
-    /// takes back to waiting.
+    /// The id of a failed or cancelled job (bound): one [`Dialect::retry_ids`] takes back
+    /// to waiting.
     pub fn retryable_id(&self) -> String {
         format!(
-            "SELECT id FROM pjq_jobs WHERE id = {} AND status IN ('failed', 'cancelled'){}",
+            "SELECT id FROM pjq_jobs WHERE id = {} AND {}",
             self.p(1),
-            self.lock_rows
+            Still::Retryable.condition()
         )
     }
 
-    /// The ids, locked, of every failed or cancelled job a [`Dialect::job_filter`] selects.
+    /// The ids of every failed or cancelled job a [`Dialect::job_filter`] selects.
     pub fn retryable_ids_matching(&self) -> String {
         format!(
-            "SELECT id FROM pjq_jobs WHERE status IN ('failed', 'cancelled') AND {}
-             ORDER BY id{}",
-            self.job_filter(),
-            self.lock_rows
+            "SELECT id FROM pjq_jobs WHERE {} AND {} ORDER BY id",
+            Still::Retryable.condition(),
+            self.job_filter()
         )
     }
 
@@ -465,26 +490,36 @@ impl Dialect {
         )
     }
 
-    /// The id of a job (bound) that is not running, locked.
+    /// The id of a job (bound) that is not running.
     pub fn deletable_id(&self) -> String {
         format!(
-            "SELECT id FROM pjq_jobs WHERE id = {} AND status <> 'running'{}",
+            "SELECT id FROM pjq_jobs WHERE id = {} AND {}",
             self.p(1),
-            self.lock_rows
+            Still::NotRunning.condition()
         )
     }
 
-    /// The ids, locked, of the jobs of a status (bound first, never `running`) that
-    /// finished, or were created if they have not, more than some microseconds (bound
-    /// second) ago.
+    /// The ids of the jobs of a status (bound first, never `running`) that finished, or
+    /// were created if they have not, more than some microseconds (bound second) ago.
     pub fn old_ids(&self) -> String {
         format!(
             "SELECT id FROM pjq_jobs WHERE status = {} AND status <> 'running'
                AND COALESCE(finished_at, created_at) < {} - {}
-             ORDER BY id{}",
+             ORDER BY id",
             self.p(1),
             self.db_now,
-            self.p(2),
+            self.p(2)
+        )
+    }
+
+    /// Of `ids` jobs (bound), those still as `still` says, locked until the transaction
+    /// ends. Locked by primary key only: a locking read that scanned an index would lock
+    /// (at least for a moment) rows a worker's turn holds, and deadlock with it.
+    pub fn locked_ids(&self, ids: usize, still: Still) -> String {
+        format!(
+            "SELECT id FROM pjq_jobs WHERE id IN ({}) AND {}{}",
+            self.placeholders(1, ids),
+            still.condition(),
             self.lock_rows
         )
     }
@@ -689,16 +724,14 @@ impl Dialect {
         )
     }
 
-    /// The ids, locked, of at most a limit (bound second) of the jobs of `kind` that
-    /// finished before a time (bound first), oldest ids first.
+    /// The ids of at most a limit (bound second) of the jobs of `kind` that finished
+    /// before a time (bound first), oldest ids first.
     pub fn prunable_ids(&self, kind: super::Finished) -> String {
         format!(
-            "SELECT id FROM pjq_jobs WHERE finished_at < {} AND status IN ({})
-             ORDER BY id LIMIT {}{}",
+            "SELECT id FROM pjq_jobs WHERE finished_at < {} AND {} ORDER BY id LIMIT {}",
             self.p(1),
-            kind.statuses(),
-            self.p(2),
-            self.lock_rows
+            Still::Finished(kind).condition(),
+            self.p(2)
         )
     }
 
@@ -747,6 +780,7 @@ impl Dialect {
             ("deletable id", self.deletable_id()),
             ("old ids", self.old_ids()),
             ("delete ids", self.delete_ids(2)),
+            ("locked ids", self.locked_ids(2, Still::Retryable)),
             ("fold tallies", self.fold_tallies(2)),
             ("count rescue", self.count_rescue()),
             ("finished tallies", self.finished_tallies()),
@@ -851,8 +885,8 @@ mod tests {
         let postgres = super::super::postgres::DIALECT;
         assert!(
             mysql
-                .prunable_ids(super::super::Finished::Failed)
-                .ends_with("LIMIT ? FOR UPDATE")
+                .locked_ids(1, Still::NotRunning)
+                .ends_with("status <> 'running' FOR UPDATE")
         );
         assert!(
             mysql

@@ -9,8 +9,9 @@ use crate::support::*;
 
 backend_tests!(a_paused_queue_waits_while_the_others_run_on_every_host);
 
-/// Two hosts share the store. A paused queue's job waits (across a restart of every worker)
-/// while a `ui_job` job runs at once; `resume` lets it run within a poll interval or so.
+/// Two hosts share the store. A paused queue's job waits 30 s (and across a restart of every
+/// worker) while a `ui_job` job pushed meanwhile runs within 1 s; `resume` lets it run
+/// within a poll interval or so.
 fn a_paused_queue_waits_while_the_others_run_on_every_host(backend: Backend) {
     let scratch = Scratch::new(backend);
     scratch.write_config("heartbeat_interval = \"200ms\"\nrescue_after = \"2s\"");
@@ -25,19 +26,29 @@ fn a_paused_queue_waits_while_the_others_run_on_every_host(backend: Backend) {
     assert_eq!(status["paused"][0]["reason"], "supplier feed broken");
     assert_ne!(status["paused"][0]["paused_by"], "");
     let import = scratch.push("import_export_job", "csv_product_import");
-    let ui = scratch.push("ui_job", "mass_edit");
-    let started = Instant::now();
+    let import_pushed = Instant::now();
     let mut a = scratch.spawn_consumer("a", &["--host-id", "host-a"]);
     let mut b = scratch.spawn_consumer("b", &["--host-id", "host-b"]);
+    wait_until(Duration::from_secs(10), "both workers registered", || {
+        scratch.status_json()["workers"]
+            .as_array()
+            .is_some_and(|workers| workers.len() == 2)
+    });
+    let ui = scratch.push("ui_job", "mass_edit");
+    let pushed = Instant::now();
     wait_until(Duration::from_secs(5), "the ui_job job to run", || {
         scratch.ran().contains(&("ui_job".to_string(), ui))
     });
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        pushed.elapsed() < Duration::from_secs(1),
         "{:?}",
-        started.elapsed()
+        pushed.elapsed()
     );
-    std::thread::sleep(Duration::from_secs(3));
+    let thirty = import_pushed + Duration::from_secs(30);
+    while Instant::now() < thirty {
+        assert_eq!(scratch.show(import)["status"], "waiting");
+        std::thread::sleep(Duration::from_secs(2));
+    }
     assert_eq!(scratch.show(import)["status"], "waiting");
     for worker in [&mut a, &mut b] {
         send_signal(worker, Signal::SIGTERM);
