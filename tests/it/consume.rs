@@ -433,3 +433,125 @@ fn four_workers_run_2000_jobs_exactly_once(backend: Backend) {
         "work was shared: {per_worker:?}"
     );
 }
+
+/// A memory cgroup of the test's own, capped, for one worker: cgroup v1's `memory`
+/// hierarchy or a v2 child of the test's cgroup. Removed when dropped.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn create(limit: u64) -> Result<MemoryCgroup, String> {
+        let membership = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        let name = format!("pjq-oom-test-{}", std::process::id());
+        let v1 = membership.lines().find_map(|line| {
+            line.split_once(":memory:")
+                .map(|(_, path)| path.to_string())
+        });
+        let (dir, limit_file) = match v1 {
+            Some(path) => (
+                std::path::Path::new("/sys/fs/cgroup/memory")
+                    .join(path.trim_start_matches('/'))
+                    .join(&name),
+                "memory.limit_in_bytes",
+            ),
+            None => {
+                let path = membership
+                    .lines()
+                    .find_map(|line| line.strip_prefix("0::"))
+                    .ok_or("no cgroup")?;
+                (
+                    std::path::Path::new("/sys/fs/cgroup")
+                        .join(path.trim_start_matches('/'))
+                        .join(&name),
+                    "memory.max",
+                )
+            }
+        };
+        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let cgroup = MemoryCgroup { dir };
+        std::fs::write(cgroup.dir.join(limit_file), limit.to_string())
+            .map_err(|e| format!("{limit_file}: {e}"))?;
+        // No swap to escape into, where the file exists.
+        let _ = std::fs::write(cgroup.dir.join("memory.swap.max"), "0");
+        Ok(cgroup)
+    }
+
+    /// Makes `command`'s process join the cgroup before it runs anything ("0" moves the
+    /// writer, in both versions), so every job it starts is inside too.
+    fn run_inside(&self, command: &mut std::process::Command) {
+        use std::os::fd::IntoRawFd;
+        use std::os::unix::process::CommandExt;
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.join("cgroup.procs"))
+            .unwrap()
+            .into_raw_fd();
+        // SAFETY: between fork and exec, only write(2) on a descriptor opened before.
+        unsafe {
+            command.pre_exec(move || {
+                if nix::libc::write(procs, b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A job the kernel's OOM killer takes (a real kill: the worker runs in a memory cgroup
+/// capped at 64 MiB, the job wants 300) fails saying so, with its peak memory, and the worker
+/// goes on with the next job.
+#[test]
+fn an_oom_killed_job_says_so_and_the_worker_goes_on() {
+    if !running_as_root("the OOM test (it creates a memory cgroup)") {
+        return;
+    }
+    let cgroup = match MemoryCgroup::create(64 << 20) {
+        Ok(cgroup) => cgroup,
+        Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI runs the OOM test, and no memory cgroup could be made: {why}")
+        }
+        Err(why) => {
+            eprintln!("\n!!! SKIPPED: the OOM test needs a memory cgroup: {why} !!!\n");
+            return;
+        }
+    };
+    let scratch = Scratch::new(Backend::Sqlite);
+    scratch.write_config(
+        r#"[jobs.hog]
+command = ["/usr/bin/perl", "-e", "my $x = 'x' x (300 * 1024 * 1024); sleep 1"]
+"#,
+    );
+    let hog = scratch.push("ui_job", "hog");
+    let fine = scratch.push("ui_job", "fine");
+    let mut worker = scratch.command(&["consume", "--limit", "2"]);
+    cgroup.run_inside(&mut worker);
+    let output = worker.output().unwrap();
+    assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+    let job = scratch.show(hog);
+    assert_eq!(job["status"], "failed");
+    let reason = job["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(
+            "killed by signal SIGKILL (the kernel's OOM killer killed 1 process(es) of this job)"
+        ),
+        "{reason}"
+    );
+    // The kernel's peak RSS counts pages the cgroup does not charge (the shared
+    // libraries): near the cap, never the 300 MiB asked for.
+    let peak = job["usage"]["peak_rss_bytes"].as_i64().unwrap();
+    assert!((30 << 20..=128 << 20).contains(&peak), "{peak}");
+    assert_eq!(
+        scratch.show(fine)["status"],
+        "succeeded",
+        "the worker went on"
+    );
+}
