@@ -136,6 +136,7 @@ impl Bench {
                 payload: "{}".into(),
                 delay: Duration::ZERO,
                 max_attempts: 1,
+                unique_key: None,
             });
             if batch.len() == 50_000 || n + 1 == count {
                 self.store.push_batch(&batch).await.unwrap();

@@ -115,6 +115,13 @@ pub struct PushArgs {
     /// Run no earlier than this long from now (seconds, or e.g. 5m).
     #[arg(long, value_name = "SECONDS", value_parser = parse_duration)]
     pub delay: Option<Duration>,
+    /// At most one waiting or running job with this key: while one exists, print its id
+    /// instead of queueing another (at most 255 characters).
+    #[arg(long, value_name = "KEY")]
+    pub unique_key: Option<String>,
+    /// With --unique-key: exit 75 when a job with the key exists already.
+    #[arg(long, requires = "unique_key")]
+    pub fail_if_exists: bool,
 }
 
 #[derive(Debug, Default, Args)]

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::cli::PushArgs;
 use crate::exit::{ExitCode, Failure};
-use crate::store::{MAX_PAYLOAD_BYTES, NewJob};
+use crate::store::{MAX_PAYLOAD_BYTES, MAX_UNIQUE_KEY_CHARS, NewJob, Pushed};
 use crate::wake::WakeDir;
 
 use super::Context;
@@ -73,21 +73,44 @@ pub(super) async fn push(context: &Context, args: &PushArgs) -> Result<(), Failu
     if args.code.trim().is_empty() {
         return Err(Failure::data("the job code is empty"));
     }
+    if let Some(key) = &args.unique_key
+        && (key.trim().is_empty() || key.chars().count() > MAX_UNIQUE_KEY_CHARS)
+    {
+        return Err(Failure::data(format!(
+            "--unique-key must have 1 to {MAX_UNIQUE_KEY_CHARS} characters"
+        )));
+    }
     let payload = read_payload(args)?;
     let opened = context.open_store().await?;
     let store = opened.jobs("push")?;
-    let id = store
-        .push(&NewJob {
+    let pushed = store
+        .push_unique(&NewJob {
             queue: args.queue.clone(),
             code: args.code.clone(),
             payload,
             delay: args.delay.unwrap_or_default(),
             max_attempts: context.config.max_attempts(&args.code),
+            unique_key: args.unique_key.clone(),
         })
         .await?;
-    println!("{id}");
-    if args.delay.is_none() {
-        WakeDir::for_store(context.config.wake_dir.as_deref(), &store.location()).wake_all();
+    match pushed {
+        Pushed::Created(id) => {
+            println!("{id}");
+            if args.delay.is_none() {
+                WakeDir::for_store(context.config.wake_dir.as_deref(), &store.location())
+                    .wake_all();
+            }
+            Ok(())
+        }
+        Pushed::Existing(id) => {
+            println!("{id}");
+            if args.fail_if_exists {
+                return Err(Failure::new(
+                    ExitCode::TempFail,
+                    format!("job #{id} with this unique key is waiting or running already"),
+                ));
+            }
+            Ok(())
+        }
     }
-    Ok(())
 }

@@ -139,6 +139,26 @@ pub struct NewJob {
     /// How many claims the job may have; a rescue or an interrupted stop requeues it while
     /// it has attempts left. Fixed at push time from the pusher's config.
     pub max_attempts: u32,
+    /// At most one waiting or running job has this key (a unique index, not a check).
+    pub unique_key: Option<String>,
+}
+
+/// The longest unique key: what MariaDB indexes in full.
+pub const MAX_UNIQUE_KEY_CHARS: usize = 255;
+
+/// What a push with a unique key did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Created(JobId),
+    /// A job with the key was waiting or running already: this one.
+    Existing(JobId),
+}
+
+/// Whether `error` is the database refusing a second waiting or running job with the same
+/// unique key (PostgreSQL 23505, MariaDB 1062, SQLite 2067).
+pub fn is_unique_violation(error: &StoreError) -> bool {
+    matches!(error.driver_error(), Some(sqlx::Error::Database(db))
+        if db.kind() == sqlx::error::ErrorKind::UniqueViolation)
 }
 
 /// Who claims and runs jobs: written into every job a worker claims.

@@ -158,6 +158,15 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             // The last run's peak memory and CPU time (`wait4`'s rusage).
             "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS peak_rss_bytes BIGINT NULL",
             "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS cpu_usec BIGINT NULL",
+            // At most one waiting or running job per unique key (`push --unique-key`):
+            // MariaDB has no partial index, so a generated column holds the key only while
+            // the job is waiting or running, and a unique index (which allows many NULLs)
+            // covers it.
+            "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS unique_key VARCHAR(255) NULL",
+            "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS active_unique_key VARCHAR(255)
+             AS (CASE WHEN status IN ('waiting', 'running') THEN unique_key END) PERSISTENT",
+            "CREATE UNIQUE INDEX IF NOT EXISTS pjq_jobs_unique_active
+             ON pjq_jobs (active_unique_key)",
         ],
     ),
 ];

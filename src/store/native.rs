@@ -544,6 +544,37 @@ macro_rules! native_roles {
                 self.insert_one(job).await
             }
 
+            async fn push_unique(
+                &self,
+                job: &$crate::store::NewJob,
+            ) -> $crate::store::StoreResult<$crate::store::Pushed> {
+                use $crate::store::Pushed;
+                let Some(key) = job.unique_key.as_deref() else {
+                    return self.insert_one(job).await.map(Pushed::Created);
+                };
+                // The holder of the key may finish between the refused insert and the
+                // lookup: then the insert is tried again.
+                for _ in 0..5 {
+                    match self.insert_one(job).await {
+                        Ok(id) => return Ok(Pushed::Created(id)),
+                        Err(error) if $crate::store::is_unique_violation(&error) => {}
+                        Err(error) => return Err(error),
+                    }
+                    let holder: Option<i64> = sqlx::query_scalar(&DIALECT.active_with_key())
+                        .bind(key)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(|e| self.error(e))?;
+                    if let Some(id) = holder {
+                        return Ok(Pushed::Existing(id));
+                    }
+                }
+                Err($crate::store::StoreError::Unavailable(
+                    format!("the jobs with unique key {key:?} kept ending as this one was pushed")
+                        .into(),
+                ))
+            }
+
             async fn push_batch(
                 &self,
                 jobs: &[$crate::store::NewJob],

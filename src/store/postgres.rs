@@ -132,6 +132,10 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE pjq_jobs ADD COLUMN cancel_requested TEXT",
             // The last run's peak memory and CPU time (`wait4`'s rusage).
             "ALTER TABLE pjq_jobs ADD COLUMN peak_rss_bytes BIGINT",
+            // At most one waiting or running job per unique key (`push --unique-key`).
+            "ALTER TABLE pjq_jobs ADD COLUMN unique_key TEXT",
+            "CREATE UNIQUE INDEX pjq_jobs_unique_active ON pjq_jobs (unique_key)
+             WHERE status IN ('waiting', 'running')",
             "ALTER TABLE pjq_jobs ADD COLUMN cpu_usec BIGINT",
         ],
     ),
@@ -346,7 +350,7 @@ impl PostgresStore {
         // The notification is delivered when the insert commits, never before.
         sqlx::query_scalar(&format!(
             "WITH inserted AS ({} RETURNING id)
-             SELECT inserted.id FROM inserted, (SELECT pg_notify($6, $1)) AS notified",
+             SELECT inserted.id FROM inserted, (SELECT pg_notify($7, $1)) AS notified",
             DIALECT.insert_job()
         ))
         .bind(&job.queue)
@@ -354,6 +358,7 @@ impl PostgresStore {
         .bind(&job.payload)
         .bind(rows::delay_micros(job.delay))
         .bind(job.max_attempts as i64)
+        .bind(job.unique_key.as_deref())
         .bind(CHANNEL)
         .fetch_one(&self.pool)
         .await

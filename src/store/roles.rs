@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::{
     ChangeOutcome, ClaimedJob, Completion, Finished, JobFilter, JobId, JobRecord, JobStats,
-    JobStatus, Lease, NewJob, OrphanedJob, PausedQueue, Poll, PushListener, QueueCounts,
+    JobStatus, Lease, NewJob, OrphanedJob, PausedQueue, Poll, PushListener, Pushed, QueueCounts,
     QueueLatency, Release, RescueScan, RescuedJob, SchemaVersion, StoreResult, Tally, Timestamp,
     Turn, WorkerIdentity, WorkerRecord,
 };
@@ -265,6 +265,11 @@ pub trait FleetStore: Send + Sync {
 #[async_trait]
 pub trait AdminStore: Send + Sync {
     async fn push(&self, job: &NewJob) -> StoreResult<JobId>;
+
+    /// Stores a job whose `unique_key` no waiting or running job has; otherwise returns that
+    /// job. The database's unique index decides, so concurrent pushes of one key from many
+    /// hosts make one job.
+    async fn push_unique(&self, job: &NewJob) -> StoreResult<Pushed>;
 
     /// Stores many jobs in one transaction (one commit, one flush), for bulk loads.
     async fn push_batch(&self, jobs: &[NewJob]) -> StoreResult<u64>;

@@ -160,6 +160,7 @@ where
     DB: sqlx::Database,
     String: sqlx::Encode<'q, DB> + Type<DB>,
     i64: sqlx::Encode<'q, DB> + Type<DB>,
+    Option<&'q str>: sqlx::Encode<'q, DB> + Type<DB>,
 {
     query
         .bind(&job.queue)
@@ -167,6 +168,7 @@ where
         .bind(&job.payload)
         .bind(delay_micros(job.delay))
         .bind(job.max_attempts as i64)
+        .bind(job.unique_key.as_deref())
 }
 
 /// A job's delay in microseconds, at most a thousand years: far enough to mean "not before

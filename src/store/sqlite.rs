@@ -120,6 +120,10 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE pjq_jobs ADD COLUMN cancel_requested TEXT",
             // The last run's peak memory and CPU time (`wait4`'s rusage).
             "ALTER TABLE pjq_jobs ADD COLUMN peak_rss_bytes INTEGER",
+            // At most one waiting or running job per unique key (`push --unique-key`).
+            "ALTER TABLE pjq_jobs ADD COLUMN unique_key TEXT",
+            "CREATE UNIQUE INDEX pjq_jobs_unique_active ON pjq_jobs (unique_key)
+             WHERE status IN ('waiting', 'running')",
             "ALTER TABLE pjq_jobs ADD COLUMN cpu_usec INTEGER",
         ],
     ),

@@ -135,15 +135,24 @@ impl Dialect {
     pub fn insert_job(&self) -> String {
         format!(
             "INSERT INTO pjq_jobs (queue, code, payload, status, created_at, available_at,
-                max_attempts)
-             SELECT {}, {}, {}, 'waiting', n.at, n.at + {}, {}
+                max_attempts, unique_key)
+             SELECT {}, {}, {}, 'waiting', n.at, n.at + {}, {}, {}
              FROM (SELECT {} AS at) AS n",
             self.p(1),
             self.p(2),
             self.p(3),
             self.p(4),
             self.p(5),
+            self.p(6),
             self.db_now
+        )
+    }
+
+    /// The waiting or running job with a unique key (bound).
+    pub fn active_with_key(&self) -> String {
+        format!(
+            "SELECT id FROM pjq_jobs WHERE unique_key = {} AND status IN ('waiting', 'running')",
+            self.p(1)
         )
     }
 
@@ -742,6 +751,7 @@ impl Dialect {
         vec![
             ("database time", self.database_time()),
             ("insert job", self.insert_job()),
+            ("active with key", self.active_with_key()),
             (
                 "claim",
                 format!(

@@ -301,6 +301,10 @@ impl<S: ForeignJobs + ?Sized, H: CallHook> ForeignJobs for Wrapped<S, H> {
 
 #[async_trait]
 impl<S: AdminStore + ?Sized, H: CallHook> AdminStore for Wrapped<S, H> {
+    async fn push_unique(&self, job: &NewJob) -> StoreResult<super::Pushed> {
+        self.call("push", self.inner.push_unique(job)).await
+    }
+
     async fn push(&self, job: &NewJob) -> StoreResult<JobId> {
         self.call("push", self.inner.push(job)).await
     }

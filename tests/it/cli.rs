@@ -13,7 +13,58 @@ backend_tests!(
     migrate_is_idempotent,
     prune_keeps_failed_jobs_longer,
     retry_and_delete_in_bulk,
+    concurrent_pushes_of_one_unique_key_make_one_job,
 );
+
+/// Eight processes push one unique key at once: one job, and every push prints its id. While
+/// it waits, `--fail-if-exists` is exit 75; once it has finished, the key is free again.
+fn concurrent_pushes_of_one_unique_key_make_one_job(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    scratch.ok(&["migrate"]);
+    let args = [
+        "push",
+        "ui_job",
+        "nightly_export",
+        "--unique-key",
+        "export:2026-12-06",
+    ];
+    let pushes: Vec<_> = (0..8)
+        .map(|_| {
+            scratch
+                .command(&args)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let ids: Vec<String> = pushes
+        .into_iter()
+        .map(|push| {
+            let output = push.wait_with_output().unwrap();
+            assert_eq!(exit_code(&output), 0, "{}", stderr(&output));
+            String::from_utf8(output.stdout).unwrap().trim().to_string()
+        })
+        .collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    let listed = scratch.ok(&["jobs", "--json"]);
+    let jobs: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(jobs.as_array().unwrap().len(), 1, "{listed}");
+
+    let mut fail = args.to_vec();
+    fail.push("--fail-if-exists");
+    let refused = scratch.run(&fail);
+    assert_eq!(exit_code(&refused), 75, "{}", stderr(&refused));
+    assert_eq!(String::from_utf8_lossy(&refused.stdout).trim(), ids[0]);
+
+    scratch.ok(&["consume", "--limit", "1"]);
+    let again = scratch.ok(&args);
+    assert_ne!(again.trim(), ids[0], "a finished job frees its key");
+    let other = scratch.ok(&["push", "ui_job", "nightly_export", "--unique-key", "other"]);
+    assert_ne!(other.trim(), again.trim());
+    let long = "k".repeat(256);
+    let too_long = scratch.run(&["push", "ui_job", "x", "--unique-key", &long]);
+    assert_eq!(exit_code(&too_long), 65);
+}
 
 fn push_prints_only_the_id(backend: Backend) {
     let scratch = Scratch::new(backend);

@@ -447,6 +447,7 @@ pub fn new_job(queue: &str, code: &str, payload: &str) -> pim_job_queue::store::
         payload: payload.into(),
         delay: Duration::ZERO,
         max_attempts: 1,
+        unique_key: None,
     }
 }
 
