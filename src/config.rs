@@ -75,6 +75,48 @@ pub struct Config {
     pub transport: Transport,
     default_job: Option<JobSpec>,
     per_code: BTreeMap<String, JobSpec>,
+    /// The recurring jobs, `[schedule.NAME]`, by name.
+    pub schedules: Vec<Schedule>,
+}
+
+/// A recurring job: `[schedule.NAME]`.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub name: String,
+    pub cron: crate::schedule::Cron,
+    /// The cron expression as written, for people.
+    pub expression: String,
+    pub zone: jiff::tz::TimeZone,
+    /// `timezone` as written (`UTC` when not).
+    pub zone_name: String,
+    pub queue: String,
+    pub code: String,
+    pub payload: String,
+    /// How old the latest slot may be and still be queued (after downtime); `None`: the
+    /// schedule's period.
+    pub catch_up: Option<Duration>,
+}
+
+impl Schedule {
+    /// The slot to queue at `now`: the latest at or before it, while younger than
+    /// `catch_up`.
+    pub fn due_slot(&self, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
+        let slot = self.cron.latest_at_or_before(now, &self.zone)?;
+        let catch_up = self
+            .catch_up
+            .or_else(|| self.cron.period_around(now, &self.zone))?;
+        let age = Duration::try_from(now.duration_since(slot)).ok()?;
+        (age <= catch_up).then_some(slot)
+    }
+
+    pub fn next_run(&self, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
+        self.cron.next_after(now, &self.zone)
+    }
+
+    /// The key its slot's job carries (`pjq_jobs.unique_key`).
+    pub fn unique_key(&self, slot: jiff::Timestamp) -> String {
+        format!("schedule:{}:{}", self.name, slot.as_second())
+    }
 }
 
 /// Where jobs come from.
@@ -114,6 +156,19 @@ struct RawConfig {
     job: Option<RawJob>,
     #[serde(default)]
     jobs: BTreeMap<String, RawJob>,
+    #[serde(default)]
+    schedule: BTreeMap<String, RawSchedule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    cron: String,
+    queue: String,
+    code: String,
+    payload: Option<String>,
+    timezone: Option<String>,
+    catch_up: Option<DurationValue>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -257,6 +312,17 @@ impl Config {
         if matches!(transport, Transport::Akeneo(_)) && !allow_other_queues {
             check_akeneo_queues(&queues)?;
         }
+        let schedules = raw
+            .schedule
+            .iter()
+            .map(|(name, schedule)| build_schedule(name, schedule, &queues))
+            .collect::<Result<Vec<_>, Failure>>()?;
+        if !schedules.is_empty() && matches!(transport, Transport::Akeneo(_)) {
+            return Err(Failure::config(
+                "[schedule.*] needs the native job store: with transport = \"akeneo\" the PIM \
+                 schedules its own jobs",
+            ));
+        }
         let default_poll = match transport {
             Transport::Akeneo(_) => DEFAULT_AKENEO_POLL_INTERVAL,
             Transport::Native => DEFAULT_POLL_INTERVAL,
@@ -280,6 +346,7 @@ impl Config {
             transport,
             default_job,
             per_code,
+            schedules,
         })
     }
 
@@ -487,6 +554,56 @@ fn merge_job(base: &RawJob, over: &RawJob) -> RawJob {
     }
 }
 
+fn build_schedule(name: &str, raw: &RawSchedule, queues: &[String]) -> Result<Schedule, Failure> {
+    let key = |field: &str| format!("`schedule.{name}.{field}`");
+    let named_well = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !named_well {
+        return Err(Failure::config(format!(
+            "[schedule.{name}]: a schedule's name may only have letters, digits, `_`, `-` and `.`"
+        )));
+    }
+    let cron = crate::schedule::Cron::parse(&raw.cron)
+        .map_err(|error| Failure::config(format!("{} = {:?}: {error}", key("cron"), raw.cron)))?;
+    if !queues.contains(&raw.queue) {
+        return Err(Failure::config(format!(
+            "{}: unknown queue {:?}; known queues: {}",
+            key("queue"),
+            raw.queue,
+            queues.join(", ")
+        )));
+    }
+    if raw.code.trim().is_empty() {
+        return Err(Failure::config(format!("{} is empty", key("code"))));
+    }
+    let payload = raw.payload.clone().unwrap_or_else(|| "{}".to_string());
+    let is_object =
+        serde_json::from_str::<serde_json::Value>(&payload).is_ok_and(|v| v.is_object());
+    if !is_object {
+        return Err(Failure::config(format!(
+            "{} must be a JSON object",
+            key("payload")
+        )));
+    }
+    let zone_name = raw.timezone.clone().unwrap_or_else(|| "UTC".to_string());
+    let zone = jiff::tz::TimeZone::get(&zone_name).map_err(|error| {
+        Failure::config(format!("{} = {zone_name:?}: {error}", key("timezone")))
+    })?;
+    Ok(Schedule {
+        name: name.to_string(),
+        cron,
+        expression: raw.cron.clone(),
+        zone,
+        zone_name,
+        queue: raw.queue.clone(),
+        code: raw.code.clone(),
+        payload,
+        catch_up: raw.catch_up.as_ref().map(|d| d.0),
+    })
+}
+
 fn build_job_spec(raw: &RawJob, table: &str) -> Result<JobSpec, Failure> {
     let command = raw.command.as_deref().ok_or_else(|| {
         Failure::config(format!("`{table}.command` is missing (and [job] has none)"))
@@ -518,6 +635,41 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, Failure> {
         Config::from_toml(text, Some(Path::new("/etc/x/worker.toml")))
+    }
+
+    /// The latest slot is due while younger than `catch_up`, by default the period: a
+    /// daily 02:00 found at 10:00 runs once; with `catch_up = "1h"` it waits for tomorrow.
+    #[test]
+    fn a_schedule_catches_up_its_latest_slot_only() {
+        let table = "[schedule.nightly]\ncron = \"0 2 * * *\"\nqueue = \"ui_job\"\ncode = \"x\"";
+        let at = |text: &str| text.parse::<jiff::Timestamp>().unwrap();
+        let config = parse(table).unwrap();
+        let nightly = &config.schedules[0];
+        assert_eq!(
+            nightly.due_slot(at("2026-12-06T10:00:00Z")),
+            Some(at("2026-12-06T02:00:00Z"))
+        );
+        assert_eq!(nightly.payload, "{}");
+        let config = parse(&format!("{table}\ncatch_up = \"1h\"")).unwrap();
+        assert_eq!(
+            config.schedules[0].due_slot(at("2026-12-06T10:00:00Z")),
+            None
+        );
+        assert_eq!(
+            config.schedules[0].due_slot(at("2026-12-06T02:59:00Z")),
+            Some(at("2026-12-06T02:00:00Z"))
+        );
+        let akeneo =
+            format!("transport = \"akeneo\"\n[akeneo]\nproject_dir = \"/srv/pim\"\n{table}");
+        let refused = parse(&akeneo).unwrap_err().message;
+        assert!(refused.contains("needs the native job store"), "{refused}");
+        let unknown = table.replace("ui_job", "nope");
+        assert!(
+            parse(&unknown)
+                .unwrap_err()
+                .message
+                .contains("`schedule.nightly.queue`")
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod notify;
 pub mod outcome;
 pub mod runner;
+pub mod schedule;
 pub mod secrets;
 pub mod signals;
 pub mod store;

@@ -31,6 +31,8 @@ pub struct Snapshot {
     pub heartbeat_interval: Duration,
     /// A worker that has not reached the database for this long has stopped its job.
     pub fence_after: Duration,
+    /// The configured schedules: name, next run, latest queued slot.
+    pub schedules: Vec<(String, Option<Timestamp>, Option<Timestamp>)>,
 }
 
 /// The states a worker is counted in, as the database sees it: `idle` and `busy` (a fresh
@@ -67,6 +69,7 @@ pub fn render(snapshot: &Snapshot) -> String {
         );
     }
     worker_gauges(&mut out, snapshot);
+    schedule_gauges(&mut out, snapshot);
     out.family(
         "pjq_build_info",
         "gauge",
@@ -281,6 +284,38 @@ fn worker_gauges(out: &mut Text, snapshot: &Snapshot) {
     }
 }
 
+fn schedule_gauges(out: &mut Text, snapshot: &Snapshot) {
+    if snapshot.schedules.is_empty() {
+        return;
+    }
+    out.family(
+        "pjq_schedule_next_run_timestamp_seconds",
+        "gauge",
+        "When each `[schedule.*]` runs next.",
+    );
+    for (name, next, _) in &snapshot.schedules {
+        let next = next.map_or(0.0, seconds_of);
+        out.sample(
+            "pjq_schedule_next_run_timestamp_seconds",
+            &[("schedule", name)],
+            next,
+        );
+    }
+    out.family(
+        "pjq_schedule_last_slot_timestamp_seconds",
+        "gauge",
+        "The latest slot of each schedule that was queued (0: none yet).",
+    );
+    for (name, _, last) in &snapshot.schedules {
+        let last = last.map_or(0.0, seconds_of);
+        out.sample(
+            "pjq_schedule_last_slot_timestamp_seconds",
+            &[("schedule", name)],
+            last,
+        );
+    }
+}
+
 fn worker_state(worker: &WorkerRecord, snapshot: &Snapshot) -> &'static str {
     let age = Duration::from_secs_f64(worker.heartbeat_age_seconds.max(0.0));
     if age >= snapshot.fence_after {
@@ -388,6 +423,7 @@ mod tests {
             ]),
             heartbeat_interval: Duration::from_secs(5),
             fence_after: Duration::from_secs(40),
+            schedules: Vec::new(),
         }
     }
 

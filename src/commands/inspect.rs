@@ -8,7 +8,8 @@ use crate::cli::{JobsArgs, OutputArgs, ShowArgs};
 use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
 use crate::store::{
-    JobFilter, JobRecord, JobStats, JobStatus, QueueCounts, StoreError, StoreResult, Timestamp,
+    JobFilter, JobRecord, JobStats, JobStatus, QueueCounts, ScheduleRun, StoreError, StoreResult,
+    Timestamp,
 };
 use crate::units::format_duration;
 
@@ -31,6 +32,7 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
     };
     let workers = store.list_workers().await?;
     let paused = store.paused_queues().await?;
+    let schedules = schedule_views(&context.config, store.schedule_runs().await?);
     if args.json {
         let running: Vec<Value> = running.iter().map(|job| running_json(job, now)).collect();
         let report = json!({
@@ -38,6 +40,7 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
             "database_from": context.url_source.to_string(),
             "queues": counts,
             "paused": paused,
+            "schedules": schedules,
             "running": running,
             "workers": workers,
         });
@@ -69,6 +72,22 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
             printable(&pause.reason)
         );
     }
+    if !schedules.is_empty() {
+        println!("\nSchedules: {}", schedules.len());
+    }
+    for view in &schedules {
+        let optional = |t: Option<Timestamp>| t.map_or("-".into(), |t| t.to_string());
+        println!(
+            "  {:<24} {:<20} {:<16} next {}  last slot {}{}",
+            view.name,
+            view.cron,
+            view.timezone,
+            optional(view.next_run),
+            optional(view.last_slot),
+            view.last_job
+                .map_or(String::new(), |id| format!(" (job #{id})"))
+        );
+    }
     println!("\nRunning jobs: {}", running.len());
     for job in &running {
         println!(
@@ -98,6 +117,39 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
         );
     }
     Ok(())
+}
+
+/// A configured schedule with its next run and its latest queued slot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(super) struct ScheduleView {
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    pub next_run: Option<Timestamp>,
+    pub last_slot: Option<Timestamp>,
+    pub last_job: Option<i64>,
+}
+
+/// The configured schedules, each with what the store recorded of it.
+pub(super) fn schedule_views(config: &Config, runs: Vec<ScheduleRun>) -> Vec<ScheduleView> {
+    let now = jiff::Timestamp::now();
+    config
+        .schedules
+        .iter()
+        .map(|schedule| {
+            let run = runs.iter().find(|run| run.name == schedule.name);
+            ScheduleView {
+                name: schedule.name.clone(),
+                cron: schedule.expression.clone(),
+                timezone: schedule.zone_name.clone(),
+                next_run: schedule
+                    .next_run(now)
+                    .map(|at| Timestamp(at.as_microsecond())),
+                last_slot: run.map(|run| run.slot_at),
+                last_job: run.and_then(|run| run.job_id),
+            }
+        })
+        .collect()
 }
 
 /// Every configured queue in priority order (zeros included), then any other queue found.

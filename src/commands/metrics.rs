@@ -12,7 +12,7 @@ use crate::metrics::{Snapshot, render};
 use crate::store::{StoreResult, WorkerStore};
 
 use super::Context;
-use super::inspect::ordered_counts;
+use super::inspect::{ordered_counts, schedule_views};
 
 pub(super) async fn metrics(context: &Context, args: &MetricsArgs) -> Result<(), Failure> {
     let opened = context.open_store().await?;
@@ -42,6 +42,10 @@ async fn snapshot(config: &Config, store: &dyn WorkerStore) -> StoreResult<Snaps
         }
     }
     let timings = FleetTimings::of(config);
+    let schedules = schedule_views(config, store.schedule_runs().await?)
+        .into_iter()
+        .map(|view| (view.name, view.next_run, view.last_slot))
+        .collect();
     Ok(Snapshot {
         queues,
         counts,
@@ -51,6 +55,7 @@ async fn snapshot(config: &Config, store: &dyn WorkerStore) -> StoreResult<Snaps
         tallies,
         heartbeat_interval: timings.heartbeat_interval,
         fence_after: timings.fence_after(),
+        schedules,
     })
 }
 

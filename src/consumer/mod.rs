@@ -17,7 +17,7 @@ use crate::akeneo::restart_signal::RestartSignal;
 use crate::breaker::LaunchBreaker;
 use crate::config::{Config, Transport};
 use crate::exit::{ExitCode, Failure};
-use crate::fleet::{Contact, FleetTimings, Membership, clock};
+use crate::fleet::{Contact, FleetTimings, Membership, ScheduledJob, clock};
 use crate::notify::Notifier;
 use crate::signals::{Signals, StopLevel};
 use crate::store::{JobId, Poll, StoreError, Turn, WorkerIdentity, WorkerStore};
@@ -215,6 +215,18 @@ impl Consumer {
         &self.signals.shutdown
     }
 
+    /// The recurring jobs this worker helps queue, with their codes' attempts.
+    fn scheduled_jobs(&self) -> Vec<ScheduledJob> {
+        self.config
+            .schedules
+            .iter()
+            .map(|schedule| ScheduledJob {
+                schedule: schedule.clone(),
+                max_attempts: self.config.max_attempts(&schedule.code),
+            })
+            .collect()
+    }
+
     /// Registers in the fleet, retrying through outages; why not when stopped meanwhile or
     /// refused for good.
     async fn join_fleet(&mut self) -> Result<Membership, StopReason> {
@@ -228,7 +240,10 @@ impl Consumer {
                 ))
                 .await;
             match joined {
-                Ok(membership) => return Ok(membership),
+                Ok(mut membership) => {
+                    membership.schedule(self.scheduled_jobs());
+                    return Ok(membership);
+                }
                 Err(error) => {
                     if let Some(reason) = unusable(&error) {
                         return Err(reason);

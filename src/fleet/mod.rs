@@ -30,6 +30,7 @@ mod contact;
 mod heartbeat;
 mod pruner;
 mod rescuer;
+mod scheduler;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,7 @@ use tracing::warn;
 
 pub use clock::clock;
 pub use contact::Contact;
+pub use scheduler::ScheduledJob;
 
 use crate::store::{FleetStore, StoreResult, WorkerIdentity};
 
@@ -120,6 +122,18 @@ impl Membership {
                 tokio::spawn(pruner.run()),
             ],
         })
+    }
+
+    /// Starts queueing the recurring jobs of `jobs`, if any.
+    pub fn schedule(&mut self, jobs: Vec<ScheduledJob>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let scheduler = scheduler::Scheduler {
+            store: self.store.clone(),
+            jobs,
+        };
+        self.tasks.push(tokio::spawn(scheduler.run()));
     }
 
     pub fn contact(&self) -> Arc<Contact> {

@@ -866,6 +866,23 @@ impl FleetStore for AkeneoStore {
             .map_err(|e| self.error(e))
     }
 
+    /// The configuration refuses `[schedule.*]` with this transport: the PIM schedules its
+    /// own jobs.
+    async fn enqueue_slot(
+        &self,
+        _schedule: &str,
+        _slot: Timestamp,
+        _job: &super::NewJob,
+    ) -> StoreResult<Option<JobId>> {
+        Err(StoreError::Unsupported(
+            "schedules need the native job store".to_string(),
+        ))
+    }
+
+    async fn schedule_runs(&self) -> StoreResult<Vec<super::ScheduleRun>> {
+        Ok(Vec::new())
+    }
+
     /// The PIM stops its jobs itself (status STOPPING, read by the running job).
     async fn cancel_request(
         &self,

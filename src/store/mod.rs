@@ -146,6 +146,15 @@ pub struct NewJob {
 /// The longest unique key: what MariaDB indexes in full.
 pub const MAX_UNIQUE_KEY_CHARS: usize = 255;
 
+/// A schedule's latest queued slot, for `status` and `metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ScheduleRun {
+    pub name: String,
+    pub slot_at: Timestamp,
+    pub enqueued_at: Timestamp,
+    pub job_id: Option<JobId>,
+}
+
 /// What a push with a unique key did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {

@@ -163,6 +163,14 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             // the job is waiting or running, and a unique index (which allows many NULLs)
             // covers it.
             "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS unique_key VARCHAR(255) NULL",
+            // One row per schedule and slot: its primary key lets one worker queue it.
+            "CREATE TABLE IF NOT EXISTS pjq_schedule_slots (
+                name VARCHAR(191) NOT NULL,
+                slot_at BIGINT NOT NULL,
+                enqueued_at BIGINT NOT NULL,
+                job_id BIGINT NULL,
+                PRIMARY KEY (name, slot_at)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
             "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS active_unique_key VARCHAR(255)
              AS (CASE WHEN status IN ('waiting', 'running') THEN unique_key END) PERSISTENT",
             "CREATE UNIQUE INDEX IF NOT EXISTS pjq_jobs_unique_active
@@ -494,6 +502,18 @@ type Db = sqlx::MySql;
 
 // What this backend does differently, for `native_roles!`.
 impl MysqlStore {
+    /// Stores a job inside `conn`'s transaction; returns its id.
+    async fn insert_in(
+        conn: &mut <Db as sqlx::Database>::Connection,
+        job: &NewJob,
+    ) -> Result<JobId, sqlx::Error> {
+        let insert = DIALECT.insert_job();
+        let result = rows::bind_new_job(sqlx::query(&insert), job)
+            .execute(&mut *conn)
+            .await?;
+        Ok(result.last_insert_id() as JobId)
+    }
+
     /// A transaction that reads rows (locking them), then changes them, at READ COMMITTED:
     /// its locking reads lock the rows they return and no gaps, so a prune scanning the
     /// finished jobs never holds a range a worker's turn must insert an index entry into

@@ -510,6 +510,47 @@ macro_rules! native_roles {
                     .await
             }
 
+            async fn enqueue_slot(
+                &self,
+                schedule: &str,
+                slot: $crate::store::Timestamp,
+                job: &$crate::store::NewJob,
+            ) -> $crate::store::StoreResult<Option<$crate::store::JobId>> {
+                let mut tx = self.begin_write().await.map_err(|e| self.error(e))?;
+                let claimed = sqlx::query(&DIALECT.claim_slot())
+                    .bind(schedule)
+                    .bind(slot.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                if claimed.rows_affected() == 0 {
+                    tx.rollback().await.map_err(|e| self.error(e))?;
+                    return Ok(None);
+                }
+                let id = Self::insert_in(&mut tx, job)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                sqlx::query(&DIALECT.set_slot_job())
+                    .bind(id)
+                    .bind(schedule)
+                    .bind(slot.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                tx.commit().await.map_err(|e| self.error(e))?;
+                Ok(Some(id))
+            }
+
+            async fn schedule_runs(
+                &self,
+            ) -> $crate::store::StoreResult<Vec<$crate::store::ScheduleRun>> {
+                let found = sqlx::query(&DIALECT.schedule_runs())
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                self.decode_all(&found, rows::schedule_run)
+            }
+
             async fn cancel_request(
                 &self,
                 job: $crate::store::JobId,

@@ -134,6 +134,14 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE pjq_jobs ADD COLUMN peak_rss_bytes BIGINT",
             // At most one waiting or running job per unique key (`push --unique-key`).
             "ALTER TABLE pjq_jobs ADD COLUMN unique_key TEXT",
+            // One row per schedule and slot: its primary key lets one worker queue it.
+            "CREATE TABLE pjq_schedule_slots (
+                name TEXT NOT NULL,
+                slot_at BIGINT NOT NULL,
+                enqueued_at BIGINT NOT NULL,
+                job_id BIGINT,
+                PRIMARY KEY (name, slot_at)
+            )",
             "CREATE UNIQUE INDEX pjq_jobs_unique_active ON pjq_jobs (unique_key)
              WHERE status IN ('waiting', 'running')",
             "ALTER TABLE pjq_jobs ADD COLUMN cpu_usec BIGINT",
@@ -337,6 +345,18 @@ type Db = sqlx::Postgres;
 
 // What this backend does differently, for `native_roles!`.
 impl PostgresStore {
+    /// Stores a job inside `conn`'s transaction; returns its id.
+    async fn insert_in(
+        conn: &mut <Db as sqlx::Database>::Connection,
+        job: &NewJob,
+    ) -> Result<JobId, sqlx::Error> {
+        let insert = format!("{} RETURNING id", DIALECT.insert_job());
+        let row = rows::bind_new_job(sqlx::query(&insert), job)
+            .fetch_one(&mut *conn)
+            .await?;
+        row.try_get("id")
+    }
+
     /// A transaction that reads rows (locking them), then changes them.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Db>, sqlx::Error> {
         self.pool.begin().await

@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use super::{
     ChangeOutcome, ClaimedJob, Completion, Finished, JobFilter, JobId, JobRecord, JobStats,
     JobStatus, Lease, NewJob, OrphanedJob, PausedQueue, Poll, PushListener, Pushed, QueueCounts,
-    QueueLatency, Release, RescueScan, RescuedJob, SchemaVersion, StoreResult, Tally, Timestamp,
-    Turn, WorkerIdentity, WorkerRecord,
+    QueueLatency, Release, RescueScan, RescuedJob, ScheduleRun, SchemaVersion, StoreResult, Tally,
+    Timestamp, Turn, WorkerIdentity, WorkerRecord,
 };
 
 /// What every store has: a location to name it by and a schema to bring up to date.
@@ -229,6 +229,18 @@ pub trait FleetStore: Send + Sync {
     /// Every finished job and rescue ever counted, by queue, event and histogram buckets
     /// (see [`Tally`]); `None` where the jobs are tracked elsewhere (the PIM's own tables).
     async fn finished_tallies(&self) -> StoreResult<Option<Vec<Tally>>>;
+
+    /// Queues `job` as `schedule`'s run for `slot`, unless a worker (on any host) did:
+    /// `None` then. The slot's row and the job are written in one transaction.
+    async fn enqueue_slot(
+        &self,
+        schedule: &str,
+        slot: Timestamp,
+        job: &NewJob,
+    ) -> StoreResult<Option<JobId>>;
+
+    /// Each schedule's latest queued slot.
+    async fn schedule_runs(&self) -> StoreResult<Vec<ScheduleRun>>;
 
     /// The cancel request an operator left on `job`, which `worker` runs (see
     /// [`AdminStore::cancel`]); `None` where jobs are cancelled elsewhere (the PIM's stop).

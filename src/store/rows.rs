@@ -293,6 +293,22 @@ where
     })
 }
 
+/// Reads a row of [`super::statements::Dialect::schedule_runs`].
+pub fn schedule_run<'r, R>(row: &'r R) -> Result<super::ScheduleRun, sqlx::Error>
+where
+    R: Row,
+    &'r str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(super::ScheduleRun {
+        name: row.try_get("name")?,
+        slot_at: Timestamp(row.try_get("slot_at")?),
+        enqueued_at: Timestamp(row.try_get("enqueued_at")?),
+        job_id: row.try_get("job_id")?,
+    })
+}
+
 /// Reads a row of [`super::statements::Dialect::finished_tallies`].
 pub fn tally<'r, R>(row: &'r R) -> Result<super::Tally, sqlx::Error>
 where

@@ -122,6 +122,14 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE pjq_jobs ADD COLUMN peak_rss_bytes INTEGER",
             // At most one waiting or running job per unique key (`push --unique-key`).
             "ALTER TABLE pjq_jobs ADD COLUMN unique_key TEXT",
+            // One row per schedule and slot: its primary key lets one worker queue it.
+            "CREATE TABLE pjq_schedule_slots (
+                name TEXT NOT NULL,
+                slot_at INTEGER NOT NULL,
+                enqueued_at INTEGER NOT NULL,
+                job_id INTEGER,
+                PRIMARY KEY (name, slot_at)
+            )",
             "CREATE UNIQUE INDEX pjq_jobs_unique_active ON pjq_jobs (unique_key)
              WHERE status IN ('waiting', 'running')",
             "ALTER TABLE pjq_jobs ADD COLUMN cpu_usec INTEGER",
@@ -340,6 +348,18 @@ type Db = sqlx::Sqlite;
 
 // What this backend does differently, for `native_roles!`.
 impl SqliteStore {
+    /// Stores a job inside `conn`'s transaction; returns its id.
+    async fn insert_in(
+        conn: &mut <Db as sqlx::Database>::Connection,
+        job: &NewJob,
+    ) -> Result<JobId, sqlx::Error> {
+        let insert = format!("{} RETURNING id", DIALECT.insert_job());
+        let row = rows::bind_new_job(sqlx::query(&insert), job)
+            .fetch_one(&mut *conn)
+            .await?;
+        row.try_get("id")
+    }
+
     /// A transaction that reads rows, then changes them: on SQLite it takes the write lock
     /// first, so its reads never need an upgrade another writer could refuse.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Db>, sqlx::Error> {

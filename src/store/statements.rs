@@ -148,6 +148,39 @@ impl Dialect {
         )
     }
 
+    /// Records a schedule's slot (name, slot_at) unless a worker did already: the primary
+    /// key lets exactly one of them (one row changed: this one).
+    pub fn claim_slot(&self) -> String {
+        let row = format!(
+            "INTO pjq_schedule_slots (name, slot_at, enqueued_at) VALUES ({}, {}, {})",
+            self.p(1),
+            self.p(2),
+            self.db_now
+        );
+        match self.upsert {
+            Upsert::OnConflict => format!("INSERT {row} ON CONFLICT (name, slot_at) DO NOTHING"),
+            Upsert::OnDuplicateKey => format!("INSERT IGNORE {row}"),
+        }
+    }
+
+    /// The job a slot queued: job id, then name and slot_at.
+    pub fn set_slot_job(&self) -> String {
+        format!(
+            "UPDATE pjq_schedule_slots SET job_id = {} WHERE name = {} AND slot_at = {}",
+            self.p(1),
+            self.p(2),
+            self.p(3)
+        )
+    }
+
+    /// Each schedule's latest queued slot.
+    pub fn schedule_runs(&self) -> String {
+        "SELECT s.name, s.slot_at, s.enqueued_at, s.job_id FROM pjq_schedule_slots s
+         WHERE s.slot_at = (SELECT MAX(m.slot_at) FROM pjq_schedule_slots m WHERE m.name = s.name)
+         ORDER BY s.name"
+            .to_string()
+    }
+
     /// The waiting or running job with a unique key (bound).
     pub fn active_with_key(&self) -> String {
         format!(
@@ -752,6 +785,9 @@ impl Dialect {
             ("database time", self.database_time()),
             ("insert job", self.insert_job()),
             ("active with key", self.active_with_key()),
+            ("claim slot", self.claim_slot()),
+            ("set slot job", self.set_slot_job()),
+            ("schedule runs", self.schedule_runs()),
             (
                 "claim",
                 format!(

@@ -272,6 +272,23 @@ impl<S: FleetStore + ?Sized, H: CallHook> FleetStore for Wrapped<S, H> {
             .await
     }
 
+    async fn enqueue_slot(
+        &self,
+        schedule: &str,
+        slot: Timestamp,
+        job: &NewJob,
+    ) -> StoreResult<Option<JobId>> {
+        self.call(
+            "queue a schedule's run",
+            self.inner.enqueue_slot(schedule, slot, job),
+        )
+        .await
+    }
+
+    async fn schedule_runs(&self) -> StoreResult<Vec<super::ScheduleRun>> {
+        self.call("schedule runs", self.inner.schedule_runs()).await
+    }
+
     async fn cancel_request(
         &self,
         job: JobId,

@@ -17,6 +17,7 @@ mod instance;
 mod metrics;
 mod pause;
 mod properties;
+mod schedule;
 mod secrets;
 mod systemd;
 mod wake;

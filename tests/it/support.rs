@@ -125,7 +125,7 @@ impl Backend {
 }
 
 /// A single connection to any of the server backends, by URL scheme.
-async fn connect_any(url: &str) -> Result<sqlx::AnyConnection, sqlx::Error> {
+pub async fn connect_any(url: &str) -> Result<sqlx::AnyConnection, sqlx::Error> {
     use sqlx::Connection;
     sqlx::any::install_default_drivers();
     sqlx::AnyConnection::connect(url).await
