@@ -135,6 +135,53 @@ pub struct JobSpec {
     pub kill_grace: Duration,
     pub max_attempts: u32,
     pub env: BTreeMap<String, String>,
+    /// Opt-in: which failures go back to the queue, and after how long.
+    pub retry: Option<RetryPolicy>,
+}
+
+/// `retry_on_exit_codes` and its backoff: a failure it names goes back to the queue while
+/// the job has attempts left, due after a delay that grows with each attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// The exit codes that retry; `None`: any failure (an exit code, a signal, a timeout).
+    pub exit_codes: Option<Vec<i32>>,
+    pub backoff: Duration,
+    pub multiplier: f64,
+    pub max_backoff: Duration,
+    /// The delay is moved by up to this fraction, either way, so retries of many jobs that
+    /// failed together do not all come back at once.
+    pub jitter: f64,
+}
+
+impl RetryPolicy {
+    /// Whether a failure with `exit_code` (none: a signal or a timeout) is retried.
+    pub fn retries(&self, exit_code: Option<i32>) -> bool {
+        match (&self.exit_codes, exit_code) {
+            (None, _) => true,
+            (Some(codes), Some(code)) => codes.contains(&code),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// The delay before attempt `attempt + 1`, after `attempt` failed ones: `backoff`
+    /// times `multiplier` per earlier retry, at most `max_backoff`, moved by `jitter`
+    /// (`spread` in [-1, 1] picks where in it).
+    pub fn delay(&self, attempt: i64, spread: f64) -> Duration {
+        let grown = self.backoff.as_secs_f64()
+            * self
+                .multiplier
+                .powi(attempt.saturating_sub(1).clamp(0, 64) as i32);
+        let capped = grown.min(self.max_backoff.as_secs_f64());
+        Duration::from_secs_f64((capped * (1.0 + self.jitter * spread.clamp(-1.0, 1.0))).max(0.0))
+    }
+}
+
+/// `retry_on_exit_codes`: a list of codes, or "any".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum RawRetryCodes {
+    Codes(Vec<i32>),
+    Word(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +228,11 @@ struct RawJob {
     max_attempts: Option<u32>,
     env: Option<BTreeMap<String, String>>,
     allow_option_values: Option<bool>,
+    retry_on_exit_codes: Option<RawRetryCodes>,
+    backoff: Option<DurationValue>,
+    backoff_multiplier: Option<f64>,
+    max_backoff: Option<DurationValue>,
+    jitter: Option<f64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -551,7 +603,62 @@ fn merge_job(base: &RawJob, over: &RawJob) -> RawJob {
         max_attempts: over.max_attempts.or(base.max_attempts),
         env: Some(env),
         allow_option_values: over.allow_option_values.or(base.allow_option_values),
+        retry_on_exit_codes: over
+            .retry_on_exit_codes
+            .clone()
+            .or_else(|| base.retry_on_exit_codes.clone()),
+        backoff: over.backoff.or(base.backoff),
+        backoff_multiplier: over.backoff_multiplier.or(base.backoff_multiplier),
+        max_backoff: over.max_backoff.or(base.max_backoff),
+        jitter: over.jitter.or(base.jitter),
     }
+}
+
+/// The retry policy of a job table: none unless `retry_on_exit_codes` is set.
+fn build_retry_policy(raw: &RawJob, table: &str) -> Result<Option<RetryPolicy>, Failure> {
+    let key = |name: &str| format!("`{table}.{name}`");
+    let Some(codes) = &raw.retry_on_exit_codes else {
+        return Ok(None);
+    };
+    let exit_codes = match codes {
+        RawRetryCodes::Codes(codes) => Some(codes.clone()),
+        RawRetryCodes::Word(word) if word == "any" => None,
+        RawRetryCodes::Word(word) => {
+            return Err(Failure::config(format!(
+                "{} = {word:?}: expected a list of exit codes or \"any\"",
+                key("retry_on_exit_codes")
+            )));
+        }
+    };
+    let backoff = raw.backoff.map_or(Duration::from_secs(30), |d| d.0);
+    let multiplier = raw.backoff_multiplier.unwrap_or(2.0);
+    let max_backoff = raw.max_backoff.map_or(Duration::from_secs(3600), |d| d.0);
+    let jitter = raw.jitter.unwrap_or(0.1);
+    if !(multiplier.is_finite() && multiplier >= 1.0) {
+        return Err(Failure::config(format!(
+            "{} must be 1 or more",
+            key("backoff_multiplier")
+        )));
+    }
+    if !(0.0..1.0).contains(&jitter) {
+        return Err(Failure::config(format!(
+            "{} must be at least 0 and below 1",
+            key("jitter")
+        )));
+    }
+    if max_backoff < backoff {
+        return Err(Failure::config(format!(
+            "{} is shorter than `backoff`",
+            key("max_backoff")
+        )));
+    }
+    Ok(Some(RetryPolicy {
+        exit_codes,
+        backoff,
+        multiplier,
+        max_backoff,
+        jitter,
+    }))
 }
 
 fn build_schedule(name: &str, raw: &RawSchedule, queues: &[String]) -> Result<Schedule, Failure> {
@@ -626,6 +733,7 @@ fn build_job_spec(raw: &RawJob, table: &str) -> Result<JobSpec, Failure> {
         kill_grace: raw.kill_grace.map_or(DEFAULT_KILL_GRACE, |d| d.0),
         max_attempts,
         env,
+        retry: build_retry_policy(raw, table)?,
     })
 }
 

@@ -200,6 +200,15 @@ pub enum Record<'a> {
     ///
     /// [`QueueStore::release_unstarted`]: crate::store::QueueStore::release_unstarted
     PutBack(&'a str),
+    /// A failure that goes back to its queue, due after a delay, with the attempt recorded
+    /// in its history ([`QueueStore::retry_later`]).
+    ///
+    /// [`QueueStore::retry_later`]: crate::store::QueueStore::retry_later
+    Retry {
+        completion: &'a Completion,
+        delay: std::time::Duration,
+        entry: &'a str,
+    },
 }
 
 /// The final record of a job that failed without a process: no output, no exit status.

@@ -302,6 +302,16 @@ pub(super) async fn show(context: &Context, args: &ShowArgs) -> Result<(), Failu
     if let Some(reason) = &job.reason {
         println!("  reason:    {}", printable(reason));
     }
+    for attempt in &job.earlier_attempts {
+        let field = |name: &str| attempt[name].as_str().unwrap_or("?").to_string();
+        println!(
+            "  attempt {}: {} to {}, {}",
+            attempt["attempt"],
+            field("started_at"),
+            field("finished_at"),
+            printable(&field("reason"))
+        );
+    }
     if let (Some(bytes), Some(cpu)) = (job.usage.peak_rss_bytes, job.usage.cpu_usec) {
         println!(
             "  resources: peak RSS {:.1} MiB, CPU {:.2} s",

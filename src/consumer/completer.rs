@@ -14,8 +14,51 @@ use tracing::{error, info, warn};
 use super::{Backoff, Consumer};
 use crate::outcome::{JobOutcome, Record, refusal};
 use crate::signals::StopLevel;
-use crate::store::{ClaimedJob, Completion, Release, StoreError, Timestamp};
+use std::time::Duration;
+
+use crate::store::{ClaimedJob, Completion, JobResult, Release, StoreError, Timestamp};
 use crate::units::format_duration;
+
+/// Says in a retried failure's reason that it was the last attempt.
+fn exhausted(completion: &mut Completion, attempts: i64) {
+    if let JobResult::Failed { reason, .. } = &mut completion.result {
+        reason.push_str(&format!(" (attempts exhausted: {attempts})"));
+    }
+}
+
+/// A number in [-1, 1] that differs from one worker and moment to the next: where in the
+/// jitter band a retry lands. No cryptography needed, only spread.
+fn spread() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mixed =
+        (u64::from(nanos) ^ u64::from(std::process::id())).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (mixed >> 11) as f64 / (1_u64 << 53) as f64 * 2.0 - 1.0
+}
+
+/// One attempt of a retried job, as a JSON line for its history.
+fn attempt_entry(job: &ClaimedJob, completion: &Completion, ran_for: Option<Duration>) -> String {
+    let (exit_code, signal, reason) = match &completion.result {
+        JobResult::Failed {
+            exit_code,
+            signal,
+            reason,
+        } => (*exit_code, *signal, reason.as_str()),
+        _ => (None, None, ""),
+    };
+    let finished_at = completion.finished_at;
+    let started_at = Timestamp(finished_at.0 - ran_for.map_or(0, |d| d.as_micros() as i64));
+    let line = serde_json::json!({
+        "attempt": job.attempts,
+        "started_at": started_at.to_string(),
+        "finished_at": finished_at.to_string(),
+        "exit_code": exit_code,
+        "signal": signal,
+        "reason": reason,
+    });
+    format!("{line}\n")
+}
 
 /// The most job ids kept as "held, result not recorded" (see [`Consumer::unrecorded`]).
 const MOST_UNRECORDED: usize = 64;
@@ -31,14 +74,49 @@ impl Consumer {
     /// a give-back or put-back is written now, retried through outages.
     pub(super) async fn record(&mut self, job: &ClaimedJob, outcome: &JobOutcome) {
         match outcome.record() {
-            Record::Complete(completion) => {
+            Record::Complete(mut completion) => {
+                if let Some(delay) = self.retry_delay(job, &completion) {
+                    let entry = attempt_entry(job, &completion, outcome.ran_for());
+                    let retry = Record::Retry {
+                        completion: &completion,
+                        delay,
+                        entry: &entry,
+                    };
+                    match self.write(job, retry).await {
+                        Some(Release::Requeued) => {
+                            info!(
+                                job_id = job.id,
+                                "job failed, retrying in {} (attempt {} failed)",
+                                format_duration(delay),
+                                job.attempts
+                            );
+                            return;
+                        }
+                        Some(_) => exhausted(&mut completion, job.attempts),
+                        None => return,
+                    }
+                }
                 self.finished = Some(Finished {
                     job: job.clone(),
                     completion,
                 });
             }
-            record => self.write(job, record).await,
+            record => {
+                self.write(job, record).await;
+            }
         }
+    }
+
+    /// How long until a failed job runs again, when its code's retry policy retries this
+    /// failure (whether attempts are left, the store decides).
+    fn retry_delay(&self, job: &ClaimedJob, completion: &Completion) -> Option<Duration> {
+        let JobResult::Failed { exit_code, .. } = &completion.result else {
+            return None;
+        };
+        let policy = self.config.job_spec(&job.code).ok()?.retry.as_ref()?;
+        policy
+            .retries(*exit_code)
+            .then(|| policy.delay(job.attempts, spread()))
     }
 
     /// Writes the result waiting for the next turn by itself, when there is one.
@@ -49,8 +127,9 @@ impl Consumer {
     }
 
     /// Writes one record, retrying through database outages: the result is kept in memory
-    /// until it is written, or until an abort is requested.
-    async fn write(&mut self, job: &ClaimedJob, record: Record<'_>) {
+    /// until it is written, or until an abort is requested. Returns what became of the job
+    /// (for a retry, `Failed`: no attempts left), `None` when it was not recorded.
+    async fn write(&mut self, job: &ClaimedJob, record: Record<'_>) -> Option<Release> {
         let mut backoff = Backoff::default();
         loop {
             let stored = match &record {
@@ -63,19 +142,39 @@ impl Consumer {
                     .db(self.store.complete(&job.lease, completion))
                     .await
                     .map(|held| held.then_some(Release::Failed)),
+                Record::Retry {
+                    completion,
+                    delay,
+                    entry,
+                } => self
+                    .db(self
+                        .store
+                        .retry_later(&job.lease, completion, *delay, entry))
+                    .await
+                    .map(|retried| {
+                        retried.map(|again| {
+                            if again {
+                                Release::Requeued
+                            } else {
+                                Release::Failed
+                            }
+                        })
+                    }),
             };
             match stored {
                 Ok(Some(Release::Requeued)) => {
-                    info!(job_id = job.id, "job put back in its queue (attempts left)");
-                    return;
+                    if matches!(record, Record::GiveBack(_) | Record::PutBack(_)) {
+                        info!(job_id = job.id, "job put back in its queue (attempts left)");
+                    }
+                    return Some(Release::Requeued);
                 }
-                Ok(Some(_)) => return,
+                Ok(Some(release)) => return Some(release),
                 Ok(None) => {
                     warn!(
                         job_id = job.id,
                         "result not recorded: the job is no longer held by this worker"
                     );
-                    return;
+                    return None;
                 }
                 Err(error) if error.is_transient() && !self.aborting() => {
                     let delay = backoff.next_delay();
@@ -98,7 +197,7 @@ impl Consumer {
                         "giving up on recording the job's result: {error}"
                     );
                     self.note_unrecorded(job);
-                    return;
+                    return None;
                 }
             }
         }

@@ -292,6 +292,9 @@ pub struct JobRecord {
     pub cancel_requested: Option<String>,
     /// The last run's peak memory and CPU time.
     pub usage: ResourceUsage,
+    /// The earlier attempts of a job retried after a failure (`retry_on_exit_codes`),
+    /// oldest first.
+    pub earlier_attempts: Vec<serde_json::Value>,
 }
 
 /// How many jobs a queue has in each state.
@@ -680,7 +683,9 @@ fn release_of(outcome: Option<bool>) -> Release {
 }
 
 /// The status and result columns a completion writes.
-fn completion_columns(result: &JobResult) -> (JobStatus, Option<i64>, Option<i64>, Option<&str>) {
+pub(super) fn completion_columns(
+    result: &JobResult,
+) -> (JobStatus, Option<i64>, Option<i64>, Option<&str>) {
     match result {
         JobResult::Succeeded => (JobStatus::Succeeded, Some(0), None, None),
         JobResult::Cancelled { reason } => {

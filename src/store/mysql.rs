@@ -163,6 +163,8 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             // the job is waiting or running, and a unique index (which allows many NULLs)
             // covers it.
             "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS unique_key VARCHAR(255) NULL",
+            // Earlier attempts of a retried job, one JSON line each.
+            "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS history LONGTEXT NULL",
             // One row per schedule and slot: its primary key lets one worker queue it.
             "CREATE TABLE IF NOT EXISTS pjq_schedule_slots (
                 name VARCHAR(191) NOT NULL,

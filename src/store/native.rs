@@ -259,6 +259,41 @@ macro_rules! native_roles {
                 Ok(result.rows_affected() == 1)
             }
 
+            async fn retry_later(
+                &self,
+                lease: &$crate::store::Lease,
+                completion: &$crate::store::Completion,
+                delay: std::time::Duration,
+                entry: &str,
+            ) -> $crate::store::StoreResult<Option<bool>> {
+                let (_, exit_code, signal, reason) =
+                    $crate::store::completion_columns(&completion.result);
+                let retried = sqlx::query(&DIALECT.retry_later())
+                    .bind(rows::delay_micros(delay))
+                    .bind(entry)
+                    .bind(exit_code)
+                    .bind(signal)
+                    .bind(reason)
+                    .bind(completion.output.join("\n"))
+                    .bind(lease.job_id)
+                    .bind(lease.token.as_str())
+                    .bind(lease.lease)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                if retried.rows_affected() == 1 {
+                    return Ok(Some(true));
+                }
+                let held: Option<i64> = sqlx::query_scalar(&DIALECT.held())
+                    .bind(lease.job_id)
+                    .bind(lease.token.as_str())
+                    .bind(lease.lease)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                Ok(held.map(|_| false))
+            }
+
             async fn release(
                 &self,
                 lease: &$crate::store::Lease,

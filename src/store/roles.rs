@@ -105,6 +105,21 @@ pub trait QueueStore: Send + Sync {
     /// held: the job was rescued, or this completion is a repeat.
     async fn complete(&self, lease: &Lease, completion: &Completion) -> StoreResult<bool>;
 
+    /// Puts a failed running job back in its queue, due `delay` from now, with `entry` (the
+    /// attempt, as one JSON line) added to its history, if it has attempts left:
+    /// `Some(true)`; `Some(false)` when it has none (the caller records the failure);
+    /// `None` when the lease is no longer held. A store that does not retry says
+    /// `Some(false)`.
+    async fn retry_later(
+        &self,
+        _lease: &Lease,
+        _completion: &Completion,
+        _delay: Duration,
+        _entry: &str,
+    ) -> StoreResult<Option<bool>> {
+        Ok(Some(false))
+    }
+
     /// Gives up a running job this worker holds: back to its queue if it has attempts left,
     /// failed with `reason` otherwise. Guarded like [`Self::complete`].
     async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release>;

@@ -43,6 +43,12 @@ where
             .map(|text| text.lines().map(str::to_owned).collect())
             .unwrap_or_default(),
         cancel_requested: row.try_get("cancel_requested")?,
+        earlier_attempts: row
+            .try_get::<Option<String>, _>("history")?
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect(),
         usage: super::ResourceUsage {
             peak_rss_bytes: row.try_get("peak_rss_bytes")?,
             cpu_usec: row.try_get("cpu_usec")?,

@@ -122,6 +122,8 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE pjq_jobs ADD COLUMN peak_rss_bytes INTEGER",
             // At most one waiting or running job per unique key (`push --unique-key`).
             "ALTER TABLE pjq_jobs ADD COLUMN unique_key TEXT",
+            // Earlier attempts of a retried job, one JSON line each.
+            "ALTER TABLE pjq_jobs ADD COLUMN history TEXT",
             // One row per schedule and slot: its primary key lets one worker queue it.
             "CREATE TABLE pjq_schedule_slots (
                 name TEXT NOT NULL,

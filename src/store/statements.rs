@@ -82,7 +82,7 @@ pub(super) const STOP_GENERATION: &str =
 pub(super) const JOB_RECORD_COLUMNS: &str = "id, queue, code, payload, status, attempts, \
     max_attempts, created_at, available_at, claimed_at, started_at, finished_at, worker_host, \
     worker_instance, worker_pid, exit_code, exit_signal, reason, output, cancel_requested, \
-    peak_rss_bytes, cpu_usec";
+    peak_rss_bytes, cpu_usec, history";
 
 /// Who must hold a job for a take-back ([`Dialect::take_back`]) to apply.
 #[derive(Clone, Copy)]
@@ -216,6 +216,40 @@ impl Dialect {
                 exit_signal = {}, reason = {}, output = {}, peak_rss_bytes = {}, cpu_usec = {}
              WHERE id = {} AND worker_token = {} AND lease = {} AND status = 'running'",
             p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]
+        )
+    }
+
+    /// Puts a failed running job back to waiting, due some microseconds (bound first) from
+    /// now, with an attempt's line (second) added to its history and its exit code, signal,
+    /// reason and output; then id, token, lease. Only while it has attempts left.
+    pub fn retry_later(&self) -> String {
+        let history = (self.concat)(&["COALESCE(history, '')", &self.p(2)]);
+        format!(
+            "UPDATE pjq_jobs SET status = 'waiting', available_at = {} + {}, history = {history},
+                exit_code = {}, exit_signal = {}, reason = {}, output = {},
+                lease = lease + 1, worker_token = NULL
+             WHERE id = {} AND worker_token = {} AND lease = {} AND status = 'running'
+               AND attempts < max_attempts",
+            self.db_now,
+            self.p(1),
+            self.p(3),
+            self.p(4),
+            self.p(5),
+            self.p(6),
+            self.p(7),
+            self.p(8),
+            self.p(9)
+        )
+    }
+
+    /// Whether a job (id) is still held at a lease: token, lease.
+    pub fn held(&self) -> String {
+        format!(
+            "SELECT id FROM pjq_jobs WHERE id = {} AND worker_token = {} AND lease = {}
+               AND status = 'running'",
+            self.p(1),
+            self.p(2),
+            self.p(3)
         )
     }
 
@@ -798,6 +832,8 @@ impl Dialect {
             ),
             ("complete", self.complete_job(1)),
             ("put back unrun", self.put_back_unrun()),
+            ("retry later", self.retry_later()),
+            ("held", self.held()),
             ("put back unanswered", self.put_back_unanswered(2)),
             (
                 "put back unanswered, none kept",

@@ -177,6 +177,20 @@ impl<S: QueueStore + ?Sized, H: CallHook> QueueStore for Wrapped<S, H> {
             .await
     }
 
+    async fn retry_later(
+        &self,
+        lease: &Lease,
+        completion: &Completion,
+        delay: Duration,
+        entry: &str,
+    ) -> StoreResult<Option<bool>> {
+        self.call(
+            "retry later",
+            self.inner.retry_later(lease, completion, delay, entry),
+        )
+        .await
+    }
+
     async fn release(&self, lease: &Lease, reason: &str, now: Timestamp) -> StoreResult<Release> {
         self.call("release", self.inner.release(lease, reason, now))
             .await

@@ -24,7 +24,83 @@ backend_tests!(
     sigterm_lets_the_running_job_finish,
     four_workers_run_2000_jobs_exactly_once,
     a_jobs_peak_memory_and_cpu_time_are_recorded,
+    opt_in_retries_back_off_and_keep_their_history,
 );
+
+/// `retry_on_exit_codes = [75]` with a 1 s backoff doubling: a job that exits 75, 75, then 0
+/// ends succeeded on its third attempt, its starts at least 1 s then 2 s apart, its history
+/// listing the two failures; an exit code not listed fails at once; a job that keeps
+/// exiting 75 says its attempts ran out.
+fn opt_in_retries_back_off_and_keep_their_history(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    let counter = scratch.path("count");
+    let starts = scratch.path("starts");
+    scratch.write_config(&format!(
+        r#"[jobs.flaky]
+command = ["/bin/sh", "-c", "n=$(($(cat {count} 2>/dev/null || echo 0) + 1)); echo $n > {count}; date +%s.%N >> {starts}; [ $n -ge 3 ] || exit 75"]
+max_attempts = 3
+retry_on_exit_codes = [75]
+backoff = "1s"
+backoff_multiplier = 2
+jitter = 0
+[jobs.broken]
+command = ["/bin/sh", "-c", "exit 1"]
+max_attempts = 3
+retry_on_exit_codes = [75]
+[jobs.tired]
+command = ["/bin/sh", "-c", "exit 75"]
+max_attempts = 2
+retry_on_exit_codes = "any"
+backoff = "1s"
+jitter = 0
+"#,
+        count = counter.display(),
+        starts = starts.display()
+    ));
+    let flaky = scratch.push("ui_job", "flaky");
+    let broken = scratch.push("ui_job", "broken");
+    let tired = scratch.push("ui_job", "tired");
+    let mut worker = scratch.spawn_consumer("w", &[]);
+    wait_until(Duration::from_secs(20), "the three jobs to end", || {
+        [flaky, broken, tired].iter().all(|id| {
+            !matches!(
+                scratch.show(*id)["status"].as_str(),
+                Some("waiting" | "running")
+            )
+        })
+    });
+    send_signal(&worker, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut worker, Duration::from_secs(10)), 0);
+
+    let job = scratch.show(flaky);
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["attempts"], 3);
+    let history = job["earlier_attempts"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{job:#}");
+    assert_eq!(history[0]["exit_code"], 75);
+    assert_eq!(history[1]["attempt"], 2);
+    let times: Vec<f64> = std::fs::read_to_string(&starts)
+        .unwrap()
+        .lines()
+        .map(|line| line.parse().unwrap())
+        .collect();
+    assert_eq!(times.len(), 3);
+    assert!(times[1] - times[0] >= 1.0, "{times:?}");
+    assert!(times[2] - times[1] >= 2.0, "{times:?}");
+    let shown = scratch.ok(&["show", &flaky.to_string()]);
+    assert!(shown.contains("attempt 1: "), "{shown}");
+
+    let job = scratch.show(broken);
+    assert_eq!(
+        (job["status"].as_str(), job["attempts"].as_i64()),
+        (Some("failed"), Some(1))
+    );
+    let job = scratch.show(tired);
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["attempts"], 2);
+    let reason = job["reason"].as_str().unwrap();
+    assert_eq!(reason, "exit code 75 (attempts exhausted: 2)");
+}
 
 /// The kernel's measure of a job (`wait4`: the main process and the children it waited
 /// for) is stored with its result: here `tail` holds 50 MB of its input.
