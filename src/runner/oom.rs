@@ -6,12 +6,17 @@ use std::path::{Path, PathBuf};
 
 /// The OOM kill count of this process's cgroup, where the kernel exposes one: cgroup v2's
 /// `memory.events`, else cgroup v1's `memory.oom_control` (both `oom_kill N`, kernel 4.13+).
+/// One file read a call: which file it is, is found once per worker.
 pub fn kills_so_far() -> Option<u64> {
-    let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    counter_files(&membership)
-        .iter()
-        .find_map(|file| std::fs::read_to_string(file).ok())
-        .and_then(|text| oom_kill_count(&text))
+    static COUNTER: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let file = COUNTER.get_or_init(|| {
+        let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        counter_files(&membership)
+            .into_iter()
+            .find(|file| std::fs::read_to_string(file).is_ok_and(|t| oom_kill_count(&t).is_some()))
+    });
+    let text = std::fs::read_to_string(file.as_ref()?).ok()?;
+    oom_kill_count(&text)
 }
 
 /// Where the counter may be, for the cgroups `/proc/self/cgroup` lists.
