@@ -11,10 +11,13 @@
 //!   (how a new id comes back, how a push wakes listeners);
 //! - `open_listener()`: PostgreSQL's LISTEN, `None` elsewhere; `announce_resume()`: its
 //!   NOTIFY when a paused queue is resumed, nothing elsewhere;
-//! - `own_statements()`: the statements only it has, for [`SchemaStore::check_statements`].
+//! - `own_statements()`: the statements only it has, for [`SchemaStore::check_statements`];
+//! - `begin_write()`: a transaction that reads, then writes (SQLite's `BEGIN IMMEDIATE`,
+//!   MariaDB's READ COMMITTED); `insert_in(conn, &NewJob)`: an insert inside one, returning
+//!   the id (`RETURNING`, or MariaDB's last insert id).
 //!
-//! It needs `pool`, `error(sqlx::Error) -> StoreError` and a `DIALECT` in the backend's
-//! module. A macro rather than generic code because sqlx's pools, rows and results share no
+//! It needs `pool`, `error(sqlx::Error) -> StoreError`, a `DIALECT` and a `Db` type (the
+//! sqlx database) in the backend's module. A macro rather than generic code because sqlx's pools, rows and results share no
 //! trait that reaches `rows_affected` or `fetch_optional` on all three.
 //!
 //! [`Dialect`]: super::statements::Dialect
