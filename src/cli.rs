@@ -206,8 +206,12 @@ pub struct MetricsArgs {
     /// Write into FILE instead of stdout, atomically (a temporary file renamed over it), as
     /// node_exporter's textfile collector needs: e.g.
     /// `/var/lib/prometheus/node-exporter/pim_job_queue.prom`.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "listen")]
     pub output: Option<PathBuf>,
+    /// Serve the metrics over HTTP at ADDR (e.g. 127.0.0.1:9469) for a direct scrape,
+    /// read from the database at each request, until stopped (SIGTERM, SIGINT).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]

@@ -2,7 +2,13 @@
 //! node_exporter's textfile collector.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::MetricsArgs;
 use crate::config::Config;
@@ -16,6 +22,9 @@ use super::inspect::{ordered_counts, schedule_views};
 
 pub(super) async fn metrics(context: &Context, args: &MetricsArgs) -> Result<(), Failure> {
     let opened = context.open_store().await?;
+    if let Some(address) = args.listen {
+        return serve(context, opened.worker(), address).await;
+    }
     let text = render(&snapshot(&context.config, opened.worker()).await?);
     match &args.output {
         None => {
@@ -29,6 +38,84 @@ pub(super) async fn metrics(context: &Context, args: &MetricsArgs) -> Result<(),
             )
         }),
     }
+}
+
+/// Answers `GET /metrics` (and `/`) with the metrics, read from the store at each request,
+/// one connection at a time (a scraper's pace), until SIGTERM or SIGINT.
+async fn serve(
+    context: &Context,
+    store: &dyn WorkerStore,
+    address: SocketAddr,
+) -> Result<(), Failure> {
+    let listener = TcpListener::bind(address).await.map_err(|error| {
+        Failure::new(
+            ExitCode::Unavailable,
+            format!("cannot listen on {address}: {error}"),
+        )
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Failure::new(ExitCode::Software, e.to_string()))?;
+    eprintln!("pim-job-queue: serving metrics on http://{bound}/metrics");
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|e| Failure::new(ExitCode::Software, e.to_string()))?;
+    let mut interrupt = signal(SignalKind::interrupt())
+        .map_err(|e| Failure::new(ExitCode::Software, e.to_string()))?;
+    loop {
+        let (connection, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => continue,
+            },
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+        };
+        // A client that sends nothing cannot hold the next scrape up for long.
+        let answered = tokio::time::timeout(
+            Duration::from_secs(10),
+            answer(connection, &context.config, store),
+        );
+        let _ = answered.await;
+    }
+}
+
+/// Reads one request and answers it: 200 with the metrics, 404 elsewhere, 503 when the
+/// database does not answer.
+async fn answer(
+    mut connection: TcpStream,
+    config: &Config,
+    store: &dyn WorkerStore,
+) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buffer = [0_u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+        let read = connection.read(&mut buffer).await?;
+        if read == 0 {
+            break;
+        }
+        request.extend_from_slice(&buffer[..read]);
+    }
+    let line = String::from_utf8_lossy(&request);
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) = if !line.starts_with("GET ") || !matches!(path, "/" | "/metrics") {
+        (
+            "404 Not Found",
+            "not found: the metrics are at /metrics\n".to_string(),
+        )
+    } else {
+        match snapshot(config, store).await {
+            Ok(snapshot) => ("200 OK", render(&snapshot)),
+            Err(error) => ("503 Service Unavailable", format!("{error}\n")),
+        }
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    connection.write_all(head.as_bytes()).await?;
+    connection.write_all(body.as_bytes()).await?;
+    connection.shutdown().await
 }
 
 /// Reads what the metrics say from the store, queues in the configuration's order.

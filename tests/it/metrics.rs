@@ -163,3 +163,54 @@ fn a_killed_workers_heartbeat_stops_and_the_rescue_counter_grows(backend: Backen
     send_signal(&rescuer, Signal::SIGKILL);
     rescuer.wait().unwrap();
 }
+
+/// One HTTP exchange with `address`: the status line and the body.
+fn http_get(address: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// `metrics --listen` answers each scrape with what the database holds at that moment,
+/// 404 elsewhere, and stops on SIGTERM.
+#[test]
+fn listen_serves_a_fresh_scrape_at_each_request() {
+    use std::io::BufRead;
+    let scratch = Scratch::new(Backend::Sqlite);
+    scratch.write_config("");
+    scratch.ok(&["migrate"]);
+    let mut server = scratch
+        .command(&["metrics", "--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    std::io::BufReader::new(server.stderr.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    let address = said
+        .trim()
+        .strip_prefix("pim-job-queue: serving metrics on http://")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("{said}"))
+        .to_string();
+    let waiting = "pjq_jobs{queue=\"ui_job\",state=\"waiting\"}";
+    let (status, body) = http_get(&address, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    check_with_promtool(&body);
+    assert_eq!(value(&body, waiting), 0.0);
+    scratch.push("ui_job", "x");
+    let (_, body) = http_get(&address, "/metrics");
+    assert_eq!(value(&body, waiting), 1.0, "read again at each scrape");
+    let (status, _) = http_get(&address, "/elsewhere");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    send_signal(&server, Signal::SIGTERM);
+    assert_eq!(wait_exit(&mut server, Duration::from_secs(5)), 0);
+}
