@@ -470,3 +470,22 @@ fn default_database_lives_in_the_users_data_directory() {
         "{text}"
     );
 }
+
+/// The harness itself: a test that fails before stopping its workers (here: one that just
+/// forgets) leaves no worker polling behind once its scratch is dropped.
+#[test]
+fn a_dropped_scratch_ends_the_workers_it_started() {
+    let mut worker = {
+        let scratch = Scratch::new(Backend::Sqlite);
+        let worker = scratch.spawn_consumer("forgotten", &[]);
+        wait_until(Duration::from_secs(10), "the worker to start", || {
+            scratch.log_of("forgotten").contains("consuming queues")
+        });
+        worker
+    };
+    let pid = worker.id() as i32;
+    wait_until(Duration::from_secs(5), "the worker to be gone", || {
+        process_is_gone(pid)
+    });
+    worker.wait().unwrap();
+}

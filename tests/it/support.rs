@@ -148,6 +148,7 @@ pub struct Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        self.kill_leftovers();
         if let Some(name) = &self.database {
             self.backend.drop_database(name);
         }
@@ -155,6 +156,33 @@ impl Drop for Scratch {
 }
 
 impl Scratch {
+    /// Ends every process still running with this scratch's config: the consumers a test
+    /// that panicked left behind, and their jobs (which inherit the variable). Matched by
+    /// environment, not pid, so a reused pid is never someone else's process.
+    fn kill_leftovers(&self) {
+        let needle = format!("PIM_JOB_QUEUE_CONFIG={}", self.config_path().display());
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            if environ
+                .split(|b| *b == 0)
+                .any(|var| var == needle.as_bytes())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
     pub fn new(backend: Backend) -> Scratch {
         let dir = tempfile::Builder::new().prefix("pjq-it").tempdir().unwrap();
         let (url, database) = backend.fresh_database(dir.path());
