@@ -104,7 +104,7 @@ impl Schedule {
         let slot = self.cron.latest_at_or_before(now, &self.zone)?;
         let catch_up = self
             .catch_up
-            .or_else(|| self.cron.period_around(now, &self.zone))?;
+            .or_else(|| self.cron.period_from(slot, &self.zone))?;
         let age = Duration::try_from(now.duration_since(slot)).ok()?;
         (age <= catch_up).then_some(slot)
     }

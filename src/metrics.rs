@@ -31,8 +31,14 @@ pub struct Snapshot {
     pub heartbeat_interval: Duration,
     /// A worker that has not reached the database for this long has stopped its job.
     pub fence_after: Duration,
-    /// The configured schedules: name, next run, latest queued slot.
-    pub schedules: Vec<(String, Option<Timestamp>, Option<Timestamp>)>,
+    pub schedules: Vec<ScheduleTimes>,
+}
+
+/// A configured schedule's next run and latest queued slot.
+pub struct ScheduleTimes {
+    pub name: String,
+    pub next_run: Option<Timestamp>,
+    pub last_slot: Option<Timestamp>,
 }
 
 /// The states a worker is counted in, as the database sees it: `idle` and `busy` (a fresh
@@ -288,31 +294,25 @@ fn schedule_gauges(out: &mut Text, snapshot: &Snapshot) {
     if snapshot.schedules.is_empty() {
         return;
     }
-    out.family(
-        "pjq_schedule_next_run_timestamp_seconds",
-        "gauge",
-        "When each `[schedule.*]` runs next.",
-    );
-    for (name, next, _) in &snapshot.schedules {
-        let next = next.map_or(0.0, seconds_of);
-        out.sample(
+    type Pick = fn(&ScheduleTimes) -> Option<Timestamp>;
+    let families: [(&str, &str, Pick); 2] = [
+        (
             "pjq_schedule_next_run_timestamp_seconds",
-            &[("schedule", name)],
-            next,
-        );
-    }
-    out.family(
-        "pjq_schedule_last_slot_timestamp_seconds",
-        "gauge",
-        "The latest slot of each schedule that was queued (0: none yet).",
-    );
-    for (name, _, last) in &snapshot.schedules {
-        let last = last.map_or(0.0, seconds_of);
-        out.sample(
+            "When each `[schedule.*]` runs next.",
+            |s| s.next_run,
+        ),
+        (
             "pjq_schedule_last_slot_timestamp_seconds",
-            &[("schedule", name)],
-            last,
-        );
+            "The latest slot of each schedule that was queued (0: none yet).",
+            |s| s.last_slot,
+        ),
+    ];
+    for (name, help, pick) in families {
+        out.family(name, "gauge", help);
+        for schedule in &snapshot.schedules {
+            let at = pick(schedule).map_or(0.0, seconds_of);
+            out.sample(name, &[("schedule", &schedule.name)], at);
+        }
     }
 }
 

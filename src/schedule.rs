@@ -218,9 +218,13 @@ impl Cron {
     /// The gap between the slot at or before `at` and the next: the schedule's period there
     /// (a day for `@daily`), the default `catch_up`.
     pub fn period_around(&self, at: Timestamp, zone: &TimeZone) -> Option<Duration> {
-        let latest = self.latest_at_or_before(at, zone)?;
-        let next = self.next_after(latest, zone)?;
-        Duration::try_from(next.duration_since(latest)).ok()
+        self.period_from(self.latest_at_or_before(at, zone)?, zone)
+    }
+
+    /// The gap between `slot` (one of this schedule's) and the next.
+    pub fn period_from(&self, slot: Timestamp, zone: &TimeZone) -> Option<Duration> {
+        let next = self.next_after(slot, zone)?;
+        Duration::try_from(next.duration_since(slot)).ok()
     }
 }
 

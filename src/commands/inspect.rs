@@ -8,8 +8,8 @@ use crate::cli::{JobsArgs, OutputArgs, ShowArgs};
 use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
 use crate::store::{
-    JobFilter, JobRecord, JobStats, JobStatus, QueueCounts, ScheduleRun, StoreError, StoreResult,
-    Timestamp,
+    JobFilter, JobRecord, JobStats, JobStatus, QueueCounts, StoreError, StoreResult, Timestamp,
+    WorkerStore,
 };
 use crate::units::format_duration;
 
@@ -32,7 +32,7 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
     };
     let workers = store.list_workers().await?;
     let paused = store.paused_queues().await?;
-    let schedules = schedule_views(&context.config, store.schedule_runs().await?);
+    let schedules = schedule_views(&context.config, store).await?;
     if args.json {
         let running: Vec<Value> = running.iter().map(|job| running_json(job, now)).collect();
         let report = json!({
@@ -130,10 +130,18 @@ pub(super) struct ScheduleView {
     pub last_job: Option<i64>,
 }
 
-/// The configured schedules, each with what the store recorded of it.
-pub(super) fn schedule_views(config: &Config, runs: Vec<ScheduleRun>) -> Vec<ScheduleView> {
+/// The configured schedules, each with what the store recorded of it (no query when none
+/// is configured).
+pub(super) async fn schedule_views(
+    config: &Config,
+    store: &dyn WorkerStore,
+) -> StoreResult<Vec<ScheduleView>> {
+    if config.schedules.is_empty() {
+        return Ok(Vec::new());
+    }
+    let runs = store.schedule_runs().await?;
     let now = jiff::Timestamp::now();
-    config
+    Ok(config
         .schedules
         .iter()
         .map(|schedule| {
@@ -149,7 +157,7 @@ pub(super) fn schedule_views(config: &Config, runs: Vec<ScheduleRun>) -> Vec<Sch
                 last_job: run.and_then(|run| run.job_id),
             }
         })
-        .collect()
+        .collect())
 }
 
 /// Every configured queue in priority order (zeros included), then any other queue found.

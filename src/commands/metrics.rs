@@ -14,7 +14,7 @@ use crate::cli::MetricsArgs;
 use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
 use crate::fleet::FleetTimings;
-use crate::metrics::{Snapshot, render};
+use crate::metrics::{ScheduleTimes, Snapshot, render};
 use crate::store::{StoreResult, WorkerStore};
 
 use super::Context;
@@ -53,14 +53,12 @@ async fn serve(
             format!("cannot listen on {address}: {error}"),
         )
     })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| Failure::new(ExitCode::Software, e.to_string()))?;
+    let software = |error: std::io::Error| Failure::new(ExitCode::Software, error.to_string());
+    let bound = listener.local_addr().map_err(software)?;
+    // Not `Signals::install`: its messages speak of a worker's running job.
+    let mut terminate = signal(SignalKind::terminate()).map_err(software)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(software)?;
     eprintln!("pim-job-queue: serving metrics on http://{bound}/metrics");
-    let mut terminate = signal(SignalKind::terminate())
-        .map_err(|e| Failure::new(ExitCode::Software, e.to_string()))?;
-    let mut interrupt = signal(SignalKind::interrupt())
-        .map_err(|e| Failure::new(ExitCode::Software, e.to_string()))?;
     loop {
         let (connection, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -129,9 +127,14 @@ async fn snapshot(config: &Config, store: &dyn WorkerStore) -> StoreResult<Snaps
         }
     }
     let timings = FleetTimings::of(config);
-    let schedules = schedule_views(config, store.schedule_runs().await?)
+    let schedules = schedule_views(config, store)
+        .await?
         .into_iter()
-        .map(|view| (view.name, view.next_run, view.last_slot))
+        .map(|view| ScheduleTimes {
+            name: view.name,
+            next_run: view.next_run,
+            last_slot: view.last_slot,
+        })
         .collect();
     Ok(Snapshot {
         queues,

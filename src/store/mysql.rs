@@ -163,6 +163,10 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             // the job is waiting or running, and a unique index (which allows many NULLs)
             // covers it.
             "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS unique_key VARCHAR(255) NULL",
+            "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS active_unique_key VARCHAR(255)
+             AS (CASE WHEN status IN ('waiting', 'running') THEN unique_key END) PERSISTENT",
+            "CREATE UNIQUE INDEX IF NOT EXISTS pjq_jobs_unique_active
+             ON pjq_jobs (active_unique_key)",
             // Earlier attempts of a retried job, one JSON line each.
             "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS history LONGTEXT NULL",
             // One row per schedule and slot: its primary key lets one worker queue it.
@@ -173,10 +177,6 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
                 job_id BIGINT NULL,
                 PRIMARY KEY (name, slot_at)
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
-            "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS active_unique_key VARCHAR(255)
-             AS (CASE WHEN status IN ('waiting', 'running') THEN unique_key END) PERSISTENT",
-            "CREATE UNIQUE INDEX IF NOT EXISTS pjq_jobs_unique_active
-             ON pjq_jobs (active_unique_key)",
         ],
     ),
 ];
@@ -541,12 +541,10 @@ impl MysqlStore {
     }
 
     async fn insert_one(&self, job: &NewJob) -> StoreResult<JobId> {
-        let insert = DIALECT.insert_job();
-        let result = rows::bind_new_job(sqlx::query(&insert), job)
-            .execute(&self.pool)
+        let mut conn = self.pool.acquire().await.map_err(|e| self.error(e))?;
+        Self::insert_in(&mut conn, job)
             .await
-            .map_err(|e| self.error(e))?;
-        Ok(result.last_insert_id() as JobId)
+            .map_err(|e| self.error(e))
     }
 
     async fn insert_many(&self, jobs: &[NewJob]) -> StoreResult<u64> {

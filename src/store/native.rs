@@ -108,27 +108,37 @@ macro_rules! native_roles {
                 Ok(Some(status == "waiting"))
             }
 
-            /// Takes the jobs `candidates` picks (a read that locks nothing) that are
-            /// still as `still` says, locks their rows by primary key, counts the finished
-            /// ones into the tallies, then applies `change` (a statement over a list of ids)
-            /// to them, in one transaction: whatever takes a finished job out of the table
-            /// or out of its final state (prune, delete, retry) counts it first, exactly
-            /// once, so the finished counters never go down. Returns the rows `change`
-            /// changed.
-            async fn fold_then_change<'q>(
+            /// [`Self::fold_then_change`] for the jobs `candidates` picks (a read that
+            /// locks nothing).
+            async fn pick_fold_then_change<'q>(
                 &self,
                 candidates: sqlx::query::Query<'q, Db, <Db as sqlx::Database>::Arguments<'q>>,
                 still: $crate::store::statements::Still,
                 change: impl Fn(usize) -> String + Send,
             ) -> $crate::store::StoreResult<u64> {
-                // Ids per statement: well under every server's limit on bound values.
-                const CHUNK: usize = 500;
                 let picked = candidates
                     .fetch_all(&self.pool)
                     .await
                     .map_err(|e| self.error(e))?;
                 let picked =
                     self.decode_all(&picked, |row| sqlx::Row::try_get::<i64, _>(row, 0))?;
+                self.fold_then_change(&picked, still, change).await
+            }
+
+            /// Of the jobs `picked`, locks by primary key those still as `still` says,
+            /// counts the finished ones into the tallies, then applies `change` (a statement
+            /// over a list of ids) to them, in one transaction: whatever takes a finished
+            /// job out of the table or out of its final state (prune, delete, retry) counts
+            /// it first, exactly once, so the finished counters never go down. Returns the
+            /// rows `change` changed.
+            async fn fold_then_change(
+                &self,
+                picked: &[i64],
+                still: $crate::store::statements::Still,
+                change: impl Fn(usize) -> String + Send,
+            ) -> $crate::store::StoreResult<u64> {
+                // Ids per statement: well under every server's limit on bound values.
+                const CHUNK: usize = 500;
                 if picked.is_empty() {
                     return Ok(0);
                 }
@@ -544,7 +554,7 @@ macro_rules! native_roles {
                 use $crate::store::statements::Still;
                 let picked = DIALECT.prunable_ids(kind);
                 let picked = sqlx::query(&picked).bind(before.0).bind(limit);
-                self.fold_then_change(picked, Still::Finished(kind), |n| DIALECT.delete_ids(n))
+                self.pick_fold_then_change(picked, Still::Finished(kind), |n| DIALECT.delete_ids(n))
                     .await
             }
 
@@ -705,10 +715,8 @@ macro_rules! native_roles {
                 id: $crate::store::JobId,
             ) -> $crate::store::StoreResult<$crate::store::ChangeOutcome> {
                 use $crate::store::statements::Still;
-                let picked = DIALECT.retryable_id();
-                let picked = sqlx::query(&picked).bind(id);
                 let retried = self
-                    .fold_then_change(picked, Still::Retryable, |n| DIALECT.retry_ids(n))
+                    .fold_then_change(&[id], Still::Retryable, |n| DIALECT.retry_ids(n))
                     .await?;
                 self.change_outcome(id, retried).await
             }
@@ -720,7 +728,7 @@ macro_rules! native_roles {
                 use $crate::store::statements::Still;
                 let picked = DIALECT.retryable_ids_matching();
                 let picked = rows::bind_job_filter(sqlx::query(&picked), filter);
-                self.fold_then_change(picked, Still::Retryable, |n| DIALECT.retry_ids(n))
+                self.pick_fold_then_change(picked, Still::Retryable, |n| DIALECT.retry_ids(n))
                     .await
             }
 
@@ -729,10 +737,8 @@ macro_rules! native_roles {
                 id: $crate::store::JobId,
             ) -> $crate::store::StoreResult<$crate::store::ChangeOutcome> {
                 use $crate::store::statements::Still;
-                let picked = DIALECT.deletable_id();
-                let picked = sqlx::query(&picked).bind(id);
                 let deleted = self
-                    .fold_then_change(picked, Still::NotRunning, |n| DIALECT.delete_ids(n))
+                    .fold_then_change(&[id], Still::NotRunning, |n| DIALECT.delete_ids(n))
                     .await?;
                 self.change_outcome(id, deleted).await
             }
@@ -747,7 +753,7 @@ macro_rules! native_roles {
                 let picked = sqlx::query(&picked)
                     .bind(status.as_str())
                     .bind($crate::store::saturating_micros(age));
-                self.fold_then_change(picked, Still::In(status), |n| DIALECT.delete_ids(n))
+                self.pick_fold_then_change(picked, Still::In(status), |n| DIALECT.delete_ids(n))
                     .await
             }
 

@@ -132,8 +132,11 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE pjq_jobs ADD COLUMN cancel_requested TEXT",
             // The last run's peak memory and CPU time (`wait4`'s rusage).
             "ALTER TABLE pjq_jobs ADD COLUMN peak_rss_bytes BIGINT",
+            "ALTER TABLE pjq_jobs ADD COLUMN cpu_usec BIGINT",
             // At most one waiting or running job per unique key (`push --unique-key`).
             "ALTER TABLE pjq_jobs ADD COLUMN unique_key TEXT",
+            "CREATE UNIQUE INDEX pjq_jobs_unique_active ON pjq_jobs (unique_key)
+             WHERE status IN ('waiting', 'running')",
             // Earlier attempts of a retried job, one JSON line each.
             "ALTER TABLE pjq_jobs ADD COLUMN history TEXT",
             // One row per schedule and slot: its primary key lets one worker queue it.
@@ -144,9 +147,6 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
                 job_id BIGINT,
                 PRIMARY KEY (name, slot_at)
             )",
-            "CREATE UNIQUE INDEX pjq_jobs_unique_active ON pjq_jobs (unique_key)
-             WHERE status IN ('waiting', 'running')",
-            "ALTER TABLE pjq_jobs ADD COLUMN cpu_usec BIGINT",
         ],
     ),
 ];

@@ -120,8 +120,11 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE pjq_jobs ADD COLUMN cancel_requested TEXT",
             // The last run's peak memory and CPU time (`wait4`'s rusage).
             "ALTER TABLE pjq_jobs ADD COLUMN peak_rss_bytes INTEGER",
+            "ALTER TABLE pjq_jobs ADD COLUMN cpu_usec INTEGER",
             // At most one waiting or running job per unique key (`push --unique-key`).
             "ALTER TABLE pjq_jobs ADD COLUMN unique_key TEXT",
+            "CREATE UNIQUE INDEX pjq_jobs_unique_active ON pjq_jobs (unique_key)
+             WHERE status IN ('waiting', 'running')",
             // Earlier attempts of a retried job, one JSON line each.
             "ALTER TABLE pjq_jobs ADD COLUMN history TEXT",
             // One row per schedule and slot: its primary key lets one worker queue it.
@@ -132,9 +135,6 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
                 job_id INTEGER,
                 PRIMARY KEY (name, slot_at)
             )",
-            "CREATE UNIQUE INDEX pjq_jobs_unique_active ON pjq_jobs (unique_key)
-             WHERE status IN ('waiting', 'running')",
-            "ALTER TABLE pjq_jobs ADD COLUMN cpu_usec INTEGER",
         ],
     ),
 ];
@@ -373,12 +373,10 @@ impl SqliteStore {
     }
 
     async fn insert_one(&self, job: &NewJob) -> StoreResult<JobId> {
-        let insert = format!("{} RETURNING id", DIALECT.insert_job());
-        let row = rows::bind_new_job(sqlx::query(&insert), job)
-            .fetch_one(&self.pool)
+        let mut conn = self.pool.acquire().await.map_err(|e| self.error(e))?;
+        Self::insert_in(&mut conn, job)
             .await
-            .map_err(|e| self.error(e))?;
-        row.try_get("id").map_err(|e| self.error(e))
+            .map_err(|e| self.error(e))
     }
 
     async fn insert_many(&self, jobs: &[NewJob]) -> StoreResult<u64> {
@@ -488,22 +486,26 @@ fn permission_problem(path: &str) -> Option<String> {
 
 /// Sorts a SQLite error by its primary result code: the one place that decides what waiting
 /// can fix.
-/// SQLITE_BUSY, with any extended code.
-fn is_busy(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db)
-        if db.code().and_then(|code| code.parse::<i64>().ok()).is_some_and(|code| code & 0xff == 5))
-}
-
-pub fn classify(error: sqlx::Error, path: &str) -> StoreError {
-    // Primary result codes: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
-    const TRANSIENT: [i64; 6] = [5, 6, 8, 10, 13, 14];
-    let primary = match &error {
+/// SQLite's primary result code of a database error (its extended code's low byte).
+fn primary_code(error: &sqlx::Error) -> Option<i64> {
+    match error {
         sqlx::Error::Database(db) => db
             .code()
             .and_then(|code| code.parse::<i64>().ok())
             .map(|code| code & 0xff),
         _ => None,
-    };
+    }
+}
+
+/// SQLITE_BUSY, with any extended code.
+fn is_busy(error: &sqlx::Error) -> bool {
+    primary_code(error) == Some(5)
+}
+
+pub fn classify(error: sqlx::Error, path: &str) -> StoreError {
+    // Primary result codes: BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
+    const TRANSIENT: [i64; 6] = [5, 6, 8, 10, 13, 14];
+    let primary = primary_code(&error);
     // Any database error is lasting when this user cannot write the file or its directory:
     // READONLY and CANTOPEN as a rule, but under load a read-only WAL connection can also
     // report BUSY or an I/O error first, and retrying those would loop forever.

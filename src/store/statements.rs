@@ -43,8 +43,8 @@ pub(super) enum Upsert {
 }
 
 /// What a job picked for a prune, delete or retry must still be when its row is locked
-/// (see [`Dialect::locked_ids`]): it was picked by a read that locked nothing, and may have
-/// changed since (a retry, a claim).
+/// (see [`Dialect::locked_ids`]): it was picked by a read that locked nothing, or named by
+/// an operator, and may have changed since (a retry, a claim).
 #[derive(Clone, Copy)]
 pub(super) enum Still {
     /// Finished, of this kind.
@@ -105,23 +105,35 @@ impl Dialect {
 
     /// The tail of an insert keyed by `key` that updates `columns` of the row it collides
     /// with to the values it brought.
-    fn upsert(&self, key: &str, columns: &[&str]) -> String {
-        match self.upsert {
-            Upsert::OnConflict => {
-                let set: Vec<String> = columns
-                    .iter()
-                    .map(|c| format!("{c} = excluded.{c}"))
-                    .collect();
-                format!("ON CONFLICT ({key}) DO UPDATE SET {}", set.join(", "))
-            }
-            Upsert::OnDuplicateKey => {
-                let set: Vec<String> = columns
-                    .iter()
-                    .map(|c| format!("{c} = VALUES({c})"))
-                    .collect();
-                format!("ON DUPLICATE KEY UPDATE {}", set.join(", "))
-            }
-        }
+    fn upsert(&self, table: &str, key: &str, columns: &[&str]) -> String {
+        self.on_collision(table, key, columns, |_, brought| brought.to_string())
+    }
+
+    /// The tail of an insert into `table` keyed by `key` that sets each of `columns` of the
+    /// row it collides with to `combine(stored, brought)`: the column as stored and the
+    /// value the insert brought, each as this database spells them.
+    fn on_collision(
+        &self,
+        table: &str,
+        key: &str,
+        columns: &[&str],
+        combine: impl Fn(&str, &str) -> String,
+    ) -> String {
+        let set: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                let (stored, brought) = match self.upsert {
+                    Upsert::OnConflict => (format!("{table}.{c}"), format!("excluded.{c}")),
+                    Upsert::OnDuplicateKey => (c.to_string(), format!("VALUES({c})")),
+                };
+                format!("{c} = {}", combine(&stored, &brought))
+            })
+            .collect();
+        let head = match self.upsert {
+            Upsert::OnConflict => format!("ON CONFLICT ({key}) DO UPDATE SET"),
+            Upsert::OnDuplicateKey => "ON DUPLICATE KEY UPDATE".to_string(),
+        };
+        format!("{head} {}", set.join(", "))
     }
 
     /// The database's clock.
@@ -397,7 +409,7 @@ impl Dialect {
             self.p(2),
             self.p(3),
             self.p(4),
-            self.upsert("queue", &["reason", "paused_at", "paused_by"])
+            self.upsert("pjq_pauses", "queue", &["reason", "paused_at", "paused_by"])
         )
     }
 
@@ -536,16 +548,6 @@ impl Dialect {
         )
     }
 
-    /// The id of a failed or cancelled job (bound): one [`Dialect::retry_ids`] takes back
-    /// to waiting.
-    pub fn retryable_id(&self) -> String {
-        format!(
-            "SELECT id FROM pjq_jobs WHERE id = {} AND {}",
-            self.p(1),
-            Still::Retryable.condition()
-        )
-    }
-
     /// The ids of every failed or cancelled job a [`Dialect::job_filter`] selects.
     pub fn retryable_ids_matching(&self) -> String {
         format!(
@@ -563,15 +565,6 @@ impl Dialect {
              WHERE id IN ({}) AND status IN ('failed', 'cancelled')",
             self.db_now,
             self.placeholders(1, ids)
-        )
-    }
-
-    /// The id of a job (bound) that is not running.
-    pub fn deletable_id(&self) -> String {
-        format!(
-            "SELECT id FROM pjq_jobs WHERE id = {} AND {}",
-            self.p(1),
-            Still::NotRunning.condition()
         )
     }
 
@@ -664,19 +657,15 @@ impl Dialect {
     /// An insert into `pjq_tallies` that adds to the row it collides with.
     fn add_to_tallies(&self, select: &str) -> String {
         let key = "queue, event, duration_bucket, wait_bucket";
-        let added = ["jobs", "duration_sum", "wait_sum"].map(|c| match self.upsert {
-            Upsert::OnConflict => format!("{c} = pjq_tallies.{c} + excluded.{c}"),
-            Upsert::OnDuplicateKey => format!("{c} = {c} + VALUES({c})"),
+        let counts = ["jobs", "duration_sum", "wait_sum"];
+        let added = self.on_collision("pjq_tallies", key, &counts, |stored, brought| {
+            format!("{stored} + {brought}")
         });
-        let on_collision = match self.upsert {
-            Upsert::OnConflict => format!("ON CONFLICT ({key}) DO UPDATE SET"),
-            Upsert::OnDuplicateKey => "ON DUPLICATE KEY UPDATE".to_string(),
-        };
         format!(
-            "INSERT INTO pjq_tallies ({key}, jobs, duration_sum, wait_sum)
+            "INSERT INTO pjq_tallies ({key}, {})
              {select}
-             {on_collision} {}",
-            added.join(", ")
+             {added}",
+            counts.join(", ")
         )
     }
 
@@ -773,7 +762,7 @@ impl Dialect {
             p[4],
             p[5],
             self.db_now,
-            self.upsert("token", &["heartbeat_at", "queues"])
+            self.upsert("pjq_workers", "token", &["heartbeat_at", "queues"])
         )
     }
 
@@ -856,10 +845,8 @@ impl Dialect {
             ("list jobs", self.list_jobs()),
             ("job stats", self.job_stats()),
             ("get job", self.get_job()),
-            ("retryable id", self.retryable_id()),
             ("retryable ids matching", self.retryable_ids_matching()),
             ("retry ids", self.retry_ids(2)),
-            ("deletable id", self.deletable_id()),
             ("old ids", self.old_ids()),
             ("delete ids", self.delete_ids(2)),
             ("locked ids", self.locked_ids(2, Still::Retryable)),
