@@ -1,5 +1,5 @@
 //! The benchmark behind `scripts/bench.sh`: throughput, pickup latency, claim time against
-//! queue depth, and idle cost, per backend, printed as Markdown tables; and, measured in the
+//! queue depth (and with unique keys and concurrency caps), and idle cost, per backend, printed as Markdown tables; and, measured in the
 //! same run, the machine's limit for a process-per-job worker (one `/bin/true` spawn plus one
 //! durable commit per job) and what a job and an idle second cost the database by its own
 //! counters (MariaDB `Questions`/`Com_commit`, PostgreSQL `xact_commit`).
@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pim_job_queue::store::{
-    self, Finished, JobFilter, JobStatus, JobStore, NewJob, Timestamp, WorkerIdentity,
+    self, Cap, ConcurrencyCaps, Finished, JobFilter, JobStatus, JobStore, NewJob, Timestamp, Turn,
+    WorkerIdentity,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_pim-job-queue");
@@ -128,6 +129,16 @@ impl Bench {
     }
 
     async fn seed(&self, count: usize, queue_of: impl Fn(usize) -> &'static str) {
+        self.seed_keyed(count, queue_of, false).await
+    }
+
+    /// Seeds `count` jobs of code `bench`, each with a unique key when `unique`.
+    async fn seed_keyed(
+        &self,
+        count: usize,
+        queue_of: impl Fn(usize) -> &'static str,
+        unique: bool,
+    ) {
         let mut batch = Vec::with_capacity(50_000);
         for n in 0..count {
             batch.push(NewJob {
@@ -136,7 +147,7 @@ impl Bench {
                 payload: "{}".into(),
                 delay: Duration::ZERO,
                 max_attempts: 1,
-                unique_key: None,
+                unique_key: unique.then(|| format!("bench-{n}")),
             });
             if batch.len() == 50_000 || n + 1 == count {
                 self.store.push_batch(&batch).await.unwrap();
@@ -270,8 +281,8 @@ async fn bench_backend(backend: &str, settings: &Settings, spawn: f64) {
         "< 5 ms",
     ));
     rows.push(("pickup latency p95".into(), format!("{p95:.1} ms"), ""));
-    let shallow = claim_time(backend, 1_000).await;
-    let deep = claim_time(backend, settings.deep_queue).await;
+    let shallow = claim_time(backend, 1_000, ClaimCase::Plain).await;
+    let deep = claim_time(backend, settings.deep_queue, ClaimCase::Plain).await;
     rows.push((
         "claim time, 1,000 queued (median)".into(),
         format!("{shallow:.2} ms"),
@@ -282,6 +293,18 @@ async fn bench_backend(backend: &str, settings: &Settings, spawn: f64) {
         format!("{deep:.2} ms ({:.2}×)", deep / shallow),
         "≤ 1.5×",
     ));
+    for case in [
+        ClaimCase::UniqueKeys,
+        ClaimCase::CapsElsewhere,
+        ClaimCase::CappedWithRoom,
+    ] {
+        let time = claim_time(backend, 1_000, case).await;
+        rows.push((
+            format!("claim time, 1,000 queued, {} (median)", case.describe()),
+            format!("{time:.2} ms ({:.2}×)", time / shallow),
+            "",
+        ));
+    }
     let (rss, cpu) = idle_cost(&bench, settings.idle_seconds).await;
     rows.push((
         "idle worker RSS".into(),
@@ -353,18 +376,66 @@ async fn pickup_latency(bench: &Bench, samples: usize) -> (f64, f64) {
     (percentile(&millis, 0.50), percentile(&millis, 0.95))
 }
 
+/// What the claims of [`claim_time`] meet besides the queue.
+#[derive(Clone, Copy)]
+enum ClaimCase {
+    Plain,
+    /// Every job carries a `unique_key` (the unique index changes with each claim).
+    UniqueKeys,
+    /// The worker has a cap, on another code: each lookup checks it.
+    CapsElsewhere,
+    /// The jobs' own code is capped, with room: the check, then the claim under the cap's
+    /// lock (and its count) where the backend needs one.
+    CappedWithRoom,
+}
+
+impl ClaimCase {
+    fn describe(self) -> &'static str {
+        match self {
+            ClaimCase::Plain => "plain",
+            ClaimCase::UniqueKeys => "each job with a unique key",
+            ClaimCase::CapsElsewhere => "a cap configured on another code",
+            ClaimCase::CappedWithRoom => "the jobs' code capped, with room",
+        }
+    }
+
+    fn caps(self) -> ConcurrencyCaps {
+        let capped = match self {
+            ClaimCase::Plain | ClaimCase::UniqueKeys => return ConcurrencyCaps::default(),
+            ClaimCase::CapsElsewhere => "other",
+            ClaimCase::CappedWithRoom => "bench",
+        };
+        ConcurrencyCaps::new(vec![Cap {
+            code: capped.into(),
+            key: format!("code:{capped}"),
+            limit: 1_000_000,
+        }])
+    }
+}
+
 /// The median of 200 claims from the lowest queue (the claim looks at the two empty higher
 /// queues first, as a worker's does) with `depth` jobs waiting, on a database of its own.
-async fn claim_time(backend: &str, depth: usize) -> f64 {
+async fn claim_time(backend: &str, depth: usize, case: ClaimCase) -> f64 {
     let bench = Bench::new(backend).await;
-    eprintln!("   seeding {depth} jobs");
-    bench.seed(depth, |_| "data_maintenance_job").await;
+    eprintln!("   seeding {depth} jobs ({})", case.describe());
+    let unique = matches!(case, ClaimCase::UniqueKeys);
+    bench
+        .seed_keyed(depth, |_| "data_maintenance_job", unique)
+        .await;
     let queues: Vec<String> = QUEUES.iter().map(|q| q.to_string()).collect();
     let worker = WorkerIdentity::for_this_process(Some("bench".into()), None);
+    let caps = case.caps();
+    let turn = Turn {
+        queues: &queues,
+        worker: &worker,
+        finished: None,
+        pass_over: 0,
+        caps: &caps,
+    };
     let mut millis = Vec::new();
     for _ in 0..200 {
         let started = Instant::now();
-        let claimed = bench.store.claim(&queues, &worker).await.unwrap();
+        let claimed = bench.store.next_job(&turn).await.unwrap().job;
         millis.push(started.elapsed().as_secs_f64() * 1000.0);
         assert!(claimed.is_some());
     }

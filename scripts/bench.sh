@@ -4,7 +4,8 @@
 # 1 / (spawn + commit), throughput draining 10,000 /bin/true jobs with 1, 4 and 8 workers
 # (also as a share of that limit), statements and durable commits per job and per idle
 # second from the server's own counters, pickup latency at idle, claim time with 1,000 vs
-# 1,000,000 queued jobs, a worker's idle RSS and CPU.
+# 1,000,000 queued jobs (and, at 1,000, with unique keys and with concurrency caps), a
+# worker's idle RSS and CPU.
 #   PJQ_BENCH_BACKENDS=sqlite,postgres   only these backends
 #   PJQ_BENCH_QUICK=1                    100,000 instead of 1,000,000 queued, 10 s idle
 set -euo pipefail

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::akeneo::{AkeneoSettings, JOB_QUEUES, Launcher, LauncherChoice};
 use crate::exit::Failure;
 use crate::secrets::scrub;
+use crate::store::{Cap, ConcurrencyCaps};
 use crate::template::ArgvTemplate;
 use crate::units::{check_poll_interval, parse_duration, seconds_to_duration};
 
@@ -77,6 +78,8 @@ pub struct Config {
     per_code: BTreeMap<String, JobSpec>,
     /// The recurring jobs, `[schedule.NAME]`, by name.
     pub schedules: Vec<Schedule>,
+    /// `max_running` per code or per group, which every claim respects.
+    pub caps: ConcurrencyCaps,
 }
 
 /// A recurring job: `[schedule.NAME]`.
@@ -205,6 +208,15 @@ struct RawConfig {
     jobs: BTreeMap<String, RawJob>,
     #[serde(default)]
     schedule: BTreeMap<String, RawSchedule>,
+    #[serde(default)]
+    groups: BTreeMap<String, RawGroup>,
+}
+
+/// `[groups.NAME]`: a limit that codes share through `concurrency_group = "NAME"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    max_running: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -233,6 +245,8 @@ struct RawJob {
     backoff_multiplier: Option<f64>,
     max_backoff: Option<DurationValue>,
     jitter: Option<f64>,
+    max_running: Option<u32>,
+    concurrency_group: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -375,6 +389,13 @@ impl Config {
                  schedules its own jobs",
             ));
         }
+        let caps = build_caps(&default_raw, &raw.jobs, &raw.groups)?;
+        if !caps.is_empty() && matches!(transport, Transport::Akeneo(_)) {
+            return Err(Failure::config(
+                "`max_running` and `concurrency_group` need the native job store: with \
+                 transport = \"akeneo\" the PIM's own consumers would not respect them",
+            ));
+        }
         let default_poll = match transport {
             Transport::Akeneo(_) => DEFAULT_AKENEO_POLL_INTERVAL,
             Transport::Native => DEFAULT_POLL_INTERVAL,
@@ -399,6 +420,7 @@ impl Config {
             default_job,
             per_code,
             schedules,
+            caps,
         })
     }
 
@@ -611,6 +633,9 @@ fn merge_job(base: &RawJob, over: &RawJob) -> RawJob {
         backoff_multiplier: over.backoff_multiplier.or(base.backoff_multiplier),
         max_backoff: over.max_backoff.or(base.max_backoff),
         jitter: over.jitter.or(base.jitter),
+        // Never inherited: `[job]` may not set them (see `build_caps`).
+        max_running: over.max_running,
+        concurrency_group: over.concurrency_group.clone(),
     }
 }
 
@@ -709,6 +734,76 @@ fn build_schedule(name: &str, raw: &RawSchedule, queues: &[String]) -> Result<Sc
         payload,
         catch_up: raw.catch_up.as_ref().map(|d| d.0),
     })
+}
+
+/// The concurrency caps: `max_running` of a `[jobs.CODE]` caps that code alone (key
+/// `code:CODE`); `concurrency_group = "NAME"` makes it share `[groups.NAME] max_running`
+/// (key `group:NAME`) with the other codes of the group.
+fn build_caps(
+    default_job: &RawJob,
+    jobs: &BTreeMap<String, RawJob>,
+    groups: &BTreeMap<String, RawGroup>,
+) -> Result<ConcurrencyCaps, Failure> {
+    if default_job.max_running.is_some() || default_job.concurrency_group.is_some() {
+        return Err(Failure::config(
+            "`job.max_running` and `job.concurrency_group`: a cap belongs to one code or one \
+             group; set it in [jobs.CODE] or [groups.NAME]",
+        ));
+    }
+    for (name, group) in groups {
+        check_cap_name(name, &format!("[groups.{name}]"))?;
+        if group.max_running == 0 {
+            return Err(Failure::config(format!(
+                "`groups.{name}.max_running` must be 1 or more"
+            )));
+        }
+    }
+    let mut caps = Vec::new();
+    for (code, raw) in jobs {
+        let table = format!("jobs.{code}");
+        let (key, limit) = match (raw.max_running, &raw.concurrency_group) {
+            (None, None) => continue,
+            (Some(_), Some(_)) => {
+                return Err(Failure::config(format!(
+                    "`{table}`: set `max_running` or `concurrency_group`, not both (a group's \
+                     limit is its [groups.NAME] max_running)"
+                )));
+            }
+            (Some(0), None) => {
+                return Err(Failure::config(format!(
+                    "`{table}.max_running` must be 1 or more"
+                )));
+            }
+            (Some(limit), None) => (format!("code:{code}"), limit),
+            (None, Some(group)) => {
+                let Some(found) = groups.get(group) else {
+                    return Err(Failure::config(format!(
+                        "`{table}.concurrency_group` = {group:?}: there is no [groups.{group}] \
+                         table with its max_running"
+                    )));
+                };
+                (format!("group:{group}"), found.max_running)
+            }
+        };
+        check_cap_name(&key, &format!("`{table}`"))?;
+        caps.push(Cap {
+            code: code.clone(),
+            key,
+            limit,
+        });
+    }
+    Ok(ConcurrencyCaps::new(caps))
+}
+
+/// A cap's key is stored with each running job it counts (255 characters at most).
+fn check_cap_name(name: &str, place: &str) -> Result<(), Failure> {
+    if name.is_empty() || name.len() > 249 || name.chars().any(char::is_control) {
+        return Err(Failure::config(format!(
+            "{place}: a code or group with a cap needs a name of 1 to 249 characters without \
+             control characters"
+        )));
+    }
+    Ok(())
 }
 
 fn build_job_spec(raw: &RawJob, table: &str) -> Result<JobSpec, Failure> {
@@ -835,6 +930,58 @@ mod tests {
         let error = parse("[job]\ncommand = [\"x\", \"{nope}\"]").unwrap_err();
         assert!(
             error.message.contains("job.command[1]"),
+            "{}",
+            error.message
+        );
+    }
+
+    /// A code's own cap, a group's shared one, and each misuse named with its table.
+    #[test]
+    fn caps_per_code_and_per_group() {
+        let config = parse(
+            "[job]\ncommand = [\"x\"]\n[jobs.csv_product_import]\nmax_running = 1\n\
+             [jobs.erp_a]\nconcurrency_group = \"erp\"\n[jobs.erp_b]\nconcurrency_group = \"erp\"\n\
+             [jobs.free]\ntimeout = 5\n[groups.erp]\nmax_running = 2",
+        )
+        .unwrap();
+        let cap = config.caps.of("csv_product_import").unwrap();
+        assert_eq!(
+            (cap.key.as_str(), cap.limit),
+            ("code:csv_product_import", 1)
+        );
+        assert_eq!(config.caps.of("erp_b").unwrap().key, "group:erp");
+        assert!(config.caps.of("free").is_none());
+        assert_eq!(
+            config.caps.limits(),
+            [("code:csv_product_import", 1), ("group:erp", 2)]
+        );
+        for (text, named) in [
+            ("[jobs.a]\nmax_running = 0", "jobs.a.max_running"),
+            (
+                "[jobs.a]\nconcurrency_group = \"nope\"",
+                "jobs.a.concurrency_group",
+            ),
+            ("[groups.g]\nmax_running = 0", "groups.g.max_running"),
+            ("[groups.g]\nmax_runing = 2", "max_runing"),
+            (
+                "[groups.g]\nmax_running = 1\n[jobs.a]\nmax_running = 1\nconcurrency_group = \"g\"",
+                "jobs.a",
+            ),
+            ("max_running = 1", "job.max_running"),
+        ] {
+            let text = format!("[job]\ncommand = [\"x\"]\n{text}");
+            let error = match parse(&text) {
+                Err(error) => error,
+                Ok(_) => panic!("accepted: {text}"),
+            };
+            assert_eq!(error.exit, crate::exit::ExitCode::Config, "{text}");
+            assert!(error.message.contains(named), "{text}: {}", error.message);
+        }
+        let akeneo = "transport = \"akeneo\"\n[akeneo]\nproject_dir = \"/srv/pim\"\n\
+                      [jobs.a]\ncommand = [\"x\"]\nmax_running = 1";
+        let error = parse(akeneo).unwrap_err();
+        assert!(
+            error.message.contains("native job store"),
             "{}",
             error.message
         );

@@ -33,6 +33,7 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
     let workers = store.list_workers().await?;
     let paused = store.paused_queues().await?;
     let schedules = schedule_views(&context.config, store).await?;
+    let caps = cap_views(&context.config, store).await?;
     if args.json {
         let running: Vec<Value> = running.iter().map(|job| running_json(job, now)).collect();
         let report = json!({
@@ -41,6 +42,7 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
             "queues": counts,
             "paused": paused,
             "schedules": schedules,
+            "caps": caps,
             "running": running,
             "workers": workers,
         });
@@ -88,6 +90,18 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
                 .map_or(String::new(), |id| format!(" (job #{id})"))
         );
     }
+    if !caps.is_empty() {
+        println!("\nConcurrency caps: {}", caps.len());
+    }
+    for cap in &caps {
+        println!(
+            "  {:<40} {} of {} running ({})",
+            cap.key,
+            cap.running,
+            cap.max_running,
+            cap.codes.join(", ")
+        );
+    }
     println!("\nRunning jobs: {}", running.len());
     for job in &running {
         println!(
@@ -128,6 +142,37 @@ pub(super) struct ScheduleView {
     pub next_run: Option<Timestamp>,
     pub last_slot: Option<Timestamp>,
     pub last_job: Option<i64>,
+}
+
+/// A configured concurrency cap and how many of its jobs run now, fleet-wide.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(super) struct CapView {
+    pub key: String,
+    pub codes: Vec<String>,
+    pub max_running: u32,
+    pub running: i64,
+}
+
+/// The configured caps with their running jobs (no query when none is configured).
+async fn cap_views(config: &Config, store: &dyn WorkerStore) -> StoreResult<Vec<CapView>> {
+    if config.caps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let running = store.running_per_cap().await?;
+    Ok(config
+        .caps
+        .limits()
+        .into_iter()
+        .map(|(key, limit)| CapView {
+            key: key.to_string(),
+            codes: config.caps.codes_of(key),
+            max_running: limit,
+            running: running
+                .iter()
+                .find(|(found, _)| found == key)
+                .map_or(0, |(_, count)| *count),
+        })
+        .collect())
 }
 
 /// The configured schedules, each with what the store recorded of it (no query when none

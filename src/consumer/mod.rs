@@ -360,6 +360,7 @@ impl Consumer {
                 .as_ref()
                 .map(|finished| (&finished.job.lease, &finished.completion)),
             pass_over: self.pass_over(),
+            caps: &self.config.caps,
         };
         let answer = self.db(self.store.next_job(&turn)).await;
         match answer {

@@ -883,6 +883,11 @@ impl FleetStore for AkeneoStore {
         Ok(Vec::new())
     }
 
+    /// Caps need the native store (the config refuses them here).
+    async fn running_per_cap(&self) -> StoreResult<Vec<(String, i64)>> {
+        Ok(Vec::new())
+    }
+
     /// The PIM stops its jobs itself (status STOPPING, read by the running job).
     async fn cancel_request(
         &self,

@@ -215,6 +215,86 @@ pub struct Turn<'a> {
     /// whose claims skip rows others hold (`SKIP LOCKED`), or that serialize writers, ignore
     /// it.
     pub pass_over: u32,
+    /// The fleet-wide limits on running jobs per code or group: a head whose limit is
+    /// reached is passed over for the next eligible job.
+    pub caps: &'a ConcurrencyCaps,
+}
+
+/// `max_running` of `[jobs.CODE]` or of the `[groups.NAME]` a code joins: at most `limit`
+/// jobs of the codes sharing `key` run at once, across every worker of the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cap {
+    pub code: String,
+    /// `code:NAME` or `group:NAME`, stored on the running jobs it counts.
+    pub key: String,
+    pub limit: u32,
+}
+
+/// The caps a worker's claims respect. They come from its configuration, not from the
+/// jobs, so a reload changes them at once and rows inserted by SQL are capped too.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConcurrencyCaps {
+    caps: Vec<Cap>,
+}
+
+impl ConcurrencyCaps {
+    pub fn new(mut caps: Vec<Cap>) -> ConcurrencyCaps {
+        caps.sort_by(|a, b| a.code.cmp(&b.code));
+        ConcurrencyCaps { caps }
+    }
+
+    /// No caps: the claim statements without their cap checks.
+    pub fn none() -> &'static ConcurrencyCaps {
+        static NONE: ConcurrencyCaps = ConcurrencyCaps { caps: Vec::new() };
+        &NONE
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.caps.is_empty()
+    }
+
+    pub fn of(&self, code: &str) -> Option<&Cap> {
+        self.caps.iter().find(|cap| cap.code == code)
+    }
+
+    /// The codes sharing `key`, in code order.
+    pub fn codes_of(&self, key: &str) -> Vec<String> {
+        self.caps
+            .iter()
+            .filter(|cap| cap.key == key)
+            .map(|cap| cap.code.clone())
+            .collect()
+    }
+
+    /// Each key once with its limit, in key order.
+    pub fn limits(&self) -> Vec<(&str, u32)> {
+        let mut limits: Vec<(&str, u32)> = self
+            .caps
+            .iter()
+            .map(|cap| (cap.key.as_str(), cap.limit))
+            .collect();
+        limits.sort();
+        limits.dedup();
+        limits
+    }
+
+    /// The caps as the claim statements read them: a JSON array of `{code, key, limit}`,
+    /// the keys in `full` (found full under their lock this turn) with limit 0.
+    fn to_json(&self, full: &[String]) -> String {
+        let rows: Vec<serde_json::Value> = self
+            .caps
+            .iter()
+            .map(|cap| {
+                let limit = if full.contains(&cap.key) {
+                    0
+                } else {
+                    cap.limit
+                };
+                serde_json::json!({"code": cap.code, "key": cap.key, "limit": limit})
+            })
+            .collect();
+        serde_json::Value::Array(rows).to_string()
+    }
 }
 
 /// What one turn found.

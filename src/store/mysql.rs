@@ -19,7 +19,7 @@ use sqlx::{ConnectOptions, Connection, Executor, Row};
 
 use super::statements::{self, Dialect, Upsert};
 use super::{
-    CallLimits, ClaimedJob, Completion, Detail, JobId, Lease, NewJob, Poll, SchemaStore,
+    CallLimits, Cap, ClaimedJob, Completion, Detail, JobId, Lease, NewJob, Poll, SchemaStore,
     SchemaVersion, StoreError, StoreResult, Timestamp, Turn, WorkerIdentity, native, redact_url,
     rows,
 };
@@ -36,7 +36,19 @@ pub(super) const DIALECT: Dialect = Dialect {
     joined,
     returning: false,
     lock_rows: " FOR UPDATE",
+    caps_rows,
 };
+
+/// The caps bound at `param` as rows (see [`Dialect::caps_rows`]), in the tables' collation
+/// (a JSON table's text is in the connection's, which `=` would refuse to mix).
+fn caps_rows(param: &str) -> String {
+    const TEXT: &str = "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci";
+    format!(
+        "(SELECT code, cap_key, cap_limit FROM JSON_TABLE({param}, '$[*]' COLUMNS (
+            code {TEXT} PATH '$.code', cap_key {TEXT} PATH '$.key',
+            cap_limit BIGINT PATH '$.limit')) AS x)"
+    )
+}
 
 /// The pause descriptions joined, for [`Dialect::rescue_scan`].
 fn joined(expression: &str) -> String {
@@ -179,6 +191,18 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
         ],
     ),
+    (
+        4,
+        // Concurrency caps: the key a running job counts under, and one row per key that
+        // claims of its capped codes lock (see `Dialect::lock_cap`).
+        &[
+            "ALTER TABLE pjq_jobs ADD COLUMN IF NOT EXISTS concurrency_key VARCHAR(255) NULL",
+            "CREATE INDEX IF NOT EXISTS pjq_jobs_capped ON pjq_jobs (concurrency_key, status)",
+            "CREATE TABLE IF NOT EXISTS pjq_concurrency (
+                cap_key VARCHAR(255) NOT NULL PRIMARY KEY
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci",
+        ],
+    ),
 ];
 
 const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -242,13 +266,13 @@ impl MysqlStore {
     /// (bound in order) that has one. Plain, it is the idle poll: one consistent read that
     /// takes no lock. With `skip_locked`, inside the claim's transaction, the job is locked,
     /// passing over jobs other workers hold.
-    fn head_statement(queues: usize, skip_locked: bool) -> String {
+    fn head_statement(queues: usize, skip_locked: bool, capped: bool) -> String {
         format!(
             "SELECT g.generation, j.id, j.queue, j.code, j.payload, j.attempts, j.lease
              FROM (SELECT value AS generation, {} AS next_id
                    FROM pjq_control WHERE name = 'stop_generation') AS g
              LEFT JOIN pjq_jobs j ON j.id = g.next_id",
-            DIALECT.next_due_id(queues, 1, skip_locked)
+            DIALECT.next_due_id(queues, 1, skip_locked, capped)
         )
     }
 
@@ -256,12 +280,13 @@ impl MysqlStore {
         executor: E,
         queues: &[String],
         skip_locked: bool,
+        caps: Option<&rows::CapsBinding>,
     ) -> Result<(i64, Option<Head>), sqlx::Error>
     where
         E: sqlx::Executor<'c, Database = sqlx::MySql>,
     {
-        let statement = Self::head_statement(queues.len(), skip_locked);
-        let query = rows::bind_queues(sqlx::query(&statement), queues);
+        let statement = Self::head_statement(queues.len(), skip_locked, caps.is_some());
+        let query = rows::bind_heads(sqlx::query(&statement), queues, caps);
         let row = query.fetch_one(executor).await?;
         let id: Option<JobId> = row.try_get("id")?;
         let head = match id {
@@ -271,11 +296,12 @@ impl MysqlStore {
         Ok((row.try_get("generation")?, head))
     }
 
-    /// The claim of a head this transaction has locked: worker, then id and lease.
+    /// The claim of a head this transaction has locked: worker, its concurrency key, then
+    /// id and lease.
     fn claim_statement() -> String {
         format!(
             "UPDATE pjq_jobs SET {} WHERE id = ? AND lease = ? AND status = 'waiting'",
-            DIALECT.claim_assignments(1)
+            DIALECT.claim_assignments(1, "?")
         )
     }
 
@@ -283,9 +309,10 @@ impl MysqlStore {
     /// turn is four statements (BEGIN, the locking read, this, COMMIT). Each assignment
     /// tells the two rows apart by their status, the finished one `running`, the head
     /// `waiting`; `status` is assigned last, since MySQL evaluates assignments left to
-    /// right. Binds finished_at, exit_code, exit_signal, reason, output, the worker's
-    /// token, host, instance and pid, the result's status, then the finished job's id,
-    /// token and lease, and the head's id and lease.
+    /// right. Binds finished_at, exit_code, exit_signal, reason, output, peak RSS, CPU
+    /// time, the worker's token, host, instance and pid, the head's concurrency key, the
+    /// result's status, then the finished job's id, token and lease, and the head's id and
+    /// lease.
     fn complete_and_claim_statement() -> String {
         let now = DB_NOW;
         let either = |column: &str, done: &str, claimed: &str| {
@@ -307,6 +334,7 @@ impl MysqlStore {
             either("worker_host", "worker_host", "?"),
             either("worker_instance", "worker_instance", "?"),
             either("worker_pid", "worker_pid", "?"),
+            either("concurrency_key", "concurrency_key", "?"),
             either("status", "?", "'running'"),
         ];
         format!(
@@ -323,6 +351,7 @@ impl MysqlStore {
         tx: &mut sqlx::MySqlConnection,
         finished: (&Lease, &Completion),
         head: &Head,
+        cap_key: Option<&str>,
         worker: &WorkerIdentity,
     ) -> Result<bool, sqlx::Error> {
         let (lease, completion) = finished;
@@ -340,6 +369,7 @@ impl MysqlStore {
             .bind(worker.host.as_str())
             .bind(worker.instance.as_deref())
             .bind(worker.pid as i64)
+            .bind(cap_key)
             .bind(status.as_str())
             .bind(lease.job_id)
             .bind(lease.token.as_str())
@@ -356,9 +386,12 @@ impl MysqlStore {
     /// opens a transaction only when a job is due; a busy worker's turn records its last
     /// result and claims in one transaction of four statements: BEGIN, the locking read,
     /// one update of both rows, COMMIT (no `UPDATE … RETURNING` here): one durable commit.
+    /// A capped head takes two more, its cap's lock and the count of its running jobs.
     async fn turn(&self, turn: &Turn<'_>) -> Result<Poll, sqlx::Error> {
         if turn.finished.is_none() {
-            let (stop_generation, head) = Self::next_head(&self.pool, turn.queues, false).await?;
+            let caps = rows::CapsBinding::of(turn, &[]);
+            let (stop_generation, head) =
+                Self::next_head(&self.pool, turn.queues, false, caps.as_ref()).await?;
             if head.is_none() {
                 return Ok(Poll {
                     stop_generation,
@@ -366,12 +399,69 @@ impl MysqlStore {
                 });
             }
         }
-        let mut tx = self.pool.begin().await?;
-        let (stop_generation, head) = Self::next_head(&mut *tx, turn.queues, true).await?;
-        let recorded = match (turn.finished, &head) {
-            (Some(finished), Some(head)) => {
-                Some(Self::complete_and_claim(&mut tx, finished, head, turn.worker).await?)
+        let mut full: Vec<String> = Vec::new();
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let caps = rows::CapsBinding::of(turn, &full);
+            let (stop_generation, head) =
+                Self::next_head(&mut *tx, turn.queues, true, caps.as_ref()).await?;
+            let cap = head.as_ref().and_then(|head| turn.caps.of(&head.0.code));
+            if let Some(cap) = cap
+                && !Self::below_cap(&mut tx, cap, turn).await?
+            {
+                // Its cap filled since the read's snapshot: without this transaction's
+                // locks (one cap lock at a time, so two turns never wait on each other's),
+                // look again passing that cap over.
+                tx.rollback().await?;
+                full.push(cap.key.clone());
+                continue;
             }
+            let cap_key = cap.map(|cap| cap.key.as_str());
+            let recorded = Self::record_and_claim(&mut tx, turn, head.as_ref(), cap_key).await?;
+            tx.commit().await?;
+            return Ok(Poll {
+                stop_generation,
+                // An idle turn saw a due job that other workers' claims had locked.
+                contended: head.is_none() && turn.finished.is_none(),
+                job: head.map(|head| head.claimed_by(turn.worker)),
+                recorded,
+            });
+        }
+    }
+
+    /// Whether `cap` has room, read under its lock (taken here, held to the commit) in a
+    /// statement of its own: at READ COMMITTED it sees every claim of the cap that
+    /// committed before the lock was granted, and later ones wait for this transaction.
+    async fn below_cap(
+        tx: &mut sqlx::MySqlConnection,
+        cap: &Cap,
+        turn: &Turn<'_>,
+    ) -> Result<bool, sqlx::Error> {
+        sqlx::query(&DIALECT.lock_cap())
+            .bind(&cap.key)
+            .execute(&mut *tx)
+            .await?;
+        let finishing = turn.finished.map_or(0, |(lease, _)| lease.job_id);
+        let running: i64 = sqlx::query_scalar(&DIALECT.running_under_cap())
+            .bind(&cap.key)
+            .bind(finishing)
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok(running < i64::from(cap.limit))
+    }
+
+    /// The last result and the claim of the locked head, whichever there are; returns
+    /// whether the result was recorded.
+    async fn record_and_claim(
+        tx: &mut sqlx::MySqlConnection,
+        turn: &Turn<'_>,
+        head: Option<&Head>,
+        cap_key: Option<&str>,
+    ) -> Result<Option<bool>, sqlx::Error> {
+        Ok(match (turn.finished, head) {
+            (Some(finished), Some(head)) => Some(
+                Self::complete_and_claim(&mut *tx, finished, head, cap_key, turn.worker).await?,
+            ),
             (Some((lease, completion)), None) => {
                 let complete = DIALECT.complete_job(1);
                 let done = rows::bind_completion(sqlx::query(&complete), lease, completion)
@@ -381,6 +471,7 @@ impl MysqlStore {
             }
             (None, Some(head)) => {
                 rows::bind_worker(sqlx::query(&Self::claim_statement()), turn.worker)
+                    .bind(cap_key)
                     .bind(head.0.id)
                     .bind(head.0.lease.lease)
                     .execute(&mut *tx)
@@ -388,14 +479,6 @@ impl MysqlStore {
                 None
             }
             (None, None) => None,
-        };
-        tx.commit().await?;
-        Ok(Poll {
-            stop_generation,
-            // An idle turn saw a due job that other workers' claims had locked.
-            contended: head.is_none() && turn.finished.is_none(),
-            job: head.map(|head| head.claimed_by(turn.worker)),
-            recorded,
         })
     }
 }
@@ -572,8 +655,10 @@ impl MysqlStore {
     /// The statements only this backend has, for [`SchemaStore::check_statements`].
     fn own_statements() -> Vec<(&'static str, String)> {
         vec![
-            ("idle read", Self::head_statement(3, false)),
-            ("locking read", Self::head_statement(3, true)),
+            ("idle read", Self::head_statement(3, false, false)),
+            ("locking read", Self::head_statement(3, true, false)),
+            ("idle read, capped", Self::head_statement(3, false, true)),
+            ("locking read, capped", Self::head_statement(3, true, true)),
             ("claim a locked head", Self::claim_statement()),
             ("complete and claim", Self::complete_and_claim_statement()),
         ]

@@ -599,6 +599,13 @@ macro_rules! native_roles {
                 self.decode_all(&found, rows::schedule_run)
             }
 
+            async fn running_per_cap(&self) -> $crate::store::StoreResult<Vec<(String, i64)>> {
+                sqlx::query_as(&DIALECT.running_per_cap())
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.error(e))
+            }
+
             async fn cancel_request(
                 &self,
                 job: $crate::store::JobId,

@@ -13,8 +13,8 @@ use sqlx::{ConnectOptions, Row};
 
 use super::statements::{self, Dialect, STOP_GENERATION, Upsert};
 use super::{
-    CallLimits, Detail, JobId, NewJob, Poll, PushListener, SchemaStore, SchemaVersion, StoreError,
-    StoreResult, Timestamp, Turn, native, redact_url, rows,
+    CallLimits, Cap, ClaimedJob, Detail, JobId, NewJob, Poll, PushListener, SchemaStore,
+    SchemaVersion, StoreError, StoreResult, Timestamp, Turn, native, redact_url, rows,
 };
 
 /// The channel `push` notifies and idle workers listen on.
@@ -32,7 +32,16 @@ pub(super) const DIALECT: Dialect = Dialect {
     joined,
     returning: true,
     lock_rows: " FOR UPDATE",
+    caps_rows,
 };
+
+/// The caps bound at `param` as rows (see [`Dialect::caps_rows`]).
+fn caps_rows(param: &str) -> String {
+    format!(
+        "(SELECT code, key AS cap_key, \"limit\" AS cap_limit
+          FROM jsonb_to_recordset(CAST({param} AS jsonb)) AS x(code text, key text, \"limit\" bigint))"
+    )
+}
 
 /// The pause descriptions joined, for [`Dialect::rescue_scan`].
 fn joined(expression: &str) -> String {
@@ -149,6 +158,16 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             )",
         ],
     ),
+    (
+        5,
+        // Concurrency caps: the key a running job counts under, and one row per key that
+        // claims of its capped codes lock (see `Dialect::lock_cap`).
+        &[
+            "ALTER TABLE pjq_jobs ADD COLUMN concurrency_key TEXT",
+            "CREATE INDEX pjq_jobs_capped ON pjq_jobs (concurrency_key) WHERE status = 'running'",
+            "CREATE TABLE pjq_concurrency (cap_key TEXT PRIMARY KEY)",
+        ],
+    ),
 ];
 
 const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -194,44 +213,152 @@ impl PostgresStore {
     /// LOCKED`, queues tried in order and no further once one yields a row), the stop-workers
     /// generation, and whether a due job was left because another worker held it.
     /// The worker's token, host, instance and pid are bound first ($1–$4), the queues
-    /// ($5), then the result ($6–$16) when there is one.
-    fn turn_statement(finished: bool) -> String {
+    /// ($5), with `capped` the caps ($6), then the result when there is one.
+    ///
+    /// With caps, a head whose cap the statement's snapshot finds reached is passed over;
+    /// a head with a cap not reached is not claimed here but returned as `capped_id`: a
+    /// snapshot taken before this statement waited on nothing may miss another worker's
+    /// claim of the same cap, so [`PostgresStore::claim_capped`] claims it under the cap's
+    /// lock. The job being finished no longer counts as running.
+    fn turn_statement(finished: bool, capped: bool) -> String {
+        let result_at = if capped { 7 } else { 6 };
         let done = if finished {
-            format!("done AS ({} RETURNING id),", DIALECT.complete_job(6))
+            format!(
+                "done AS ({} RETURNING id),",
+                DIALECT.complete_job(result_at)
+            )
         } else {
             "done AS (SELECT NULL::bigint AS id WHERE false),".to_string()
+        };
+        let (filter, uncapped, capped_id) = if capped {
+            let caps = caps_rows("$6");
+            (
+                DIALECT.cap_filter("$6", "(SELECT COALESCE(max(id), 0) FROM done)"),
+                format!(" AND next.code NOT IN (SELECT code FROM {caps} c)"),
+                format!("(SELECT n.id FROM next n WHERE n.code IN (SELECT code FROM {caps} c))"),
+            )
+        } else {
+            (String::new(), String::new(), "NULL::bigint".to_string())
         };
         let queues = "$5::text[]";
         format!(
             "WITH {done}
              next AS (
-                SELECT h.id FROM unnest({queues}) WITH ORDINALITY AS q(name, pos)
+                SELECT h.id, h.code FROM unnest({queues}) WITH ORDINALITY AS q(name, pos)
                 CROSS JOIN LATERAL (
-                    SELECT id FROM pjq_jobs
+                    SELECT id, code FROM pjq_jobs
                     WHERE queue = q.name AND status = 'waiting' AND available_at <= {DB_NOW}
-                      AND NOT EXISTS (SELECT 1 FROM pjq_pauses p WHERE p.queue = q.name)
+                      AND NOT EXISTS (SELECT 1 FROM pjq_pauses p WHERE p.queue = q.name){filter}
                     ORDER BY available_at, id LIMIT 1
                     FOR UPDATE SKIP LOCKED) h
                 LIMIT 1),
              claimed AS (
-                UPDATE pjq_jobs j SET {} FROM next WHERE j.id = next.id
+                UPDATE pjq_jobs j SET {} FROM next WHERE j.id = next.id{uncapped}
                 RETURNING j.id, j.queue, j.code, j.payload, j.attempts, j.lease)
              SELECT {STOP_GENERATION} AS generation,
                 (SELECT count(*) FROM done) AS recorded,
                 c.id, c.queue, c.code, c.payload, c.attempts, c.lease,
+                {capped_id} AS capped_id,
+                (SELECT n.code FROM next n) AS head_code,
                 CASE WHEN c.id IS NULL THEN EXISTS (
                     SELECT 1 FROM pjq_jobs WHERE queue = ANY({queues})
                     AND status = 'waiting' AND available_at <= {DB_NOW}
-                    AND queue NOT IN (SELECT queue FROM pjq_pauses))
+                    AND queue NOT IN (SELECT queue FROM pjq_pauses){filter})
                 ELSE false END AS contended
              FROM (SELECT 1) AS one LEFT JOIN claimed c ON true",
-            DIALECT.claim_assignments(1)
+            DIALECT.claim_assignments(1, "NULL")
         )
     }
 
+    /// The claim of a capped head by id, after the turn passed it on: under its cap's lock,
+    /// in a statement whose snapshot is taken after the lock, so every claim of the cap
+    /// that committed before is counted and every later one waits for this one. Binds the
+    /// worker ($1–$4), the cap's key ($5), the job's id ($6) and the cap's limit ($7).
+    fn capped_claim_statement() -> String {
+        format!(
+            "UPDATE pjq_jobs SET {}
+             WHERE id = $6 AND status = 'waiting' AND available_at <= {DB_NOW}
+               AND NOT EXISTS (SELECT 1 FROM pjq_pauses p WHERE p.queue = pjq_jobs.queue)
+               AND (SELECT count(*) FROM pjq_jobs r
+                    WHERE r.status = 'running' AND r.concurrency_key = $5) < $7
+             RETURNING id, queue, code, payload, attempts, lease",
+            DIALECT.claim_assignments(1, "$5")
+        )
+    }
+
+    /// Claims job `id` if its cap still has room (see
+    /// [`PostgresStore::capped_claim_statement`]); `None` when it is full or the job was
+    /// taken meanwhile.
+    async fn claim_capped(
+        &self,
+        turn: &Turn<'_>,
+        id: JobId,
+        cap: &Cap,
+    ) -> Result<Option<ClaimedJob>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&DIALECT.lock_cap())
+            .bind(&cap.key)
+            .execute(&mut *tx)
+            .await?;
+        let statement = Self::capped_claim_statement();
+        let row = rows::bind_worker(sqlx::query(&statement), turn.worker)
+            .bind(&cap.key)
+            .bind(id)
+            .bind(i64::from(cap.limit))
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        row.map(|row| rows::claimed_job(&row, &turn.worker.token))
+            .transpose()
+    }
+
+    /// A turn: the one statement, then, for a capped head it passed on, the claim under the
+    /// cap's lock. A cap found full there is passed over by another statement (without the
+    /// result, recorded already), at most once per cap.
     async fn turn(&self, turn: &Turn<'_>) -> Result<Poll, sqlx::Error> {
-        let statement = Self::turn_statement(turn.finished.is_some());
+        let mut poll = self.one_statement(turn, &[]).await?;
+        let mut full: Vec<String> = Vec::new();
+        let mut rounds = turn.caps.limits().len();
+        while let Some((id, code)) = poll.capped_head.take() {
+            let Some(cap) = turn.caps.of(&code) else {
+                break;
+            };
+            if let Some(job) = self.claim_capped(turn, id, cap).await? {
+                poll.poll.job = Some(job);
+                break;
+            }
+            if rounds == 0 {
+                // The heads kept changing under this turn: as after a lost race, look again
+                // at once.
+                poll.poll.contended = true;
+                break;
+            }
+            rounds -= 1;
+            full.push(cap.key.clone());
+            let recorded = poll.poll.recorded;
+            poll = self
+                .one_statement(
+                    &Turn {
+                        finished: None,
+                        ..*turn
+                    },
+                    &full,
+                )
+                .await?;
+            poll.poll.recorded = recorded;
+        }
+        Ok(poll.poll)
+    }
+
+    /// [`PostgresStore::turn_statement`], with the keys in `full` as if their caps were
+    /// reached.
+    async fn one_statement(&self, turn: &Turn<'_>, full: &[String]) -> Result<Answer, sqlx::Error> {
+        let caps = rows::CapsBinding::of(turn, full);
+        let statement = Self::turn_statement(turn.finished.is_some(), caps.is_some());
         let mut query = rows::bind_worker(sqlx::query(&statement), turn.worker).bind(turn.queues);
+        if let Some(caps) = &caps {
+            query = query.bind(caps.json.as_str());
+        }
         if let Some((lease, completion)) = turn.finished {
             query = rows::bind_completion(query, lease, completion);
         }
@@ -242,13 +369,24 @@ impl PostgresStore {
             None => None,
         };
         let recorded: i64 = row.try_get("recorded")?;
-        Ok(Poll {
-            stop_generation: row.try_get("generation")?,
-            job,
-            recorded: turn.finished.map(|_| recorded == 1),
-            contended: row.try_get("contended")?,
+        let capped_id: Option<JobId> = row.try_get("capped_id")?;
+        let head_code: Option<String> = row.try_get("head_code")?;
+        Ok(Answer {
+            poll: Poll {
+                stop_generation: row.try_get("generation")?,
+                job,
+                recorded: turn.finished.map(|_| recorded == 1),
+                contended: row.try_get("contended")?,
+            },
+            capped_head: capped_id.zip(head_code),
         })
     }
+}
+
+/// What the turn's statement found: the poll, and a capped head it left to claim.
+struct Answer {
+    poll: Poll,
+    capped_head: Option<(JobId, String)>,
 }
 
 #[async_trait]
@@ -429,8 +567,14 @@ impl PostgresStore {
     /// The statements only this backend has, for [`SchemaStore::check_statements`].
     fn own_statements() -> Vec<(&'static str, String)> {
         vec![
-            ("turn", Self::turn_statement(false)),
-            ("turn with a result", Self::turn_statement(true)),
+            ("turn", Self::turn_statement(false, false)),
+            ("turn with a result", Self::turn_statement(true, false)),
+            ("turn, capped", Self::turn_statement(false, true)),
+            (
+                "turn with a result, capped",
+                Self::turn_statement(true, true),
+            ),
+            ("capped claim", Self::capped_claim_statement()),
         ]
     }
 }

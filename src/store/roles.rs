@@ -58,6 +58,7 @@ pub trait QueueStore: Send + Sync {
             worker,
             finished: None,
             pass_over: 0,
+            caps: super::ConcurrencyCaps::none(),
         };
         Ok(self.next_job(&turn).await?.job)
     }
@@ -256,6 +257,10 @@ pub trait FleetStore: Send + Sync {
 
     /// Each schedule's latest queued slot.
     async fn schedule_runs(&self) -> StoreResult<Vec<ScheduleRun>>;
+
+    /// How many jobs run under each concurrency key (`code:NAME`, `group:NAME`), in key
+    /// order; keys with none are left out.
+    async fn running_per_cap(&self) -> StoreResult<Vec<(String, i64)>>;
 
     /// The cancel request an operator left on `job`, which `worker` runs (see
     /// [`AdminStore::cancel`]); `None` where jobs are cancelled elsewhere (the PIM's stop).

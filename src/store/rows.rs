@@ -231,18 +231,41 @@ where
         .bind(worker.pid as i64)
 }
 
+/// What the cap checks of a turn's lookups bind: the caps (limit 0 for keys found full
+/// this turn) and the id of the job the turn finishes, which no longer counts as running.
+pub(super) struct CapsBinding {
+    pub json: String,
+    pub finishing: super::JobId,
+}
+
+impl CapsBinding {
+    /// `None` when the worker has no caps: the statements without cap checks.
+    pub fn of(turn: &super::Turn<'_>, full: &[String]) -> Option<CapsBinding> {
+        (!turn.caps.is_empty()).then(|| CapsBinding {
+            json: turn.caps.to_json(full),
+            finishing: turn.finished.map_or(0, |(lease, _)| lease.job_id),
+        })
+    }
+}
+
 /// Binds the queues of [`super::statements::Dialect::next_due_id`]: each twice, for its
-/// lookup and for its pause check, in priority order.
-pub(super) fn bind_queues<'q, DB>(
+/// lookup and for its pause check, in priority order, each followed by the caps when the
+/// lookups check them.
+pub(super) fn bind_heads<'q, DB>(
     mut query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
     queues: &'q [String],
+    caps: Option<&'q CapsBinding>,
 ) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
 where
     DB: sqlx::Database,
     &'q str: sqlx::Encode<'q, DB> + Type<DB>,
+    i64: sqlx::Encode<'q, DB> + Type<DB>,
 {
     for queue in queues {
         query = query.bind(queue.as_str()).bind(queue.as_str());
+        if let Some(caps) = caps {
+            query = query.bind(caps.json.as_str()).bind(caps.finishing);
+        }
     }
     query
 }

@@ -33,7 +33,17 @@ pub(super) const DIALECT: Dialect = Dialect {
     joined,
     returning: true,
     lock_rows: "",
+    caps_rows,
 };
+
+/// The caps bound at `param` as rows (see [`Dialect::caps_rows`]).
+fn caps_rows(param: &str) -> String {
+    format!(
+        "(SELECT json_extract(value, '$.code') AS code, json_extract(value, '$.key') AS cap_key,
+                 json_extract(value, '$.limit') AS cap_limit
+          FROM json_each({param}))"
+    )
+}
 
 /// The pause descriptions joined, for [`Dialect::rescue_scan`].
 fn joined(expression: &str) -> String {
@@ -137,6 +147,16 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             )",
         ],
     ),
+    (
+        4,
+        // Concurrency caps: the key a running job counts under, and one row per key whose
+        // lock the other backends' claims take (kept alike here).
+        &[
+            "ALTER TABLE pjq_jobs ADD COLUMN concurrency_key TEXT",
+            "CREATE INDEX pjq_jobs_capped ON pjq_jobs (concurrency_key) WHERE status = 'running'",
+            "CREATE TABLE pjq_concurrency (cap_key TEXT PRIMARY KEY)",
+        ],
+    ),
 ];
 
 const LATEST_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -191,14 +211,21 @@ impl SqliteStore {
 
     /// The claim: the head of the first of `queues` queues with a due job (bound after the
     /// worker), updated and returned with the stop-workers generation. Writers are
-    /// serialized on SQLite, so the head found is the head taken.
-    fn claim_statement(queues: usize) -> String {
+    /// serialized on SQLite, so the head found is the head taken, and the running jobs a
+    /// cap check counts are all there are: with `capped`, the caps are bound after the
+    /// worker (for the claimed job's concurrency key) and with each queue's lookup.
+    fn claim_statement(queues: usize, capped: bool) -> String {
+        let (cap_key, first) = if capped {
+            (DIALECT.cap_key_of_code("?5"), 6)
+        } else {
+            ("NULL".to_string(), 5)
+        };
         format!(
             "UPDATE pjq_jobs SET {}
              WHERE id = {}
              RETURNING id, queue, code, payload, attempts, lease, {STOP_GENERATION} AS generation",
-            DIALECT.claim_assignments(1),
-            DIALECT.next_due_id(queues, 5, false)
+            DIALECT.claim_assignments(1, &cap_key),
+            DIALECT.next_due_id(queues, first, false, capped)
         )
     }
 
@@ -208,9 +235,13 @@ impl SqliteStore {
         tx: &mut sqlx::SqliteConnection,
         turn: &Turn<'_>,
     ) -> Result<(Option<ClaimedJob>, i64), sqlx::Error> {
-        let statement = Self::claim_statement(turn.queues.len());
-        let query = rows::bind_worker(sqlx::query(&statement), turn.worker);
-        let query = rows::bind_queues(query, turn.queues);
+        let caps = rows::CapsBinding::of(turn, &[]);
+        let statement = Self::claim_statement(turn.queues.len(), caps.is_some());
+        let mut query = rows::bind_worker(sqlx::query(&statement), turn.worker);
+        if let Some(caps) = &caps {
+            query = query.bind(caps.json.as_str());
+        }
+        let query = rows::bind_heads(query, turn.queues, caps.as_ref());
         if let Some(row) = query.fetch_optional(&mut *tx).await? {
             let job = rows::claimed_job(&row, &turn.worker.token)?;
             return Ok((Some(job), row.try_get("generation")?));
@@ -223,16 +254,17 @@ impl SqliteStore {
 
     /// The idle poll, one read: the stop-workers generation and whether any of `queues` has
     /// a due job.
-    async fn probe(&self, queues: &[String]) -> Result<(i64, bool), sqlx::Error> {
-        let statement = DIALECT.probe(queues.len());
-        let query = rows::bind_queues(sqlx::query(&statement), queues);
+    async fn probe(&self, turn: &Turn<'_>) -> Result<(i64, bool), sqlx::Error> {
+        let caps = rows::CapsBinding::of(turn, &[]);
+        let statement = DIALECT.probe(turn.queues.len(), caps.is_some());
+        let query = rows::bind_heads(sqlx::query(&statement), turn.queues, caps.as_ref());
         let row = query.fetch_one(&self.pool).await?;
         Ok((row.try_get("generation")?, row.try_get("due")?))
     }
 
     async fn turn(&self, turn: &Turn<'_>) -> Result<Poll, sqlx::Error> {
         if turn.finished.is_none() {
-            let (stop_generation, due) = self.probe(turn.queues).await?;
+            let (stop_generation, due) = self.probe(turn).await?;
             if !due {
                 return Ok(Poll {
                     stop_generation,
@@ -407,7 +439,10 @@ impl SqliteStore {
 
     /// The statements only this backend has, for [`SchemaStore::check_statements`].
     fn own_statements() -> Vec<(&'static str, String)> {
-        vec![("claim, returning", Self::claim_statement(3))]
+        vec![
+            ("claim, returning", Self::claim_statement(3, false)),
+            ("claim, capped, returning", Self::claim_statement(3, true)),
+        ]
     }
 }
 

@@ -31,6 +31,9 @@ pub(super) struct Dialect {
     /// What makes a `SELECT` lock the rows it reads until the transaction ends
     /// (`FOR UPDATE`; nothing on SQLite, whose write transactions hold the whole file).
     pub lock_rows: &'static str,
+    /// The rows `code, cap_key, cap_limit` of a JSON array of caps (see
+    /// [`super::ConcurrencyCaps`]) bound at the given placeholder, as a table expression.
+    pub caps_rows: fn(&str) -> String,
 }
 
 /// How an insert refreshes the row whose key it collides with.
@@ -204,18 +207,74 @@ impl Dialect {
     /// The assignments of a claim, with the worker's token, host, instance and pid bound at
     /// `first` and after. The claim is the job's start record (`started_at` too): it commits
     /// before the job's process is spawned, so a job whose claim is not recorded never ran.
-    pub fn claim_assignments(&self, first: usize) -> String {
+    /// `cap_key` is the SQL of the concurrency key the running job counts under (`NULL`
+    /// when its code has no cap).
+    pub fn claim_assignments(&self, first: usize, cap_key: &str) -> String {
         let now = self.db_now;
         format!(
             "status = 'running', lease = lease + 1, attempts = attempts + 1,
              claimed_at = {now}, started_at = {now}, finished_at = NULL,
              worker_token = {}, worker_host = {}, worker_instance = {}, worker_pid = {},
-             exit_code = NULL, exit_signal = NULL, reason = NULL, output = NULL",
+             exit_code = NULL, exit_signal = NULL, reason = NULL, output = NULL,
+             concurrency_key = {cap_key}",
             self.p(first),
             self.p(first + 1),
             self.p(first + 2),
             self.p(first + 3)
         )
+    }
+
+    /// The concurrency key of the row being updated's code, from the caps bound at `caps`.
+    pub fn cap_key_of_code(&self, caps: &str) -> String {
+        format!(
+            "(SELECT c.cap_key FROM {} c WHERE c.code = pjq_jobs.code)",
+            (self.caps_rows)(caps)
+        )
+    }
+
+    /// The condition that passes over jobs whose cap is reached: their code's key counts
+    /// as many running jobs as its limit. `caps` is where the caps are bound; `finishing`
+    /// the id of a job this same turn is finishing (0 for none), which no longer counts.
+    /// The count reads the statement's snapshot: exact where writers are serialized
+    /// (SQLite); elsewhere a claim of a capped job checks again under the cap's lock
+    /// ([`Dialect::lock_cap`]).
+    pub fn cap_filter(&self, caps: &str, finishing: &str) -> String {
+        format!(
+            " AND code NOT IN (SELECT c.code FROM {} c
+                WHERE (SELECT count(*) FROM pjq_jobs r WHERE r.status = 'running'
+                       AND r.concurrency_key = c.cap_key AND r.id <> {finishing}) >= c.cap_limit)",
+            (self.caps_rows)(caps)
+        )
+    }
+
+    /// Locks a cap's row (key bound), creating it the first time: claims of the cap's
+    /// codes queue here, so the count of its running jobs each reads after the lock is
+    /// still true when it commits.
+    pub fn lock_cap(&self) -> String {
+        format!(
+            "INSERT INTO pjq_concurrency (cap_key) VALUES ({}) {}",
+            self.p(1),
+            self.upsert("pjq_concurrency", "cap_key", &["cap_key"])
+        )
+    }
+
+    /// How many jobs run under a cap's key (bound first), not counting one id (bound
+    /// second) that this turn is finishing.
+    pub fn running_under_cap(&self) -> String {
+        format!(
+            "SELECT count(*) FROM pjq_jobs
+             WHERE status = 'running' AND concurrency_key = {} AND id <> {}",
+            self.p(1),
+            self.p(2)
+        )
+    }
+
+    /// How many jobs run under each concurrency key, for `status`.
+    pub fn running_per_cap(&self) -> String {
+        "SELECT concurrency_key, count(*) AS running FROM pjq_jobs
+         WHERE status = 'running' AND concurrency_key IS NOT NULL
+         GROUP BY concurrency_key ORDER BY concurrency_key"
+            .to_string()
     }
 
     /// Records a result, guarded by the lease, with status, finished_at, exit_code,
@@ -443,22 +502,38 @@ impl Dialect {
     /// With `skip_locked`, inside a transaction, the job found is locked, and jobs other
     /// workers hold are passed over (the next one of the same queue is taken): claims never
     /// wait on each other, never take a lower queue's job while a higher one has a free one.
-    pub fn next_due_id(&self, queues: usize, first: usize, skip_locked: bool) -> String {
+    ///
+    /// With `capped`, each queue's lookup also binds the caps and the id of the job being
+    /// finished ([`Dialect::cap_filter`]), after its queue (see [`super::rows::bind_heads`]).
+    pub fn next_due_id(
+        &self,
+        queues: usize,
+        first: usize,
+        skip_locked: bool,
+        capped: bool,
+    ) -> String {
         let now = self.db_now;
         let lock = if skip_locked {
             " FOR UPDATE SKIP LOCKED"
         } else {
             ""
         };
+        let stride = if capped { 4 } else { 2 };
         let heads: Vec<String> = (0..queues)
             .map(|i| {
+                let at = first + stride * i;
+                let caps = if capped {
+                    self.cap_filter(&self.p(at + 2), &self.p(at + 3))
+                } else {
+                    String::new()
+                };
                 format!(
                     "(SELECT id FROM pjq_jobs
                       WHERE queue = {} AND status = 'waiting' AND available_at <= {now}
-                        AND NOT EXISTS (SELECT 1 FROM pjq_pauses WHERE queue = {})
+                        AND NOT EXISTS (SELECT 1 FROM pjq_pauses WHERE queue = {}){caps}
                       ORDER BY available_at, id LIMIT 1{lock})",
-                    self.p(first + 2 * i),
-                    self.p(first + 2 * i + 1)
+                    self.p(at),
+                    self.p(at + 1)
                 )
             })
             .collect();
@@ -467,10 +542,10 @@ impl Dialect {
 
     /// The idle poll: the stop-workers generation and whether any of `queues` (bound in
     /// order) has a due job.
-    pub fn probe(&self, queues: usize) -> String {
+    pub fn probe(&self, queues: usize, capped: bool) -> String {
         format!(
             "SELECT {STOP_GENERATION} AS generation, {} IS NOT NULL AS due",
-            self.next_due_id(queues, 1, false)
+            self.next_due_id(queues, 1, false, capped)
         )
     }
 
@@ -815,10 +890,21 @@ impl Dialect {
                 "claim",
                 format!(
                     "UPDATE pjq_jobs SET {} WHERE id = {}",
-                    self.claim_assignments(1),
-                    self.next_due_id(3, 5, false)
+                    self.claim_assignments(1, "NULL"),
+                    self.next_due_id(3, 5, false, false)
                 ),
             ),
+            (
+                "claim, capped",
+                format!(
+                    "UPDATE pjq_jobs SET {} WHERE id = {}",
+                    self.claim_assignments(1, &self.cap_key_of_code(&self.p(5))),
+                    self.next_due_id(3, 6, false, true)
+                ),
+            ),
+            ("lock cap", self.lock_cap()),
+            ("running under cap", self.running_under_cap()),
+            ("running per cap", self.running_per_cap()),
             ("complete", self.complete_job(1)),
             ("put back unrun", self.put_back_unrun()),
             ("retry later", self.retry_later()),
@@ -838,7 +924,8 @@ impl Dialect {
             ("status of", self.status_of()),
             ("rescue scan", self.rescue_scan(minute)),
             ("forget lost workers", self.forget_lost_workers(minute)),
-            ("probe", self.probe(3)),
+            ("probe", self.probe(3, false)),
+            ("probe, capped", self.probe(3, true)),
             ("stop generation", self.stop_generation()),
             ("bump stop generation", self.bump_stop_generation()),
             ("queue counts", self.queue_counts()),
@@ -897,14 +984,20 @@ mod tests {
     use super::*;
 
     /// The placeholders of `statement`, in order of appearance: their numbers for numbered
-    /// dialects, 0 for each `?`.
+    /// dialects, 0 for each `?`. Quoted text (a JSON path's `$`) holds none.
     fn placeholders(statement: &str) -> Vec<usize> {
         let bytes = statement.as_bytes();
         let mut found = Vec::new();
         let mut i = 0;
+        let mut quoted = false;
         while i < bytes.len() {
             let marker = bytes[i];
-            if marker == b'$' || marker == b'?' {
+            if marker == b'\'' {
+                quoted = !quoted;
+                i += 1;
+            } else if quoted {
+                i += 1;
+            } else if marker == b'$' || marker == b'?' {
                 let digits: String = statement[i + 1..]
                     .chars()
                     .take_while(char::is_ascii_digit)

@@ -303,6 +303,11 @@ impl<S: FleetStore + ?Sized, H: CallHook> FleetStore for Wrapped<S, H> {
         self.call("schedule runs", self.inner.schedule_runs()).await
     }
 
+    async fn running_per_cap(&self) -> StoreResult<Vec<(String, i64)>> {
+        self.call("running jobs per cap", self.inner.running_per_cap())
+            .await
+    }
+
     async fn cancel_request(
         &self,
         job: JobId,

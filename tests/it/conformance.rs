@@ -2,8 +2,8 @@
 //! through the library, so each database behaves exactly alike.
 
 use pim_job_queue::store::{
-    ChangeOutcome, Completion, Finished, JobFilter, JobResult, JobStatus, JobStore, NewJob,
-    ResourceUsage, Timestamp, Turn, WorkerIdentity,
+    Cap, ChangeOutcome, Completion, ConcurrencyCaps, Finished, JobFilter, JobResult, JobStatus,
+    JobStore, NewJob, ResourceUsage, Timestamp, Turn, WorkerIdentity,
 };
 
 use crate::backend_tests;
@@ -32,6 +32,9 @@ backend_tests!(
     a_turn_that_finds_the_only_due_job_held_says_contended,
     a_paused_queue_is_passed_over_until_resumed,
     finished_counters_never_go_down,
+    a_claim_passes_over_codes_whose_cap_is_reached,
+    a_cap_holds_among_concurrent_claimers,
+    a_claim_in_flight_counts_against_its_cap,
 );
 
 fn job(queue: &str, code: &str) -> NewJob {
@@ -59,6 +62,7 @@ fn idle_turn<'a>(queues: &'a [String], worker: &'a WorkerIdentity) -> Turn<'a> {
         worker,
         finished: None,
         pass_over: 0,
+        caps: ConcurrencyCaps::none(),
     }
 }
 
@@ -609,6 +613,7 @@ fn a_turn_records_the_result_and_claims_the_next_together(backend: Backend) {
             worker: &me,
             finished: Some((&running.lease, &result)),
             pass_over: 0,
+            caps: ConcurrencyCaps::none(),
         };
         let poll = store.next_job(&turn).await.unwrap();
         assert_eq!(poll.recorded, Some(true));
@@ -766,6 +771,7 @@ fn passing_over_a_contended_head_keeps_priority(backend: Backend) {
                 worker: &me,
                 finished: None,
                 pass_over,
+                caps: ConcurrencyCaps::none(),
             };
             let claimed = store.next_job(&turn).await.unwrap().job.unwrap();
             if ui.contains(&claimed.id) {
@@ -1012,5 +1018,227 @@ fn finished_counters_never_go_down(backend: Backend) {
         );
         let cancelled = tallies.iter().find(|t| t.event == "cancelled").unwrap();
         assert_eq!((cancelled.duration_bucket, cancelled.wait_bucket), (-1, -1));
+    });
+}
+
+/// `capped` alone at most 1, `g1` and `g2` together at most 2.
+fn test_caps() -> ConcurrencyCaps {
+    let cap = |code: &str, key: &str, limit: u32| Cap {
+        code: code.into(),
+        key: key.into(),
+        limit,
+    };
+    ConcurrencyCaps::new(vec![
+        cap("capped", "code:capped", 1),
+        cap("g1", "group:g", 2),
+        cap("g2", "group:g", 2),
+    ])
+}
+
+/// A head whose cap is reached is passed over for the next job in priority order (same
+/// queue or lower), a full cap is not contention, and a turn that finishes a capped job
+/// claims the next one of its cap at once. The caps are the worker's: a worker without
+/// them claims those jobs.
+fn a_claim_passes_over_codes_whose_cap_is_reached(backend: Backend) {
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let me = worker("capped");
+        let caps = test_caps();
+        let queues = queues();
+        let mut ids = std::collections::BTreeMap::new();
+        for (name, queue, code) in [
+            ("a", "ui_job", "capped"),
+            ("b", "ui_job", "capped"),
+            ("c", "ui_job", "free"),
+            ("d", "import_export_job", "g1"),
+            ("e", "import_export_job", "g2"),
+            ("f", "import_export_job", "g1"),
+            ("g", "data_maintenance_job", "capped"),
+        ] {
+            ids.insert(name, store.push(&job(queue, code)).await.unwrap());
+        }
+        let name_of = |id: i64| *ids.iter().find(|(_, v)| **v == id).unwrap().0;
+        let turn = Turn {
+            caps: &caps,
+            ..idle_turn(&queues, &me)
+        };
+        let mut claimed = Vec::new();
+        let mut leases = std::collections::BTreeMap::new();
+        loop {
+            let poll = store.next_job(&turn).await.unwrap();
+            let Some(job) = poll.job else {
+                assert!(!poll.contended, "a full cap is not contention");
+                break;
+            };
+            claimed.push(name_of(job.id));
+            leases.insert(name_of(job.id), job.lease);
+        }
+        assert_eq!(claimed, ["a", "c", "d", "e"]);
+        assert_eq!(
+            store.running_per_cap().await.unwrap(),
+            [("code:capped".to_string(), 1), ("group:g".to_string(), 2)]
+        );
+        // Finishing `a` frees its cap in the same turn: `b` next, before `f` (lower queue).
+        let result = done(JobResult::Succeeded);
+        let finishing = Turn {
+            finished: Some((&leases["a"], &result)),
+            ..turn
+        };
+        let poll = store.next_job(&finishing).await.unwrap();
+        assert_eq!(poll.recorded, Some(true));
+        assert_eq!(poll.job.map(|job| name_of(job.id)), Some("b"));
+        let finishing = Turn {
+            finished: Some((&leases["d"], &result)),
+            ..turn
+        };
+        let poll = store.next_job(&finishing).await.unwrap();
+        assert_eq!(
+            poll.job.map(|job| name_of(job.id)),
+            Some("f"),
+            "the group's room"
+        );
+        assert!(store.next_job(&turn).await.unwrap().job.is_none());
+        // Without caps, the capped `g` is just the next job.
+        let uncapped = store.claim(&queues, &worker("uncapped")).await.unwrap();
+        assert_eq!(uncapped.map(|job| name_of(job.id)), Some("g"));
+    });
+}
+
+/// Six claimers, each a store of its own, take 40 jobs of a code capped at 2, each holding
+/// its job a few milliseconds and finishing it in the turn that claims the next: the number
+/// of jobs a claimer holds, counted after its claim committed and before its result does,
+/// never exceeds the cap, and every job runs once.
+fn a_cap_holds_among_concurrent_claimers(backend: Backend) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let scratch = Scratch::new(backend);
+    const JOBS: usize = 40;
+    let (ran, most) = block_on(async {
+        let store = open(&scratch).await;
+        for _ in 0..JOBS {
+            store.push(&job("ui_job", "g1")).await.unwrap();
+        }
+        let holding = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let claimers = (0..6).map(|n| {
+            let url = scratch.url.clone();
+            let (holding, most) = (holding.clone(), most.clone());
+            tokio::spawn(async move {
+                let store = pim_job_queue::store::open(&url).await.unwrap();
+                let me = worker(&format!("c{n}"));
+                let (queues, caps) = (queues(), test_caps());
+                let result = done(JobResult::Succeeded);
+                let mut ran = Vec::new();
+                let mut idle_turns = 0;
+                let mut held: Option<pim_job_queue::store::ClaimedJob> = None;
+                while idle_turns < 40 {
+                    if held.is_some() {
+                        holding.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    let turn = Turn {
+                        finished: held.as_ref().map(|job| (&job.lease, &result)),
+                        caps: &caps,
+                        ..idle_turn(&queues, &me)
+                    };
+                    let poll = store.next_job(&turn).await.unwrap();
+                    assert_ne!(poll.recorded, Some(false));
+                    held = poll.job;
+                    match &held {
+                        Some(job) => {
+                            idle_turns = 0;
+                            ran.push(job.id);
+                            let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        }
+                        None => {
+                            idle_turns += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        }
+                    }
+                }
+                ran
+            })
+        });
+        let mut ran = Vec::new();
+        for claimer in claimers.collect::<Vec<_>>() {
+            ran.extend(claimer.await.unwrap());
+        }
+        (ran, most.load(Ordering::SeqCst))
+    });
+    let mut unique = ran.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((ran.len(), unique.len()), (JOBS, JOBS), "each job once");
+    assert!(most <= 2, "{most} jobs of a cap of 2 held at once");
+    assert_eq!(most, 2, "the cap's room was used");
+}
+
+/// Another worker's claim of job `id` under `cap_key`, in flight: its transaction holds the
+/// cap's lock (SQLite: the write lock) and the claimed row, uncommitted, until `COMMIT` is
+/// run on the returned connection.
+async fn claim_in_flight(
+    backend: Backend,
+    url: &str,
+    id: i64,
+    cap_key: &str,
+) -> sqlx::AnyConnection {
+    let mut conn = connect_any(url).await.unwrap();
+    let lock = format!("INSERT INTO pjq_concurrency (cap_key) VALUES ('{cap_key}')");
+    let (begin, lock) = match backend {
+        Backend::Sqlite => ("BEGIN IMMEDIATE", None),
+        Backend::Postgres => (
+            "BEGIN",
+            Some(format!(
+                "{lock} ON CONFLICT (cap_key) DO UPDATE SET cap_key = excluded.cap_key"
+            )),
+        ),
+        Backend::Mariadb => (
+            "BEGIN",
+            Some(format!(
+                "{lock} ON DUPLICATE KEY UPDATE cap_key = VALUES(cap_key)"
+            )),
+        ),
+    };
+    let claim = format!(
+        "UPDATE pjq_jobs SET status = 'running', concurrency_key = '{cap_key}',
+         worker_token = 'other', lease = lease + 1, attempts = attempts + 1, claimed_at = 1,
+         started_at = 1 WHERE id = {id}"
+    );
+    for statement in [Some(begin.to_string()), lock, Some(claim)]
+        .into_iter()
+        .flatten()
+    {
+        sqlx::query(&statement).execute(&mut conn).await.unwrap();
+    }
+    conn
+}
+
+/// The race a snapshot cannot see: while another worker's claim of a capped job is in
+/// flight (uncommitted, so invisible to the statement that picks the head), a claim of the
+/// same cap waits for that claim's lock, then counts it: with a cap of 1, nothing is
+/// claimed. A check that only read the snapshot would claim the second job.
+fn a_claim_in_flight_counts_against_its_cap(backend: Backend) {
+    use std::time::Duration;
+    let scratch = Scratch::new(backend);
+    block_on(async {
+        let store = open(&scratch).await;
+        let first = store.push(&job("ui_job", "capped")).await.unwrap();
+        let second = store.push(&job("ui_job", "capped")).await.unwrap();
+        let mut other = claim_in_flight(backend, &scratch.url, first, "code:capped").await;
+        let (me, queues, caps) = (worker("second"), queues(), test_caps());
+        let turn = Turn {
+            caps: &caps,
+            ..idle_turn(&queues, &me)
+        };
+        let (poll, _) = tokio::join!(store.next_job(&turn), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+        });
+        let poll = poll.unwrap();
+        assert_eq!(poll.job.map(|job| job.id), None, "the cap of 1 is taken");
+        let waiting = store.get_job(second).await.unwrap().unwrap();
+        assert_eq!(waiting.status, JobStatus::Waiting);
     });
 }

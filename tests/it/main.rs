@@ -5,6 +5,7 @@ mod support;
 
 mod akeneo;
 mod akeneo_launch;
+mod caps;
 mod check;
 mod cli;
 mod conformance;
