@@ -23,6 +23,8 @@ struct Settings {
     latency_samples: usize,
     deep_queue: usize,
     idle_seconds: u64,
+    /// `PJQ_BENCH_ONLY=claims`: the claim-time rows alone.
+    claims_only: bool,
 }
 
 fn main() {
@@ -37,6 +39,7 @@ fn main() {
         latency_samples: 200,
         deep_queue: if quick { 100_000 } else { 1_000_000 },
         idle_seconds: if quick { 10 } else { 30 },
+        claims_only: std::env::var("PJQ_BENCH_ONLY").is_ok_and(|v| v == "claims"),
     };
     let only =
         std::env::var("PJQ_BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres,mariadb".into());
@@ -215,72 +218,10 @@ async fn fresh_database(backend: &str, dir: &std::path::Path) -> (String, Option
 async fn bench_backend(backend: &str, settings: &Settings, spawn: f64) {
     eprintln!("== {backend}");
     let bench = Bench::new(backend).await;
-    let mut rows: Vec<(String, String, &str)> = Vec::new();
-    let commit = commit_time(&bench.url, 500).await;
-    rows.push((
-        "durable commit (single-row autocommit insert, median)".into(),
-        format!("{:.3} ms", commit * 1e3),
-        "",
-    ));
-    let limit = 1.0 / (spawn + commit);
-    rows.push((
-        "limit: 1 / (spawn + commit)".into(),
-        format!("{limit:.0} jobs/s"),
-        "",
-    ));
-    for workers in [1, 4, 8] {
-        let rate = throughput(&bench, workers, settings.throughput_jobs).await;
-        rows.push((
-            format!(
-                "throughput, {} × /bin/true, {workers} worker(s)",
-                settings.throughput_jobs
-            ),
-            format!(
-                "{rate:.0} jobs/s ({:.0} % of the limit)",
-                rate / limit * 100.0
-            ),
-            if workers == 1 {
-                "≥ 70 % of the limit"
-            } else {
-                ""
-            },
-        ));
+    let mut rows: Vec<(String, String, &'static str)> = Vec::new();
+    if !settings.claims_only {
+        service_rows(&bench, settings, spawn, &mut rows).await;
     }
-    let cost = per_job_cost(&bench, settings.throughput_jobs.min(2_000)).await;
-    rows.push((
-        "statements per job (1 worker; PostgreSQL: transactions)".into(),
-        cost.statements,
-        "≤ 4",
-    ));
-    rows.push((
-        "durable commits (log flushes) per job (1 worker)".into(),
-        cost.commits,
-        "1",
-    ));
-    for poll in ["200ms", "1s"] {
-        let cost = idle_load(&bench, poll, settings.idle_seconds).await;
-        rows.push((
-            format!("idle worker, poll_interval {poll}: statements/s (PostgreSQL: transactions)"),
-            cost.statements,
-            if poll == "1s" { "≤ 1.5" } else { "≤ 6" },
-        ));
-        rows.push((
-            format!("idle worker, poll_interval {poll}: log flushes/s"),
-            cost.commits,
-            "",
-        ));
-    }
-
-    let (p50, p95) = pickup_latency(&bench, settings.latency_samples).await;
-    rows.push((
-        format!(
-            "pickup latency p50 (idle, {} pushes)",
-            settings.latency_samples
-        ),
-        format!("{p50:.1} ms"),
-        "< 5 ms",
-    ));
-    rows.push(("pickup latency p95".into(), format!("{p95:.1} ms"), ""));
     let shallow = claim_time(backend, 1_000, ClaimCase::Plain).await;
     let deep = claim_time(backend, settings.deep_queue, ClaimCase::Plain).await;
     rows.push((
@@ -305,7 +246,99 @@ async fn bench_backend(backend: &str, settings: &Settings, spawn: f64) {
             "",
         ));
     }
-    let (rss, cpu) = idle_cost(&bench, settings.idle_seconds).await;
+    if !settings.claims_only {
+        idle_rows(&bench, settings, &mut rows).await;
+    }
+    println!("\n### {backend} ({})\n", store::redact_url(&bench.url));
+    println!("| measure | result | target |\n|---|---:|---|");
+    for (measure, result, target) in rows {
+        println!("| {measure} | {result} | {target} |");
+    }
+    bench.drop_database().await;
+}
+
+/// Throughput against the machine's limit, statements and commits per job and per idle
+/// second, pickup latency.
+async fn service_rows(
+    bench: &Bench,
+    settings: &Settings,
+    spawn: f64,
+    rows: &mut Vec<(String, String, &'static str)>,
+) {
+    let commit = commit_time(&bench.url, 500).await;
+    rows.push((
+        "durable commit (single-row autocommit insert, median)".into(),
+        format!("{:.3} ms", commit * 1e3),
+        "",
+    ));
+    let limit = 1.0 / (spawn + commit);
+    rows.push((
+        "limit: 1 / (spawn + commit)".into(),
+        format!("{limit:.0} jobs/s"),
+        "",
+    ));
+    for workers in [1, 4, 8] {
+        let rate = throughput(bench, workers, settings.throughput_jobs).await;
+        rows.push((
+            format!(
+                "throughput, {} × /bin/true, {workers} worker(s)",
+                settings.throughput_jobs
+            ),
+            format!(
+                "{rate:.0} jobs/s ({:.0} % of the limit)",
+                rate / limit * 100.0
+            ),
+            if workers == 1 {
+                "≥ 70 % of the limit"
+            } else {
+                ""
+            },
+        ));
+    }
+    let cost = per_job_cost(bench, settings.throughput_jobs.min(2_000)).await;
+    rows.push((
+        "statements per job (1 worker; PostgreSQL: transactions)".into(),
+        cost.statements,
+        "≤ 4",
+    ));
+    rows.push((
+        "durable commits (log flushes) per job (1 worker)".into(),
+        cost.commits,
+        "1",
+    ));
+    for poll in ["200ms", "1s"] {
+        let cost = idle_load(bench, poll, settings.idle_seconds).await;
+        rows.push((
+            format!("idle worker, poll_interval {poll}: statements/s (PostgreSQL: transactions)"),
+            cost.statements,
+            if poll == "1s" { "≤ 1.5" } else { "≤ 6" },
+        ));
+        rows.push((
+            format!("idle worker, poll_interval {poll}: log flushes/s"),
+            cost.commits,
+            "",
+        ));
+    }
+
+    let (p50, p95) = pickup_latency(bench, settings.latency_samples).await;
+    rows.push((
+        format!(
+            "pickup latency p50 (idle, {} pushes)",
+            settings.latency_samples
+        ),
+        format!("{p50:.1} ms"),
+        "< 5 ms",
+    ));
+    rows.push(("pickup latency p95".into(), format!("{p95:.1} ms"), ""));
+}
+
+/// An idle worker's memory and CPU.
+async fn idle_rows(
+    bench: &Bench,
+    settings: &Settings,
+    rows: &mut Vec<(String, String, &'static str)>,
+) {
+    let (rss, cpu) = idle_cost(bench, settings.idle_seconds).await;
     rows.push((
         "idle worker RSS".into(),
         format!("{:.1} MB", rss as f64 / 1e6),
@@ -316,12 +349,6 @@ async fn bench_backend(backend: &str, settings: &Settings, spawn: f64) {
         format!("{cpu:.2} %"),
         "",
     ));
-    println!("\n### {backend} ({})\n", store::redact_url(&bench.url));
-    println!("| measure | result | target |\n|---|---:|---|");
-    for (measure, result, target) in rows {
-        println!("| {measure} | {result} | {target} |");
-    }
-    bench.drop_database().await;
 }
 
 async fn throughput(bench: &Bench, workers: usize, jobs: usize) -> f64 {

@@ -7,6 +7,7 @@
 # 1,000,000 queued jobs (and, at 1,000, with unique keys and with concurrency caps), a
 # worker's idle RSS and CPU.
 #   PJQ_BENCH_BACKENDS=sqlite,postgres   only these backends
+#   PJQ_BENCH_ONLY=claims                the claim-time rows alone
 #   PJQ_BENCH_QUICK=1                    100,000 instead of 1,000,000 queued, 10 s idle
 set -euo pipefail
 cd "$(dirname "$0")/.."

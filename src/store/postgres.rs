@@ -230,19 +230,30 @@ impl PostgresStore {
         } else {
             "done AS (SELECT NULL::bigint AS id WHERE false),".to_string()
         };
-        let (filter, uncapped, capped_id) = if capped {
-            let caps = caps_rows("$6");
+        // The caps and the full ones as CTEs, each computed once: written inline where they
+        // are used, the statement took PostgreSQL 1.5 ms more to plan than to run, and the
+        // planner kept re-planning it for each call (custom plans).
+        let (ctes, filter, uncapped, capped_id) = if capped {
             (
-                DIALECT.cap_filter("$6", "(SELECT COALESCE(max(id), 0) FROM done)"),
-                format!(" AND next.code NOT IN (SELECT code FROM {caps} c)"),
-                format!("(SELECT n.id FROM next n WHERE n.code IN (SELECT code FROM {caps} c))"),
+                format!(
+                    "caps AS MATERIALIZED {},
+                     full_codes AS MATERIALIZED (
+                        SELECT c.code FROM caps c
+                        WHERE (SELECT count(*) FROM pjq_jobs r
+                               WHERE r.status = 'running' AND r.concurrency_key = c.cap_key
+                                 AND r.id NOT IN (SELECT id FROM done)) >= c.cap_limit),",
+                    caps_rows("$6")
+                ),
+                " AND code NOT IN (SELECT code FROM full_codes)",
+                " AND next.code NOT IN (SELECT code FROM caps)",
+                "(SELECT n.id FROM next n WHERE n.code IN (SELECT code FROM caps))",
             )
         } else {
-            (String::new(), String::new(), "NULL::bigint".to_string())
+            (String::new(), "", "", "NULL::bigint")
         };
         let queues = "$5::text[]";
         format!(
-            "WITH {done}
+            "WITH {done} {ctes}
              next AS (
                 SELECT h.id, h.code FROM unnest({queues}) WITH ORDINALITY AS q(name, pos)
                 CROSS JOIN LATERAL (
