@@ -32,6 +32,15 @@ pub struct Snapshot {
     /// A worker that has not reached the database for this long has stopped its job.
     pub fence_after: Duration,
     pub schedules: Vec<ScheduleTimes>,
+    pub caps: Vec<CapLoad>,
+}
+
+/// A configured concurrency cap: its limit and how many of its jobs run, fleet-wide.
+pub struct CapLoad {
+    /// `code:CODE` or `group:NAME`.
+    pub key: String,
+    pub max_running: u32,
+    pub running: i64,
 }
 
 /// A configured schedule's next run and latest queued slot.
@@ -76,6 +85,7 @@ pub fn render(snapshot: &Snapshot) -> String {
     }
     worker_gauges(&mut out, snapshot);
     schedule_gauges(&mut out, snapshot);
+    cap_gauges(&mut out, snapshot);
     out.family(
         "pjq_build_info",
         "gauge",
@@ -316,6 +326,33 @@ fn schedule_gauges(out: &mut Text, snapshot: &Snapshot) {
     }
 }
 
+/// Each cap's running jobs beside its limit: a cap at its limit for long holds its jobs
+/// back while others run.
+fn cap_gauges(out: &mut Text, snapshot: &Snapshot) {
+    if snapshot.caps.is_empty() {
+        return;
+    }
+    type Pick = fn(&CapLoad) -> f64;
+    let families: [(&str, &str, Pick); 2] = [
+        (
+            "pjq_cap_running_jobs",
+            "Jobs running under each concurrency cap (`code:CODE` or `group:NAME`), fleet-wide.",
+            |cap| cap.running as f64,
+        ),
+        (
+            "pjq_cap_max_running_jobs",
+            "Each concurrency cap's `max_running`.",
+            |cap| f64::from(cap.max_running),
+        ),
+    ];
+    for (name, help, pick) in families {
+        out.family(name, "gauge", help);
+        for cap in &snapshot.caps {
+            out.sample(name, &[("cap", &cap.key)], pick(cap));
+        }
+    }
+}
+
 fn worker_state(worker: &WorkerRecord, snapshot: &Snapshot) -> &'static str {
     let age = Duration::from_secs_f64(worker.heartbeat_age_seconds.max(0.0));
     if age >= snapshot.fence_after {
@@ -424,6 +461,7 @@ mod tests {
             heartbeat_interval: Duration::from_secs(5),
             fence_after: Duration::from_secs(40),
             schedules: Vec::new(),
+            caps: Vec::new(),
         }
     }
 

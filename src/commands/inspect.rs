@@ -154,7 +154,10 @@ pub(super) struct CapView {
 }
 
 /// The configured caps with their running jobs (no query when none is configured).
-async fn cap_views(config: &Config, store: &dyn WorkerStore) -> StoreResult<Vec<CapView>> {
+pub(super) async fn cap_views(
+    config: &Config,
+    store: &dyn WorkerStore,
+) -> StoreResult<Vec<CapView>> {
     if config.caps.is_empty() {
         return Ok(Vec::new());
     }

@@ -14,11 +14,11 @@ use crate::cli::MetricsArgs;
 use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
 use crate::fleet::FleetTimings;
-use crate::metrics::{ScheduleTimes, Snapshot, render};
+use crate::metrics::{CapLoad, ScheduleTimes, Snapshot, render};
 use crate::store::{StoreResult, WorkerStore};
 
 use super::Context;
-use super::inspect::{ordered_counts, schedule_views};
+use super::inspect::{cap_views, ordered_counts, schedule_views};
 
 pub(super) async fn metrics(context: &Context, args: &MetricsArgs) -> Result<(), Failure> {
     let opened = context.open_store().await?;
@@ -146,6 +146,15 @@ async fn snapshot(config: &Config, store: &dyn WorkerStore) -> StoreResult<Snaps
         heartbeat_interval: timings.heartbeat_interval,
         fence_after: timings.fence_after(),
         schedules,
+        caps: cap_views(config, store)
+            .await?
+            .into_iter()
+            .map(|view| CapLoad {
+                key: view.key,
+                max_running: view.max_running,
+                running: view.running,
+            })
+            .collect(),
     })
 }
 

@@ -157,7 +157,7 @@ fn a_group_cap_spans_its_codes(backend: Backend) {
 }
 
 /// Caps come from the workers' configuration: raising `max_running` and reloading lets a
-/// waiting capped job start without a restart.
+/// waiting capped job start without a restart. Meanwhile `metrics` shows the cap full.
 fn a_reload_applies_a_new_cap_at_once(backend: Backend) {
     let scratch = Scratch::new(backend);
     let command = marking_command(&scratch, "5");
@@ -180,6 +180,14 @@ fn a_reload_applies_a_new_cap_at_once(backend: Backend) {
     let mut seen = statuses();
     seen.sort();
     assert_eq!(seen, ["running", "waiting"], "capped at 1");
+    let metrics = scratch.ok(&["metrics"]);
+    crate::metrics::check_with_promtool(&metrics);
+    let cap =
+        |name: &str| crate::metrics::value(&metrics, &format!("{name}{{cap=\"code:capped\"}}"));
+    assert_eq!(
+        (cap("pjq_cap_running_jobs"), cap("pjq_cap_max_running_jobs")),
+        (1.0, 1.0)
+    );
     scratch.write_config(&config(2));
     for worker in &workers {
         send_signal(worker, nix::sys::signal::Signal::SIGHUP);
