@@ -31,23 +31,31 @@ pub struct Snapshot {
     pub heartbeat_interval: Duration,
     /// A worker that has not reached the database for this long has stopped its job.
     pub fence_after: Duration,
-    pub schedules: Vec<ScheduleTimes>,
-    pub caps: Vec<CapLoad>,
+    pub schedules: Vec<ScheduleView>,
+    pub caps: Vec<CapView>,
 }
 
-/// A configured concurrency cap: its limit and how many of its jobs run, fleet-wide.
-pub struct CapLoad {
-    /// `code:CODE` or `group:NAME`.
-    pub key: String,
-    pub max_running: u32,
-    pub running: i64,
-}
-
-/// A configured schedule's next run and latest queued slot.
-pub struct ScheduleTimes {
+/// A configured schedule with its next run and its latest queued slot (`status` shows it
+/// too).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScheduleView {
     pub name: String,
+    pub cron: String,
+    pub timezone: String,
     pub next_run: Option<Timestamp>,
     pub last_slot: Option<Timestamp>,
+    pub last_job: Option<i64>,
+}
+
+/// A configured concurrency cap and how many of its jobs run now, fleet-wide (`status`
+/// shows it too).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CapView {
+    /// `code:CODE` or `group:NAME`.
+    pub key: String,
+    pub codes: Vec<String>,
+    pub max_running: u32,
+    pub running: i64,
 }
 
 /// The states a worker is counted in, as the database sees it: `idle` and `busy` (a fresh
@@ -304,7 +312,7 @@ fn schedule_gauges(out: &mut Text, snapshot: &Snapshot) {
     if snapshot.schedules.is_empty() {
         return;
     }
-    type Pick = fn(&ScheduleTimes) -> Option<Timestamp>;
+    type Pick = fn(&ScheduleView) -> Option<Timestamp>;
     let families: [(&str, &str, Pick); 2] = [
         (
             "pjq_schedule_next_run_timestamp_seconds",
@@ -332,7 +340,7 @@ fn cap_gauges(out: &mut Text, snapshot: &Snapshot) {
     if snapshot.caps.is_empty() {
         return;
     }
-    type Pick = fn(&CapLoad) -> f64;
+    type Pick = fn(&CapView) -> f64;
     let families: [(&str, &str, Pick); 2] = [
         (
             "pjq_cap_running_jobs",

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use crate::cli::{JobsArgs, OutputArgs, ShowArgs};
 use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
+use crate::metrics::{CapView, ScheduleView};
 use crate::store::{
     JobFilter, JobRecord, JobStats, JobStatus, QueueCounts, StoreError, StoreResult, Timestamp,
     WorkerStore,
@@ -131,26 +132,6 @@ pub(super) async fn status(context: &Context, args: &OutputArgs) -> Result<(), F
         );
     }
     Ok(())
-}
-
-/// A configured schedule with its next run and its latest queued slot.
-#[derive(Debug, Clone, serde::Serialize)]
-pub(super) struct ScheduleView {
-    pub name: String,
-    pub cron: String,
-    pub timezone: String,
-    pub next_run: Option<Timestamp>,
-    pub last_slot: Option<Timestamp>,
-    pub last_job: Option<i64>,
-}
-
-/// A configured concurrency cap and how many of its jobs run now, fleet-wide.
-#[derive(Debug, Clone, serde::Serialize)]
-pub(super) struct CapView {
-    pub key: String,
-    pub codes: Vec<String>,
-    pub max_running: u32,
-    pub running: i64,
 }
 
 /// The configured caps with their running jobs (no query when none is configured).

@@ -14,7 +14,7 @@ use crate::cli::MetricsArgs;
 use crate::config::Config;
 use crate::exit::{ExitCode, Failure};
 use crate::fleet::FleetTimings;
-use crate::metrics::{CapLoad, ScheduleTimes, Snapshot, render};
+use crate::metrics::{Snapshot, render};
 use crate::store::{StoreResult, WorkerStore};
 
 use super::Context;
@@ -127,15 +127,6 @@ async fn snapshot(config: &Config, store: &dyn WorkerStore) -> StoreResult<Snaps
         }
     }
     let timings = FleetTimings::of(config);
-    let schedules = schedule_views(config, store)
-        .await?
-        .into_iter()
-        .map(|view| ScheduleTimes {
-            name: view.name,
-            next_run: view.next_run,
-            last_slot: view.last_slot,
-        })
-        .collect();
     Ok(Snapshot {
         queues,
         counts,
@@ -145,16 +136,8 @@ async fn snapshot(config: &Config, store: &dyn WorkerStore) -> StoreResult<Snaps
         tallies,
         heartbeat_interval: timings.heartbeat_interval,
         fence_after: timings.fence_after(),
-        schedules,
-        caps: cap_views(config, store)
-            .await?
-            .into_iter()
-            .map(|view| CapLoad {
-                key: view.key,
-                max_running: view.max_running,
-                running: view.running,
-            })
-            .collect(),
+        schedules: schedule_views(config, store).await?,
+        caps: cap_views(config, store).await?,
     })
 }
 

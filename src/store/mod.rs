@@ -220,6 +220,13 @@ pub struct Turn<'a> {
     pub caps: &'a ConcurrencyCaps,
 }
 
+impl Turn<'_> {
+    /// The job this turn finishes (0 for none): it no longer counts against its cap.
+    fn finishing_id(&self) -> JobId {
+        self.finished.map_or(0, |(lease, _)| lease.job_id)
+    }
+}
+
 /// `max_running` of `[jobs.CODE]` or of the `[groups.NAME]` a code joins: at most `limit`
 /// jobs of the codes sharing `key` run at once, across every worker of the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,17 +242,23 @@ pub struct Cap {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConcurrencyCaps {
     caps: Vec<Cap>,
+    /// The caps as every turn binds them, written once (see [`ConcurrencyCaps::as_json`]).
+    json: String,
 }
 
 impl ConcurrencyCaps {
     pub fn new(mut caps: Vec<Cap>) -> ConcurrencyCaps {
         caps.sort_by(|a, b| a.code.cmp(&b.code));
-        ConcurrencyCaps { caps }
+        let json = Self::render(&caps, &[]);
+        ConcurrencyCaps { caps, json }
     }
 
     /// No caps: the claim statements without their cap checks.
     pub fn none() -> &'static ConcurrencyCaps {
-        static NONE: ConcurrencyCaps = ConcurrencyCaps { caps: Vec::new() };
+        static NONE: ConcurrencyCaps = ConcurrencyCaps {
+            caps: Vec::new(),
+            json: String::new(),
+        };
         &NONE
     }
 
@@ -280,9 +293,16 @@ impl ConcurrencyCaps {
 
     /// The caps as the claim statements read them: a JSON array of `{code, key, limit}`,
     /// the keys in `full` (found full under their lock this turn) with limit 0.
-    fn to_json(&self, full: &[String]) -> String {
-        let rows: Vec<serde_json::Value> = self
-            .caps
+    fn as_json(&self, full: &[String]) -> std::borrow::Cow<'_, str> {
+        if full.is_empty() {
+            std::borrow::Cow::Borrowed(&self.json)
+        } else {
+            std::borrow::Cow::Owned(Self::render(&self.caps, full))
+        }
+    }
+
+    fn render(caps: &[Cap], full: &[String]) -> String {
+        let rows: Vec<serde_json::Value> = caps
             .iter()
             .map(|cap| {
                 let limit = if full.contains(&cap.key) {

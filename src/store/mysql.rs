@@ -280,7 +280,7 @@ impl MysqlStore {
         executor: E,
         queues: &[String],
         skip_locked: bool,
-        caps: Option<&rows::CapsBinding>,
+        caps: Option<&rows::CapsBinding<'_>>,
     ) -> Result<(i64, Option<Head>), sqlx::Error>
     where
         E: sqlx::Executor<'c, Database = sqlx::MySql>,
@@ -462,10 +462,9 @@ impl MysqlStore {
             .bind(&cap.key)
             .execute(&mut *tx)
             .await?;
-        let finishing = turn.finished.map_or(0, |(lease, _)| lease.job_id);
         let running: i64 = sqlx::query_scalar(&DIALECT.running_under_cap())
             .bind(&cap.key)
-            .bind(finishing)
+            .bind(turn.finishing_id())
             .fetch_one(&mut *tx)
             .await?;
         Ok(running < i64::from(cap.limit))

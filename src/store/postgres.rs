@@ -237,12 +237,9 @@ impl PostgresStore {
             (
                 format!(
                     "caps AS MATERIALIZED {},
-                     full_codes AS MATERIALIZED (
-                        SELECT c.code FROM caps c
-                        WHERE (SELECT count(*) FROM pjq_jobs r
-                               WHERE r.status = 'running' AND r.concurrency_key = c.cap_key
-                                 AND r.id NOT IN (SELECT id FROM done)) >= c.cap_limit),",
-                    caps_rows("$6")
+                     full_codes AS MATERIALIZED ({}),",
+                    caps_rows("$6"),
+                    DIALECT.full_codes("caps", "(SELECT COALESCE(max(id), 0) FROM done)")
                 ),
                 " AND code NOT IN (SELECT code FROM full_codes)",
                 " AND next.code NOT IN (SELECT code FROM caps)",
@@ -290,10 +287,10 @@ impl PostgresStore {
             "UPDATE pjq_jobs SET {}
              WHERE id = $6 AND status = 'waiting' AND available_at <= {DB_NOW}
                AND NOT EXISTS (SELECT 1 FROM pjq_pauses p WHERE p.queue = pjq_jobs.queue)
-               AND (SELECT count(*) FROM pjq_jobs r
-                    WHERE r.status = 'running' AND r.concurrency_key = $5) < $7
+               AND {} < $7
              RETURNING id, queue, code, payload, attempts, lease",
-            DIALECT.claim_assignments(1, "$5")
+            DIALECT.claim_assignments(1, "$5"),
+            DIALECT.running_under("$5", "0")
         )
     }
 
@@ -324,12 +321,12 @@ impl PostgresStore {
     }
 
     /// A turn: the one statement, then, for a capped head it passed on, the claim under the
-    /// cap's lock. A cap found full there is passed over by another statement (without the
-    /// result, recorded already), at most once per cap.
+    /// cap's lock. A cap found full there (or whose head was taken meanwhile) is passed over
+    /// by another statement (without the result, recorded already); each such statement
+    /// passes over one more cap, so there are at most as many as caps.
     async fn turn(&self, turn: &Turn<'_>) -> Result<Poll, sqlx::Error> {
         let mut poll = self.one_statement(turn, &[]).await?;
         let mut full: Vec<String> = Vec::new();
-        let mut rounds = turn.caps.limits().len();
         while let Some((id, code)) = poll.capped_head.take() {
             let Some(cap) = turn.caps.of(&code) else {
                 break;
@@ -338,13 +335,6 @@ impl PostgresStore {
                 poll.poll.job = Some(job);
                 break;
             }
-            if rounds == 0 {
-                // The heads kept changing under this turn: as after a lost race, look again
-                // at once.
-                poll.poll.contended = true;
-                break;
-            }
-            rounds -= 1;
             full.push(cap.key.clone());
             let recorded = poll.poll.recorded;
             poll = self
@@ -368,7 +358,7 @@ impl PostgresStore {
         let statement = Self::turn_statement(turn.finished.is_some(), caps.is_some());
         let mut query = rows::bind_worker(sqlx::query(&statement), turn.worker).bind(turn.queues);
         if let Some(caps) = &caps {
-            query = query.bind(caps.json.as_str());
+            query = query.bind(caps.json.as_ref());
         }
         if let Some((lease, completion)) = turn.finished {
             query = rows::bind_completion(query, lease, completion);

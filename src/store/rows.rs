@@ -233,17 +233,17 @@ where
 
 /// What the cap checks of a turn's lookups bind: the caps (limit 0 for keys found full
 /// this turn) and the id of the job the turn finishes, which no longer counts as running.
-pub(super) struct CapsBinding {
-    pub json: String,
+pub(super) struct CapsBinding<'a> {
+    pub json: std::borrow::Cow<'a, str>,
     pub finishing: super::JobId,
 }
 
-impl CapsBinding {
+impl<'a> CapsBinding<'a> {
     /// `None` when the worker has no caps: the statements without cap checks.
-    pub fn of(turn: &super::Turn<'_>, full: &[String]) -> Option<CapsBinding> {
+    pub fn of(turn: &super::Turn<'a>, full: &[String]) -> Option<CapsBinding<'a>> {
         (!turn.caps.is_empty()).then(|| CapsBinding {
-            json: turn.caps.to_json(full),
-            finishing: turn.finished.map_or(0, |(lease, _)| lease.job_id),
+            json: turn.caps.as_json(full),
+            finishing: turn.finishing_id(),
         })
     }
 }
@@ -254,7 +254,7 @@ impl CapsBinding {
 pub(super) fn bind_heads<'q, DB>(
     mut query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
     queues: &'q [String],
-    caps: Option<&'q CapsBinding>,
+    caps: Option<&'q CapsBinding<'_>>,
 ) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
 where
     DB: sqlx::Database,
@@ -264,7 +264,7 @@ where
     for queue in queues {
         query = query.bind(queue.as_str()).bind(queue.as_str());
         if let Some(caps) = caps {
-            query = query.bind(caps.json.as_str()).bind(caps.finishing);
+            query = query.bind(caps.json.as_ref()).bind(caps.finishing);
         }
     }
     query

@@ -239,7 +239,7 @@ impl SqliteStore {
         let statement = Self::claim_statement(turn.queues.len(), caps.is_some());
         let mut query = rows::bind_worker(sqlx::query(&statement), turn.worker);
         if let Some(caps) = &caps {
-            query = query.bind(caps.json.as_str());
+            query = query.bind(caps.json.as_ref());
         }
         let query = rows::bind_heads(query, turn.queues, caps.as_ref());
         if let Some(row) = query.fetch_optional(&mut *tx).await? {

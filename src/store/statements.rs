@@ -240,10 +240,26 @@ impl Dialect {
     /// ([`Dialect::lock_cap`]).
     pub fn cap_filter(&self, caps: &str, finishing: &str) -> String {
         format!(
-            " AND code NOT IN (SELECT c.code FROM {} c
-                WHERE (SELECT count(*) FROM pjq_jobs r WHERE r.status = 'running'
-                       AND r.concurrency_key = c.cap_key AND r.id <> {finishing}) >= c.cap_limit)",
-            (self.caps_rows)(caps)
+            " AND code NOT IN ({})",
+            self.full_codes(&(self.caps_rows)(caps), finishing)
+        )
+    }
+
+    /// The codes of `caps` (a table expression of `code, cap_key, cap_limit`) whose key
+    /// counts as many running jobs as its limit, job `finishing` not counted.
+    pub fn full_codes(&self, caps: &str, finishing: &str) -> String {
+        format!(
+            "SELECT c.code FROM {caps} c WHERE {} >= c.cap_limit",
+            self.running_under("c.cap_key", finishing)
+        )
+    }
+
+    /// How many jobs run under the concurrency key `key` (SQL), job `except` (SQL) not
+    /// counted: the one count every cap check makes.
+    pub fn running_under(&self, key: &str, except: &str) -> String {
+        format!(
+            "(SELECT count(*) FROM pjq_jobs r
+              WHERE r.status = 'running' AND r.concurrency_key = {key} AND r.id <> {except})"
         )
     }
 
@@ -261,12 +277,7 @@ impl Dialect {
     /// How many jobs run under a cap's key (bound first), not counting one id (bound
     /// second) that this turn is finishing.
     pub fn running_under_cap(&self) -> String {
-        format!(
-            "SELECT count(*) FROM pjq_jobs
-             WHERE status = 'running' AND concurrency_key = {} AND id <> {}",
-            self.p(1),
-            self.p(2)
-        )
+        format!("SELECT {}", self.running_under(&self.p(1), &self.p(2)))
     }
 
     /// How many jobs run under each concurrency key, for `status`.
@@ -281,12 +292,35 @@ impl Dialect {
     /// exit_signal, reason, output, then id, token, lease bound from `first` (see
     /// [`super::rows::bind_completion`]).
     pub fn complete_job(&self, first: usize) -> String {
-        let p: Vec<String> = (first..first + 11).map(|n| self.p(n)).collect();
+        let columns = [
+            "status",
+            "finished_at",
+            "exit_code",
+            "exit_signal",
+            "reason",
+            "output",
+            "peak_rss_bytes",
+            "cpu_usec",
+        ];
+        let set: Vec<String> = (first..)
+            .zip(columns)
+            .map(|(n, column)| format!("{column} = {}", self.p(n)))
+            .collect();
         format!(
-            "UPDATE pjq_jobs SET status = {}, finished_at = {}, exit_code = {},
-                exit_signal = {}, reason = {}, output = {}, peak_rss_bytes = {}, cpu_usec = {}
-             WHERE id = {} AND worker_token = {} AND lease = {} AND status = 'running'",
-            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]
+            "UPDATE pjq_jobs SET {} WHERE {}",
+            set.join(", "),
+            self.held_at(first + columns.len())
+        )
+    }
+
+    /// The guard of every change a worker makes to the job it runs: the job (id bound at
+    /// `first`) is still running under its claim's token and lease (bound after it).
+    fn held_at(&self, first: usize) -> String {
+        format!(
+            "id = {} AND worker_token = {} AND lease = {} AND status = 'running'",
+            self.p(first),
+            self.p(first + 1),
+            self.p(first + 2)
         )
     }
 
@@ -299,29 +333,20 @@ impl Dialect {
             "UPDATE pjq_jobs SET status = 'waiting', available_at = {} + {}, history = {history},
                 exit_code = {}, exit_signal = {}, reason = {}, output = {},
                 lease = lease + 1, worker_token = NULL
-             WHERE id = {} AND worker_token = {} AND lease = {} AND status = 'running'
-               AND attempts < max_attempts",
+             WHERE {} AND attempts < max_attempts",
             self.db_now,
             self.p(1),
             self.p(3),
             self.p(4),
             self.p(5),
             self.p(6),
-            self.p(7),
-            self.p(8),
-            self.p(9)
+            self.held_at(7)
         )
     }
 
     /// Whether a job (id) is still held at a lease: token, lease.
     pub fn held(&self) -> String {
-        format!(
-            "SELECT id FROM pjq_jobs WHERE id = {} AND worker_token = {} AND lease = {}
-               AND status = 'running'",
-            self.p(1),
-            self.p(2),
-            self.p(3)
-        )
+        format!("SELECT id FROM pjq_jobs WHERE {}", self.held_at(1))
     }
 
     /// Puts a claimed job that never started back to waiting, its attempt refunded:
@@ -330,11 +355,9 @@ impl Dialect {
         format!(
             "UPDATE pjq_jobs SET status = 'waiting', attempts = attempts - 1, lease = lease + 1,
                 claimed_at = NULL, started_at = NULL, worker_token = NULL, reason = {}
-             WHERE id = {} AND worker_token = {} AND lease = {} AND status = 'running'",
+             WHERE {}",
             self.p(1),
-            self.p(2),
-            self.p(3),
-            self.p(4)
+            self.held_at(2)
         )
     }
 
@@ -637,9 +660,10 @@ impl Dialect {
         format!(
             "UPDATE pjq_jobs SET status = 'waiting', attempts = 0, available_at = {},
                 finished_at = NULL, cancel_requested = NULL
-             WHERE id IN ({}) AND status IN ('failed', 'cancelled')",
+             WHERE id IN ({}) AND {}",
             self.db_now,
-            self.placeholders(1, ids)
+            self.placeholders(1, ids),
+            Still::Retryable.condition()
         )
     }
 
